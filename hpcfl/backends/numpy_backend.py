@@ -1,0 +1,100 @@
+"""The reference backend: plain NumPy, written for clarity. Every other backend is tested against it."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import MEAN, STD
+
+xp = np
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def to_device(a):
+    return a
+
+
+def to_host(a):
+    return a
+
+
+def synchronize() -> None:
+    pass
+
+
+class Workspace:
+    """The reference allocates freely; the workspace only records the batch capacity."""
+
+    def __init__(self, layout, max_batch: int):
+        self.max_batch = max_batch
+
+
+def gather(src_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    """out[:len(idx)] = (src[idx] / 255 - MEAN) / STD."""
+    out[: len(idx)] = (src_u8[idx].astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def gather_labels(labels, idx, out) -> None:
+    out[: len(idx)] = labels[idx]
+
+
+def _forward(params, x):
+    """Returns the activations [x, a1, ..., logits]; hidden layers use ReLU."""
+    acts = [x]
+    for i, (w, b) in enumerate(params):
+        z = acts[-1] @ w + b
+        acts.append(np.maximum(z, 0) if i < len(params) - 1 else z)
+    return acts
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def forward_backward(params, x, y, grads, ws) -> float:
+    """Sum of softmax cross-entropy over the batch; fills grads with the summed gradients."""
+    acts = _forward(params, x)
+    logp = _log_softmax(acts[-1])
+    rows = np.arange(len(y))
+    loss = -float(logp[rows, y].astype(np.float64).sum())
+    dz = np.exp(logp)                        # (B, 10) softmax
+    dz[rows, y] -= 1.0                       # d loss / d logits
+    for i in range(len(params) - 1, -1, -1):
+        w, _ = params[i]
+        gw, gb = grads[i]
+        gw[...] = acts[i].T @ dz
+        gb[...] = dz.sum(axis=0)
+        if i > 0:
+            dz = (dz @ w.T) * (acts[i] > 0)  # ReLU backward
+    return loss
+
+
+def evaluate(params, x, y, ws) -> tuple[int, float]:
+    """(number correct, summed loss) over the batch."""
+    logits = _forward(params, x)[-1]
+    logp = _log_softmax(logits)
+    correct = int((logits.argmax(axis=1) == y).sum())
+    return correct, -float(logp[np.arange(len(y)), y].astype(np.float64).sum())
+
+
+def sgd_update(p, g, buf, lr, momentum, weight_decay, scale) -> None:
+    """PyTorch-style SGD: d = scale*g + wd*p; buf = momentum*buf + d; p -= lr*buf."""
+    d = np.float32(scale) * g + np.float32(weight_decay) * p
+    buf *= np.float32(momentum)
+    buf += d
+    p -= np.float32(lr) * buf
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> None:
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient; t counts from 1."""
+    d = np.float32(scale) * g + np.float32(weight_decay) * p
+    m *= np.float32(beta1)
+    m += np.float32(1 - beta1) * d
+    v *= np.float32(beta2)
+    v += np.float32(1 - beta2) * d * d
+    mhat = m / np.float32(1 - beta1**t)
+    vhat = v / np.float32(1 - beta2**t)
+    p -= np.float32(lr) * mhat / (np.sqrt(vhat) + np.float32(eps))

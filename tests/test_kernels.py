@@ -1,0 +1,163 @@
+"""The reference backend against finite differences; every other backend against the reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hpcfl import backends, model, optim
+from hpcfl.backends import numpy_backend as ref
+
+SMALL = model.Layout((20, 16, 12, 10))   # small enough for a float64 finite-difference check
+
+
+def batch(lay, n, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, lay.sizes[0])).astype(dtype)
+    y = rng.integers(0, lay.sizes[-1], n).astype(np.int32)
+    return x, y
+
+
+def test_layout_views_tile_the_flat_buffer():
+    lay = model.layout((256, 128))
+    assert lay.sizes == (784, 256, 128, 10)
+    assert lay.n_params == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10 == 235_146
+    flat = np.arange(lay.n_params, dtype=np.float32)
+    views = lay.views(flat)
+    seen = np.concatenate([a.ravel() for wb in views for a in wb])
+    np.testing.assert_array_equal(seen, flat)      # in order, no gap, no overlap
+    views[1][0][0, 0] = -1.0
+    assert flat[784 * 256 + 256] == -1.0           # a view, not a copy
+
+
+def test_he_init_is_seeded_and_scaled():
+    lay = model.layout((256, 128))
+    a, b = model.init_params(lay, 1), model.init_params(lay, 1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, model.init_params(lay, 2))
+    w1, b1 = lay.views(a)[0]
+    assert abs(w1.std() - np.sqrt(2 / 784)) < 0.01 * np.sqrt(2 / 784) * 10
+    assert not b1.any()
+
+
+def test_flops_per_sample_counts_the_gemms():
+    # forward 2*MACs, weight gradients 2*MACs, input gradients 2*MACs except for layer 1
+    assert model.layout((256, 128)).flops_per_sample() == 2 * (2 * 234_752 + 32_768 + 1_280)
+
+
+def test_reference_gradient_matches_finite_differences():
+    lay = SMALL
+    flat = model.init_params(lay, 3).astype(np.float64)
+    flat += np.random.default_rng(1).normal(0, 0.05, flat.shape)   # non-zero biases too
+    x, y = batch(lay, 7, dtype=np.float64)
+    grad = np.zeros_like(flat)
+    ref.forward_backward(lay.views(flat), x, y, lay.views(grad), None)
+
+    def loss(p):
+        return ref.evaluate(lay.views(p), x, y, None)[1]
+
+    rng, eps = np.random.default_rng(2), 1e-6
+    for i in rng.choice(lay.n_params, 60, replace=False):
+        e = np.zeros_like(flat)
+        e[i] = eps
+        fd = (loss(flat + e) - loss(flat - e)) / (2 * eps)
+        assert fd == pytest.approx(grad[i], rel=1e-5, abs=1e-8), i
+
+
+def test_reference_loss_is_the_cross_entropy():
+    lay = SMALL
+    p = model.init_params(lay, 0)
+    x, y = batch(lay, 5)
+    logits = x
+    for i, (w, b) in enumerate(lay.views(p)):
+        logits = logits @ w + b
+        logits = np.maximum(logits, 0) if i < lay.n_layers - 1 else logits
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = -np.log(prob[np.arange(5), y]).sum()
+    g = np.zeros_like(p)
+    assert ref.forward_backward(lay.views(p), x, y, lay.views(g), None) == pytest.approx(expected, rel=1e-5)
+
+
+OTHERS = [n for n in ("numba", "cupy") if backends.available()[n] == "ok"]
+
+
+@pytest.fixture(params=OTHERS)
+def be(request):
+    return backends.get(request.param)
+
+
+def test_cupy_skip_reason_is_stated():
+    status = backends.available()["cupy"]
+    assert status == "ok" or "cupy" in status.lower() or "gpu" in status.lower()
+
+
+@pytest.mark.parametrize("n", [1, 37, 128])
+def test_backend_forward_backward_matches_reference(be, n):
+    lay = model.layout((256, 128))
+    p = model.init_params(lay, 4)
+    x, y = batch(lay, n, seed=n)
+    g_ref, g = np.zeros_like(p), np.zeros_like(p)
+    loss_ref = ref.forward_backward(lay.views(p), x, y, lay.views(g_ref), None)
+    ws = be.Workspace(lay, 128)
+    dp, dg = be.to_device(p), be.to_device(g)
+    loss = be.forward_backward(lay.views(dp), be.to_device(x), be.to_device(y), lay.views(dg), ws)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    # float32 GEMMs with different summation orders: agree to ~1e-6 relative to the largest entry
+    np.testing.assert_allclose(be.to_host(dg), g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
+    correct_ref, eval_loss_ref = ref.evaluate(lay.views(p), x, y, None)
+    correct, eval_loss = be.evaluate(lay.views(dp), be.to_device(x), be.to_device(y), ws)
+    assert correct == correct_ref
+    assert eval_loss == pytest.approx(eval_loss_ref, rel=1e-5)
+
+
+def test_backend_gather_matches_reference(be):
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (50, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, 50).astype(np.uint8)
+    idx = rng.permutation(50)[:17]
+    out_ref, out = np.zeros((20, 784), np.float32), be.xp.zeros((20, 784), np.float32)
+    ref.gather(src, idx, out_ref)
+    be.gather(be.to_device(src), be.to_device(idx), out)
+    np.testing.assert_allclose(be.to_host(out), out_ref, rtol=1e-6, atol=1e-6)
+    assert abs(out_ref[:17].mean() - ((src[idx] / 255).mean() - 0.1307) / 0.3081) < 1e-5
+    y_ref, y = np.zeros(20, np.int32), be.xp.zeros(20, np.int32)
+    ref.gather_labels(labels, idx, y_ref)
+    be.gather_labels(be.to_device(labels), be.to_device(idx), y)
+    np.testing.assert_array_equal(be.to_host(y), y_ref)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_backend_optimizer_matches_reference(be, opt):
+    rng = np.random.default_rng(5)
+    n = 1000
+    p0 = rng.standard_normal(n).astype(np.float32)
+    p_ref, p = p0.copy(), be.to_device(p0.copy())
+    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
+    o = optim.make(opt, be, n, momentum=0.9, weight_decay=1e-3)
+    for t in range(5):
+        g = rng.standard_normal(n).astype(np.float32)
+        o_ref.step(p_ref, g, lr=0.01, scale=0.5)
+        o.step(p, be.to_device(g), lr=0.01, scale=0.5)
+    np.testing.assert_allclose(be.to_host(p), p_ref, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(p_ref, p0)
+
+
+def test_reference_sgd_is_pytorch_sgd_by_hand():
+    p, g, buf = np.array([1.0], np.float32), np.array([2.0], np.float32), np.array([0.5], np.float32)
+    ref.sgd_update(p, g, buf, lr=0.1, momentum=0.9, weight_decay=0.01, scale=0.5)
+    # d = 0.5*2 + 0.01*1 = 1.01; buf = 0.9*0.5 + 1.01 = 1.46; p = 1 - 0.1*1.46 = 0.854
+    assert buf[0] == pytest.approx(1.46) and p[0] == pytest.approx(0.854)
+
+
+def test_reference_adam_first_step_moves_by_lr():
+    p, g = np.array([1.0, -1.0], np.float32), np.array([3.0, -0.2], np.float32)
+    m, v = np.zeros(2, np.float32), np.zeros(2, np.float32)
+    ref.adam_update(p, g, m, v, 0.01, 0.9, 0.999, 1e-8, 0.0, 1.0, 1)
+    # bias-corrected first step is lr * sign(g)
+    np.testing.assert_allclose(p, [0.99, -0.99], rtol=1e-5)
+
+
+def test_cosine_schedule():
+    assert optim.learning_rate(0.1, "cosine", 0, 100) == pytest.approx(0.1)
+    assert optim.learning_rate(0.1, "cosine", 50, 100) == pytest.approx(0.05)
+    assert optim.learning_rate(0.1, "cosine", 100, 100) == pytest.approx(0.0)
+    assert optim.learning_rate(0.1, "constant", 70, 100) == 0.1
