@@ -1,0 +1,85 @@
+"""What rank 0 shows and writes: progress bar, one line per epoch/round, JSON Lines metrics,
+and the final model. Every file is written atomically (temporary file, fsync, rename), so a
+crash never leaves a half-written output under its final name."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """write(fileobj) into a temporary file next to `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Create `path` if needed and prove we can write there (raises OSError otherwise)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+        pass
+
+
+class Reporter:
+    """Only rank 0 reports; other ranks get a Reporter that does nothing."""
+
+    def __init__(self, cfg, rank: int):
+        self.cfg, self.active = cfg, rank == 0
+        self.bar = None
+        self.use_bar = self.active and not cfg.quiet and sys.stderr.isatty()
+        if self.active and cfg.metrics:
+            Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
+            open(cfg.metrics, "w").close()  # a fresh file per run; one line is appended per epoch
+
+    def info(self, msg: str) -> None:
+        if self.active and not self.cfg.quiet:
+            print(msg, flush=True)
+
+    def start_progress(self, total: int, desc: str) -> None:
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+    def advance(self, n: int = 1, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if loss is not None and self.bar.n % 20 == 0:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def record(self, rec: dict, line: str) -> None:
+        """One epoch/round: close the bar, print the line, append the metrics record."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.info(line)
+        if self.cfg.metrics:
+            with open(self.cfg.metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+
+    def save_model(self, params: np.ndarray, sizes) -> None:
+        if not (self.active and self.cfg.out):
+            return
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "model.npz", lambda f: np.savez(f, params=params, sizes=np.array(sizes)))
+        atomic_write(out / "config.json", lambda f: f.write(self.cfg.to_json().encode()))
+        self.info(f"saved model to {out / 'model.npz'}")
