@@ -1,0 +1,118 @@
+"""End-to-end: `mpirun -n N python -m hpcfl ...` on the real MNIST, and every way it must fail cleanly."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import DATA_DIR, needs_mnist, run_hpcfl
+
+pytestmark = needs_mnist
+
+
+def assert_clean_failure(proc, code: int, *words: str) -> None:
+    """Non-zero exit, the message printed exactly once, no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert "Traceback" not in out, out
+    assert out.count("hpcfl: error") == 1, out
+    for word in words:
+        assert word in out, out
+
+
+def test_trains_to_97_percent_on_two_ranks(tmp_path):
+    metrics, out = tmp_path / "m.jsonl", tmp_path / "out"
+    proc = run_hpcfl(2, "--epochs", 2, "--metrics", metrics, "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("mode", "epoch", "ranks", "train_loss", "test_accuracy", "epoch_seconds", "samples_per_second"):
+        assert key in records[0]
+    assert records[-1]["ranks"] == 2 and records[-1]["mode"] == "dp"
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["test_accuracy"] >= 0.97
+    model = np.load(out / "model.npz", allow_pickle=False)
+    assert model["params"].shape == (235_146,) and list(model["sizes"]) == [784, 256, 128, 10]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    assert proc.stdout.count("final test accuracy") == 1   # rank 0 alone reports
+
+
+def test_three_ranks_give_the_single_process_model_through_the_cli(tmp_path):
+    # The same tolerance as tests/mpi/test_dp_mpi.py: summation order only, ~1e-7 measured.
+    models = {}
+    for n in (1, 3):
+        proc = run_hpcfl(n, "--max-steps", 100, "--quiet", "--out", tmp_path / str(n))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        models[n] = np.load(tmp_path / str(n) / "model.npz")["params"]
+    assert np.linalg.norm(models[3] - models[1]) / np.linalg.norm(models[1]) < 1e-5
+    assert not np.array_equal(models[1], np.zeros_like(models[1]))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-size", "0"], ["--batch-size", "must be positive"]),
+    (["--batch-size", "-3"], ["--batch-size", "must be positive"]),
+    (["--epochs", "abc"], ["--epochs", "expected a positive int"]),
+    (["--lr", "nan"], ["--lr", "must be positive"]),
+    (["--hidden", "256,0"], ["--hidden", "positive"]),
+    (["--backend", "tpu"], ["--backend", "invalid choice"]),
+    (["--batch-size", "1"], ["smaller than the number of ranks"]),
+    (["--no-such-option"], ["unrecognized arguments"]),
+    (["--mode", "fl", "--ranks-per-client", "3"], ["does not divide"]),
+    (["--client-fraction", "1.5"], ["(0, 1]"]),
+])
+def test_bad_arguments_exit_2_with_one_message(args, words):
+    assert_clean_failure(run_hpcfl(2, *args), 2, *words)
+
+
+def test_unwritable_output_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_clean_failure(run_hpcfl(2, "--out", blocker / "sub"), 2, "--out", "cannot write")
+
+
+def test_missing_data_names_the_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.copy(DATA_DIR / name, empty / name)
+    # no t10k-labels: rank 0 tries the download (no internet here, or a bogus mirror) and fails
+    proc = run_hpcfl(2, "--data-dir", empty, env={"HPCFL_MNIST_URLS": "file:///nonexistent/"})
+    assert_clean_failure(proc, 1, "t10k-labels-idx1-ubyte", "--data-dir")
+    assert sorted(p.name for p in empty.iterdir()) == sorted(
+        ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"])
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(DATA_DIR, bad)
+    victim = bad / "t10k-images-idx3-ubyte.gz"
+    os.chmod(victim, 0o644)
+    victim.write_bytes(victim.read_bytes()[:50_000])
+    proc = run_hpcfl(2, "--data-dir", bad, env={"HPCFL_CACHE_DIR": str(tmp_path / "cache")})
+    assert_clean_failure(proc, 1, "t10k-images-idx3-ubyte.gz", "gzip")
+    assert not any((tmp_path / "cache").glob("mnist-*/manifest.json"))   # nothing half-written
+
+
+def test_exception_on_one_rank_aborts_every_rank_with_one_message():
+    proc = run_hpcfl(3, "--max-steps", 50, env={"HPCFL_FAULT": "raise:1:5"}, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("injected fault at step 5") == 1, out
+    assert "rank 1" in out
+
+
+def test_nan_loss_stops_every_rank_naming_the_step():
+    proc = run_hpcfl(2, "--max-steps", 50, env={"HPCFL_FAULT": "nan:1:7"}, timeout=60)
+    assert_clean_failure(proc, 1, "step 7", "nan")
+
+
+def test_info_and_help_print_once():
+    info = run_hpcfl(2, "info")
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.count("MPI:") == 1 and "ranks: 2" in info.stdout and "backend numba" in info.stdout
+    helped = run_hpcfl(2, "--help")
+    assert helped.returncode == 0 and helped.stdout.count("usage:") == 1
