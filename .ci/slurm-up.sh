@@ -1,0 +1,315 @@
+#!/usr/bin/env bash
+# Bring up a single-node SLURM cluster (munge + slurmctld + slurmd) on a Debian
+# CI machine without systemd. Must run as root.
+#
+# Idempotent: if `sinfo` already answers, the node is usable and the generated
+# slurm.conf is unchanged, it exits 0 without touching anything. If the config
+# changed (or SLURM_UP_FORCE=1) the daemons are restarted with the new config.
+#
+# Usage:  .ci/slurm-up.sh                     # install (if needed), configure, start, wait for idle
+#         SLURM_UP_SMOKE=1 .ci/slurm-up.sh    # ... then run .ci/slurm-smoke.sh
+#         .ci/slurm-down.sh [--purge]         # stop everything again
+#
+# Environment knobs (all optional):
+#   SLURM_UP_TIMEOUT   seconds to wait for the node to become idle (default 60)
+#   SLURM_OVERSUB      jobs that may share one CPU: partition OverSubscribe=FORCE:N (default 8)
+#   SLURM_CRED_EXPIRE  AuthInfo=cred_expire (s); a requeued job waits this long + 1 s
+#                      before it can start again (default 30; Slurm's default is 120)
+#   SLURM_UP_FORCE     1 = restart the daemons even if the cluster is up (default 0)
+#   SLURM_UP_SMOKE     1 = run .ci/slurm-smoke.sh after bring-up (default 0)
+#   PYTHON             python with mpi4py, used by the smoke test (default python3)
+#
+# Layout: config /etc/slurm/slurm.conf (the default path, so clients need no
+# SLURM_CONF), state /var/spool/slurmctld + /var/spool/slurmd, logs
+# /var/log/slurm/{slurmctld,slurmd}.log, munge log /var/log/munge/munged.log.
+# There is no slurmdbd: `sacct` does not work; use `scontrol show job <id>`
+# (completed jobs stay visible for MinJobAge=3600 s).
+set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin
+
+log() { printf '[slurm-up] %s\n' "$*" >&2; }
+
+SLURM_CONF_DIR=/etc/slurm
+SLURM_CONF=$SLURM_CONF_DIR/slurm.conf
+LOG_DIR=/var/log/slurm
+CTLD_SPOOL=/var/spool/slurmctld
+SLURMD_SPOOL=/var/spool/slurmd
+CTLD_PID=/run/slurmctld.pid
+SLURMD_PID=/run/slurmd.pid
+TIMEOUT=${SLURM_UP_TIMEOUT:-60}
+OVERSUB=${SLURM_OVERSUB:-8}
+CRED_EXPIRE=${SLURM_CRED_EXPIRE:-30}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+diagnostics() {
+    {
+        echo "==================== slurm-up diagnostics ===================="
+        echo "--- hostname: $(hostname 2>&1) / short: $(hostname -s 2>&1)"
+        echo "--- getent hosts: $(getent hosts "$(hostname -s 2>/dev/null)" 2>&1 || echo '<unresolvable>')"
+        echo "--- processes:"
+        ps -eo pid,user,args 2>/dev/null | grep -E '[m]unged|[s]lurmctld|[s]lurmd' || echo '<none>'
+        echo "--- munge -n | unmunge:"
+        (munge -n | unmunge) 2>&1 | head -5 || true
+        echo "--- scontrol ping / sinfo / squeue:"
+        timeout 10 scontrol ping 2>&1 || true
+        timeout 10 sinfo 2>&1 || true
+        timeout 10 squeue 2>&1 || true
+        echo "--- scontrol show node:"
+        timeout 10 scontrol show node 2>&1 || true
+        for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
+            echo "--- tail -n 40 $f"
+            tail -n 40 "$f" 2>&1 || true
+        done
+        echo "--- $SLURM_CONF"
+        cat "$SLURM_CONF" 2>&1 || true
+        echo "==============================================================="
+    } >&2
+}
+die() { log "ERROR: $*"; diagnostics; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || { log "ERROR: must run as root"; exit 1; }
+
+# Serialize concurrent invocations (fd 9 is closed for the daemons we start).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>/run/slurm-up.lock
+    flock -w 300 9 || { log "ERROR: could not take /run/slurm-up.lock"; exit 1; }
+fi
+
+NODE=$(hostname -s)
+[[ -n $NODE ]] || { log "ERROR: empty hostname"; exit 1; }
+
+alive() {  # running and not a zombie (PID 1 of a container may not reap daemons)
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null || true)
+    [[ -n $st && $st != Z* ]]
+}
+pidfile_alive() {  # pidfile_alive <pidfile> <comm>
+    local pid
+    pid=$(cat "$1" 2>/dev/null || true)
+    [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null || true) == "$2" ]]
+}
+node_state() {  # prints the node state (idle, mixed, drained, down*, ...) or nothing
+    timeout 10 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n1 || true
+}
+node_usable() {
+    case "$(node_state)" in
+        idle|mixed|allocated|completing) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+run_smoke() {
+    if [[ ${SLURM_UP_SMOKE:-0} == 1 ]]; then
+        log "running smoke test"
+        "$HERE/slurm-smoke.sh"
+    fi
+}
+
+# ---------------------------------------------------------------- slurm.conf (generated first, to compare)
+if id slurm >/dev/null 2>&1; then SLURM_USER=slurm; else SLURM_USER=root; fi
+CPUS=$(nproc)
+MEM_MB=$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)
+# Headroom so the memory slurmd detects is never below the configured value.
+MEM_MB=$(( MEM_MB > 2048 ? MEM_MB - 512 : MEM_MB ))
+
+CONF_TEXT=$(cat <<EOF
+# Generated by .ci/slurm-up.sh -- single-node CI cluster. Do not edit by hand.
+ClusterName=ci
+SlurmctldHost=$NODE
+SlurmUser=$SLURM_USER
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Credential lifetime; also the delay before a requeued job may start again (default 120 s)
+AuthInfo=cred_expire=$CRED_EXPIRE
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$CTLD_SPOOL
+SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+
+# No cgroups in the sandbox
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+# Trust the node description below instead of the detected hardware
+SlurmdParameters=config_overrides
+
+MpiDefault=pmi2
+SwitchType=switch/none
+MailProg=/bin/true
+ReturnToService=2
+JobRequeue=1
+# Reject impossible requests at submit time instead of pending forever
+EnforcePartLimits=ALL
+
+# Scheduling: several jobs/steps share the node
+SchedulerType=sched/backfill
+# Re-scan pending jobs often (e.g. requeued jobs once their BeginTime passes); defaults 60/30 s
+SchedulerParameters=sched_interval=5,bf_interval=5
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+
+# Timers (small, for CI)
+SlurmctldTimeout=10
+SlurmdTimeout=10
+MessageTimeout=10
+InactiveLimit=0
+KillWait=5
+WaitTime=0
+OverTimeLimit=0
+MinJobAge=3600
+
+# No accounting daemon (sacct does NOT work; use scontrol show job)
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+
+NodeName=$NODE NodeAddr=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:$OVERSUB
+EOF
+)
+
+conf_unchanged() { [[ -f $SLURM_CONF ]] && [[ "$(cat "$SLURM_CONF")" == "$CONF_TEXT" ]]; }
+
+# ---------------------------------------------------------------- fast path
+if [[ ${SLURM_UP_FORCE:-0} != 1 ]] && command -v sinfo >/dev/null 2>&1 && node_usable; then
+    if conf_unchanged && pidfile_alive "$CTLD_PID" slurmctld && pidfile_alive "$SLURMD_PID" slurmd; then
+        log "cluster already up (node $NODE: $(node_state)); nothing to do"
+        run_smoke
+        exit 0
+    fi
+    log "cluster answers but slurm.conf changed or a local daemon is gone; restarting the daemons"
+fi
+
+# ---------------------------------------------------------------- install
+need_install=0
+for b in slurmctld slurmd sinfo sbatch srun scontrol munged munge unmunge; do
+    command -v "$b" >/dev/null 2>&1 || { need_install=1; break; }
+done
+if [[ $need_install == 1 ]]; then
+    log "installing slurm + munge via apt"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_ok=0
+    for attempt in 1 2 3; do
+        # cons_tres / pmi2 / linuxproc plugins are in slurm-wlm-basic-plugins (a hard dependency)
+        if apt-get update -q && \
+           apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge; then
+            apt_ok=1; break
+        fi
+        log "apt attempt $attempt failed; retrying in 10 s"; sleep 10
+    done
+    [[ $apt_ok == 1 ]] || { log "ERROR: apt-get install failed"; exit 1; }
+    # the package postinst may have created the slurm user
+    if id slurm >/dev/null 2>&1 && [[ $SLURM_USER != slurm ]]; then
+        SLURM_USER=slurm
+        CONF_TEXT=${CONF_TEXT/SlurmUser=root/SlurmUser=slurm}
+    fi
+fi
+
+# ---------------------------------------------------------------- users / dirs / hosts
+getent group munge >/dev/null || groupadd -r munge
+id munge >/dev/null 2>&1 || useradd -r -g munge -d /nonexistent -s /usr/sbin/nologin munge
+
+# slurmctld, slurmd and srun must resolve the short hostname; map it to loopback if not.
+if ! getent hosts "$NODE" >/dev/null 2>&1; then
+    log "hostname '$NODE' does not resolve; adding '127.0.0.1 $NODE' to /etc/hosts"
+    echo "127.0.0.1 $NODE" >> /etc/hosts
+fi
+
+install -d -o munge -g munge -m 0700 /etc/munge /var/log/munge
+install -d -o munge -g munge -m 0711 /var/lib/munge
+install -d -o munge -g munge -m 0755 /run/munge
+install -d -o "$SLURM_USER" -g "$SLURM_USER" -m 0755 "$LOG_DIR" "$CTLD_SPOOL"
+install -d -o root -g root -m 0755 "$SLURMD_SPOOL" "$SLURM_CONF_DIR"
+
+# ---------------------------------------------------------------- munge
+if [[ ! -s /etc/munge/munge.key ]]; then
+    log "creating munge key"
+    if command -v mungekey >/dev/null 2>&1; then
+        mungekey --create --keyfile=/etc/munge/munge.key --force
+    else
+        dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+    fi
+fi
+chown munge:munge /etc/munge/munge.key
+chmod 0400 /etc/munge/munge.key
+
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+if ! munge_ok; then
+    log "starting munged"
+    # munged must run as the key owner (munge); --force ignores a stale socket/pid file.
+    if command -v runuser >/dev/null 2>&1; then
+        runuser -u munge -- munged --force 9>&- || true
+    else
+        su -s /bin/sh munge -c 'munged --force' 9>&- || true
+    fi
+    for _ in $(seq 1 20); do munge_ok && break; sleep 0.5; done
+    munge_ok || die "munged did not come up (munge -n | unmunge fails)"
+fi
+log "munge OK"
+
+# ---------------------------------------------------------------- stop old slurm daemons
+stop_pidfile() {  # stop_pidfile <pidfile> <comm>: only kills the pid if it really is <comm>
+    local pf=$1 name=$2 pid
+    [[ -s $pf ]] || return 0
+    pid=$(cat "$pf" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null || true) == "$name" ]]; then
+        log "stopping old $name (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 60); do alive "$pid" || break; sleep 0.25; done
+        if alive "$pid"; then log "$name still alive; SIGKILL"; kill -9 "$pid" 2>/dev/null || true; fi
+    fi
+    rm -f "$pf"
+}
+stop_pidfile "$SLURMD_PID" slurmd
+stop_pidfile "$CTLD_PID" slurmctld
+
+# ---------------------------------------------------------------- write config
+log "writing $SLURM_CONF (node $NODE, CPUs=$CPUS, RealMemory=$MEM_MB, OverSubscribe=FORCE:$OVERSUB)"
+printf '%s\n' "$CONF_TEXT" > "$SLURM_CONF.tmp"
+chmod 0644 "$SLURM_CONF.tmp"
+mv -f "$SLURM_CONF.tmp" "$SLURM_CONF"
+# Debian's slurm reads plugstack.conf if present; make sure an empty one is valid.
+[[ -e $SLURM_CONF_DIR/plugstack.conf ]] || : > "$SLURM_CONF_DIR/plugstack.conf"
+
+# ---------------------------------------------------------------- start daemons
+log "starting slurmctld"
+# -c: clean job state; CI wants a deterministic cluster. Daemonizes itself.
+slurmctld -c -f "$SLURM_CONF" 9>&- || die "slurmctld failed to start"
+ok=0
+for _ in $(seq 1 40); do
+    if timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; then ok=1; break; fi
+    sleep 0.5
+done
+[[ $ok == 1 ]] || die "slurmctld does not answer 'scontrol ping'"
+
+log "starting slurmd"
+slurmd -f "$SLURM_CONF" -N "$NODE" 9>&- || die "slurmd failed to start"
+
+# ---------------------------------------------------------------- wait for idle
+log "waiting up to ${TIMEOUT}s for node $NODE to become idle"
+deadline=$(( SECONDS + TIMEOUT ))
+resumed=0
+state=
+while (( SECONDS < deadline )); do
+    state=$(node_state)
+    case "$state" in
+        idle) break ;;
+        drain*|down|fail*)
+            if [[ $resumed == 0 ]]; then
+                log "node state '$state'; trying scontrol update state=resume"
+                scontrol update nodename="$NODE" state=resume 2>/dev/null || true
+                resumed=1
+            fi ;;
+    esac
+    sleep 1
+done
+[[ $state == idle ]] || die "node $NODE not idle after ${TIMEOUT}s (state: '${state:-<no answer>}')"
+
+log "cluster up: $(sinfo -h -o 'partition=%P avail=%a nodes=%D state=%T cpus(A/I/O/T)=%C' | head -n1)"
+run_smoke
+exit 0
