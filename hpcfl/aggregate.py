@@ -1,0 +1,77 @@
+"""Server-side math of federated learning, with no MPI: weighted averaging and the server
+optimizers FedAvg (McMahan et al. 2017), FedAvgM (Hsu et al. 2019) and FedAdam (Reddi et al. 2021).
+
+All of them see the round as one pseudo-gradient: delta = global - weighted average of the
+client models. FedAvg with server_lr 1 simply takes the average.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_average(models: list[np.ndarray], num_examples: list[int]) -> np.ndarray:
+    """sum_k n_k w_k / sum_k n_k (what the MPI Reduce computes, written for the tests)."""
+    total = float(sum(num_examples))
+    out = np.zeros_like(models[0], dtype=np.float64)
+    for w, n in zip(models, num_examples):
+        out += (n / total) * w
+    return out.astype(models[0].dtype)
+
+
+class FedAvg:
+    def __init__(self, n: int, server_lr: float = 1.0):
+        self.server_lr = server_lr
+
+    def step(self, global_w: np.ndarray, average: np.ndarray) -> None:
+        """global_w <- global_w - server_lr * (global_w - average), in place."""
+        global_w -= np.float32(self.server_lr) * (global_w - average)
+
+    def state(self) -> dict:
+        return {}
+
+
+class FedAvgM(FedAvg):
+    """Server momentum: v <- beta v + delta; w <- w - server_lr v."""
+
+    def __init__(self, n: int, server_lr: float = 1.0, momentum: float = 0.9):
+        self.server_lr, self.momentum = server_lr, momentum
+        self.v = np.zeros(n, np.float32)
+
+    def step(self, global_w, average) -> None:
+        self.v *= np.float32(self.momentum)
+        self.v += global_w - average
+        global_w -= np.float32(self.server_lr) * self.v
+
+    def state(self) -> dict:
+        return {"v": self.v}
+
+
+class FedAdam(FedAvg):
+    """Adam on the pseudo-gradient, without bias correction, with tau = eps (Reddi et al. 2021)."""
+
+    def __init__(self, n: int, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99,
+                 eps: float = 1e-3):
+        self.server_lr, self.beta1, self.beta2, self.eps = server_lr, beta1, beta2, eps
+        self.m = np.zeros(n, np.float32)
+        self.v = np.zeros(n, np.float32)
+
+    def step(self, global_w, average) -> None:
+        delta = global_w - average
+        self.m *= np.float32(self.beta1)
+        self.m += np.float32(1 - self.beta1) * delta
+        self.v *= np.float32(self.beta2)
+        self.v += np.float32(1 - self.beta2) * delta * delta
+        global_w -= np.float32(self.server_lr) * self.m / (np.sqrt(self.v) + np.float32(self.eps))
+
+    def state(self) -> dict:
+        return {"m": self.m, "v": self.v}
+
+
+def make(cfg, n: int):
+    if cfg.server_opt == "fedavg":
+        return FedAvg(n, cfg.server_lr)
+    if cfg.server_opt == "fedavgm":
+        return FedAvgM(n, cfg.server_lr, cfg.server_momentum)
+    if cfg.server_opt == "fedadam":
+        return FedAdam(n, cfg.server_lr, cfg.server_beta1, cfg.server_beta2, cfg.server_eps)
+    raise ValueError(f"unknown server optimizer {cfg.server_opt!r}")
