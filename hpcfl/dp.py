@@ -42,10 +42,31 @@ class Replica:
         self.eval_ws = backend.Workspace(self.layout, EVAL_BATCH)
         self.eval_x = backend.xp.empty((EVAL_BATCH, model.N_INPUT), np.float32)
         self.eval_y = backend.xp.empty(EVAL_BATCH, np.int32)
+        self.proximal = None                   # (mu, anchor weights) in fl mode with --mu > 0
+        self._prox_tmp = None
+
+    def load_params(self, flat_host: np.ndarray) -> None:
+        self.params[...] = self.backend.to_device(flat_host)
+
+    def reset_optimizer(self) -> None:
+        self.opt = optim.make(self.cfg.optimizer, self.backend, self.layout.n_params,
+                              self.cfg.momentum, self.cfg.weight_decay)
+
+    def _add_proximal(self, batch: int) -> None:
+        mu, anchor = self.proximal
+        if self._prox_tmp is None:
+            self._prox_tmp = self.backend.xp.empty_like(self.params)
+        tmp = self._prox_tmp
+        self.backend.xp.subtract(self.params, anchor, out=tmp)
+        tmp *= np.float32(mu * batch)          # the optimizer scales the gradient sum by 1/batch
+        self.grads += tmp
 
     def local_gradient(self, images, labels, idx) -> None:
         """Summed loss and gradients of rows `idx` into gradbuf (the slot -1 is the loss)."""
         n, be = len(idx), self.backend
+        if n == 0:                              # a rank with no rows in a tiny last batch (fl)
+            self.gradbuf[...] = 0
+            return
         be.gather(images, idx, self.xbuf)
         be.gather_labels(labels, idx, self.ybuf)
         self.gradbuf[-1] = be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
@@ -57,6 +78,8 @@ class Replica:
         if fault:
             self.gradbuf[-1] = np.nan
         comm.Allreduce_sum(self.gradbuf)       # sum of gradients and losses over the global batch
+        if self.proximal is not None:          # FedProx: + mu (w - w_global), on the mean gradient
+            self._add_proximal(len(global_idx))
         self.opt.step(self.params, self.grads, lr, 1.0 / len(global_idx))
         return float(self.gradbuf[-1]) / len(global_idx)
 
