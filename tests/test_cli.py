@@ -68,6 +68,29 @@ def test_bad_arguments_exit_2_with_one_message(args, words):
     assert_clean_failure(run_hpcfl(2, *args), 2, *words)
 
 
+def test_federated_run_reaches_95_percent(tmp_path):
+    metrics = tmp_path / "fl.jsonl"
+    proc = run_hpcfl(2, "--mode", "fl", "--num-clients", 20, "--client-fraction", 0.5, "--rounds", 4,
+                     "--local-batch-size", 20, "--metrics", metrics)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    for key in ("mode", "round", "ranks", "train_loss", "test_accuracy", "round_seconds", "bytes_to_server"):
+        assert key in records[-1]
+    assert records[-1]["mode"] == "fl" and records[-1]["clients"] == 10
+    assert records[-1]["test_accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--num-clients", "70000"], ["more than the 60000 training samples"]),
+    (["--alpha", "0"], ["--alpha", "must be positive"]),
+    (["--client-fraction", "0"], ["--client-fraction", "(0, 1]"]),
+    (["--partition", "dirichlet", "--alpha", "0.001", "--num-clients", "2000"], ["get no data"]),
+])
+def test_bad_federated_settings_exit_2_with_one_message(args, words):
+    assert_clean_failure(run_hpcfl(2, "--mode", "fl", *args), 2, *words)
+
+
 def test_unwritable_output_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
