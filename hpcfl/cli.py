@@ -107,6 +107,8 @@ def train_parser() -> argparse.ArgumentParser:
     f.add_argument("--server-lr", type=_positive(float), default=d.server_lr)
     f.add_argument("--server-momentum", type=_non_negative(float), default=d.server_momentum)
     f.add_argument("--eval-every", type=_positive(int), default=d.eval_every, help="rounds between evaluations")
+    g.add_argument("--target-accuracy", type=_unit_interval, default=None,
+                   help="stop once the test accuracy reaches this (time-to-accuracy runs)")
     m = p.add_argument_group("machinery")
     m.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], default=d.backend)
     m.add_argument("--threads", type=_positive(int), default=d.threads, help="BLAS/Numba threads per rank")

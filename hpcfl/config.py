@@ -39,6 +39,7 @@ class Config:
     server_beta2: float = 0.99
     server_eps: float = 1e-3
     eval_every: int = 1
+    target_accuracy: float | None = None  # stop once the test accuracy reaches this
     # machinery
     backend: str = "auto"
     threads: int = 1

@@ -149,6 +149,9 @@ def train(cfg, comm, data, backend, reporter) -> dict:
                              f"{rec['samples_per_second']:9.0f} samples/s  "
                              f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank")
         epoch += 1
+        if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
+            reporter.info(f"reached the target accuracy {100 * cfg.target_accuracy:.2f}% in epoch {epoch}")
+            break
     params = rep.host_params()
     reporter.save_model(params, rep.layout.sizes)
     return {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,

@@ -108,9 +108,12 @@ def train(cfg, comm, data, backend, reporter) -> dict:
         acc_txt = f"test acc {100 * rec['test_accuracy']:6.2f}%" if rec["test_accuracy"] is not None else ""
         reporter.record(rec, f"round {server_round:4d}  loss {rec['train_loss']:.4f}  {acc_txt}  "
                              f"{seconds:6.3f} s  {rec['bytes_to_server'] / 1e6:.1f} MB to server")
+        if cfg.target_accuracy is not None and best >= cfg.target_accuracy:
+            reporter.info(f"reached the target accuracy {100 * cfg.target_accuracy:.2f}% in round {server_round}")
+            break
     client_comm.Free()
     leaders.Free()
     reporter.save_model(global_w, rep.layout.sizes)
     last = next((r["test_accuracy"] for r in reversed(history) if r["test_accuracy"] is not None), None)
     return {"history": history, "test_accuracy": last, "best_accuracy": best, "params": global_w,
-            "rounds": cfg.rounds}
+            "rounds": len(history)}
