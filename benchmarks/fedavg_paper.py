@@ -59,7 +59,9 @@ def run(partition: str, server_opt: str, server_lr: float, local_lr: float, rank
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            return {"status": f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}", "wall_s": wall}
+            errors = [l for l in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in l]
+            why = "diverged" if errors and "became nan" in errors[0] else (errors or ["failed"])[0]
+            return {"status": why, "wall_s": wall}
         recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     accs = [(r["round"], r["test_accuracy"]) for r in recs if r["test_accuracy"] is not None]
     r97 = rounds_to_target(accs)

@@ -174,6 +174,11 @@ def train(comm, argv) -> int:
     from .report import Reporter
 
     backends.set_threads(cfg.threads)
+    # Overflow in a diverging run would warn on every rank; the trainers check the (reduced)
+    # loss for NaN/Inf every step and stop with one message naming the step instead.
+    import numpy as np
+
+    np.seterr(over="ignore", invalid="ignore", divide="ignore")
     name = backends.resolve(cfg.backend)
     try:
         backend = backends.get(name)
