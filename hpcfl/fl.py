@@ -16,12 +16,13 @@ import time
 
 import numpy as np
 
-from . import aggregate, partition
+from . import aggregate, faults, partition
 from .dp import Replica
 from .errors import TrainingError, UsageError
 
 
-def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: int, client: int) -> tuple[float, int]:
+def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: int, client: int,
+                  fault: bool = False) -> tuple[float, int]:
     """Local training of one client from the weights in rep; returns (summed loss, samples seen).
 
     The batch order is seeded by (seed, round, client, local epoch); the last batch of an
@@ -32,12 +33,14 @@ def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: 
         order = idx[np.random.default_rng([cfg.seed, server_round, client, e]).permutation(len(idx))]
         for start in range(0, len(order), B):
             batch = order[start:start + B]
-            loss = rep.step(comm, data.train_x, data.train_y, batch, cfg.local_lr)
-            if not math.isfinite(loss):
-                raise TrainingError(f"client {client} loss became {loss} in round {server_round}; "
-                                    "try a smaller --local-lr", collective=True)
+            loss = rep.step(comm, data.train_x, data.train_y, batch, cfg.local_lr, fault)
+            fault = False
             loss_sum += loss * len(batch)
             seen += len(batch)
+            if not math.isfinite(loss):
+                # Only this client's ranks know: stop here and let the NaN travel in the round's
+                # reduced statistics, so that every rank stops together after the Bcast.
+                return loss_sum, seen
     return loss_sum, seen
 
 
@@ -78,10 +81,12 @@ def train(cfg, comm, data, backend, reporter) -> dict:
         sendbuf[...] = 0
         if cfg.mu > 0:
             anchor[...] = backend.to_device(global_w)
+        fault = faults.at_step(comm.rank, server_round)   # tests only; in fl mode STEP is the round
         for k in mine:
             rep.load_params(global_w)
             rep.reset_optimizer()
-            loss_sum, seen = client_update(rep, client_comm, data, parts[k], cfg, server_round, k)
+            loss_sum, seen = client_update(rep, client_comm, data, parts[k], cfg, server_round, k, fault)
+            fault = False
             if leader:                                     # one copy per client, not one per rank
                 sendbuf[:n] += sizes[k] * backend.to_host(rep.params)
                 sendbuf[n:] += (sizes[k], loss_sum, seen)
@@ -94,6 +99,9 @@ def train(cfg, comm, data, backend, reporter) -> dict:
             stats = np.zeros(3)
         comm.Bcast(global_w)
         comm.Bcast(stats)
+        if not math.isfinite(stats[1]):                   # every rank sees the same stats
+            raise TrainingError(f"a client's training loss became {stats[1]} in round {server_round}; "
+                                "try a smaller --local-lr", collective=True)
         seconds = time.perf_counter() - t0
         rec = {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
                "train_loss": stats[1] / stats[2], "test_accuracy": None, "round_seconds": seconds,

@@ -133,6 +133,13 @@ def test_nan_loss_stops_every_rank_naming_the_step():
     assert_clean_failure(proc, 1, "step 7", "nan")
 
 
+def test_federated_nan_in_one_client_group_stops_every_rank():
+    # Only rank 1's client group sees the NaN; the others must not wait for it in the Reduce.
+    proc = run_hpcfl(3, "--mode", "fl", "--num-clients", 6, "--client-fraction", 1.0, "--rounds", 5,
+                     env={"HPCFL_FAULT": "nan:1:2"}, timeout=60)
+    assert_clean_failure(proc, 1, "round 2", "nan")
+
+
 def test_info_and_help_print_once():
     info = run_hpcfl(2, "info")
     assert info.returncode == 0, info.stderr
