@@ -19,7 +19,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpich"],                       # an MPI runtime (mpirun) from PyPI, for machines without one
-        "gpu": ["cupy-cuda12x"],                # pick the wheel matching your CUDA major version (README)
+        "gpu": ["cupy-cuda12x[ctk]"],           # CuPy + CUDA 12 libraries; match your driver's CUDA (README)
         "test": ["pytest>=7", "pytest-mpi>=0.6"],
         "bench": ["matplotlib>=3.5"],
     },

@@ -185,8 +185,17 @@ def train(comm, argv) -> int:
     except backends.BackendUnavailable as exc:
         raise UsageError(str(exc), collective=True)
     cfg = cfg.replace(backend=name)
+    if name == "cupy":                        # one GPU per rank on a node, by node-local rank
+        from .comm import local_rank
+
+        backend.select_device(local_rank(comm))
     _check_outputs(cfg, comm)
     data = _load_data(cfg, comm)
+    if name == "cupy":                        # GPU-resident data: uploaded once (47 MB of uint8)
+        import dataclasses
+
+        data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
+                                            for k in ("train_x", "train_y", "test_x", "test_y")})
     reporter = Reporter(cfg, comm.rank)
     if cfg.mode == "dp":
         from . import dp

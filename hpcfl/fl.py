@@ -51,7 +51,8 @@ def train(cfg, comm, data, backend, reporter) -> dict:
     leader = client_comm.rank == 0
     leaders = comm.Split(0 if leader else 1, comm.rank)   # group leaders; world rank 0 is its rank 0
     try:
-        parts = partition.make(cfg.partition, data.train_y, cfg.num_clients, cfg.seed, cfg.alpha)
+        parts = partition.make(cfg.partition, backend.to_host(data.train_y), cfg.num_clients,
+                               cfg.seed, cfg.alpha)
     except UsageError as exc:                              # computed alike on every rank
         exc.collective = True
         raise
