@@ -109,6 +109,34 @@ def test_backend_forward_backward_matches_reference(be, n):
     assert eval_loss == pytest.approx(eval_loss_ref, rel=1e-5)
 
 
+def test_on_layer_ready_reports_each_layer_once_its_gradients_are_final(be):
+    # --allreduce overlap starts reducing layer i inside this callback: its gradients must not
+    # change afterwards, and the layers come last first (the order every rank starts them in)
+    check_on_layer_ready(be)
+
+
+def test_reference_on_layer_ready():
+    check_on_layer_ready(ref)
+
+
+def check_on_layer_ready(be):
+    lay = model.layout((256, 128))
+    p, g = be.to_device(model.init_params(lay, 4)), be.to_device(np.zeros(lay.n_params, np.float32))
+    x, y = batch(lay, 32)
+    seen = []
+
+    def ready(i):
+        seen.append((i, [be.to_host(a).copy() for a in lay.views(g)[i]]))
+
+    be.forward_backward(lay.views(p), be.to_device(x), be.to_device(y), lay.views(g), be.Workspace(lay, 32),
+                        on_layer_ready=ready)
+    assert [i for i, _ in seen] == [2, 1, 0]
+    for i, (w, b) in seen:
+        gw, gb = lay.views(be.to_host(g))[i]
+        np.testing.assert_array_equal(w, gw)
+        np.testing.assert_array_equal(b, gb)
+
+
 def test_backend_gather_matches_reference(be):
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (50, 784), dtype=np.uint8)

@@ -5,7 +5,9 @@ A backend is a module providing
     Workspace(layout, max_batch)          preallocated activations, reused every step
     gather(src_u8, idx, out)              rows `idx` of the uint8 images -> normalised float32
     gather_labels(labels, idx, out)       labels[idx] -> out (int32)
-    forward_backward(params, x, y, grads, ws) -> loss_sum    grads = SUM over the batch
+    forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> loss_sum
+                                          grads = SUM over the batch; on_layer_ready(i) is
+                                          called once layer i's grads are final (last first)
     evaluate(params, x, y, ws) -> (correct, loss_sum)
     sgd_update(p, g, buf, lr, momentum, weight_decay, scale)
     adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t)

@@ -171,7 +171,9 @@ def _forward(params, x, ws):
     return a
 
 
-def forward_backward(params, x, y, grads, ws) -> float:
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
+    """on_layer_ready(i), if given, is called as soon as layer i's (W, b) gradients are final,
+    last layer first, so that the caller can start reducing them while backward goes on."""
     n = x.shape[0]
     logits = _forward(params, x, ws)
     last = len(params) - 1
@@ -180,6 +182,8 @@ def forward_backward(params, x, y, grads, ws) -> float:
     for i in range(last, -1, -1):
         a_prev = ws.acts[i - 1][:n] if i > 0 else x
         np.matmul(a_prev.T, dz, out=grads[i][0])     # (fan_in, B) @ (B, fan_out)
+        if on_layer_ready is not None:
+            on_layer_ready(i)                        # gb[i] was written before gW[i]
         if i > 0:
             da = ws.deltas[i - 1][:n]
             np.matmul(dz, params[i][0].T, out=da)      # (B, fan_out) @ (fan_out, fan_in)

@@ -54,8 +54,11 @@ def _log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def forward_backward(params, x, y, grads, ws) -> float:
-    """Sum of softmax cross-entropy over the batch; fills grads with the summed gradients."""
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
+    """Sum of softmax cross-entropy over the batch; fills grads with the summed gradients.
+
+    on_layer_ready(i), if given, is called as soon as layer i's gradients are final (last
+    layer first): the caller may start reducing them while the backward pass goes on."""
     acts = _forward(params, x)
     logp = _log_softmax(acts[-1])
     rows = np.arange(len(y))
@@ -67,6 +70,8 @@ def forward_backward(params, x, y, grads, ws) -> float:
         gw, gb = grads[i]
         gw[...] = acts[i].T @ dz
         gb[...] = dz.sum(axis=0)
+        if on_layer_ready is not None:
+            on_layer_ready(i)
         if i > 0:
             dz = (dz @ w.T) * (acts[i] > 0)  # ReLU backward
     return loss

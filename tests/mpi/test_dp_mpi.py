@@ -114,3 +114,30 @@ def test_agree_raises_roots_error_on_every_rank(comm):
         comm.agree(fails)
     assert info.value.collective
     assert comm.agree(lambda: 42) == 42
+
+
+@pytest.mark.mpi
+def test_overlapped_allreduce_gives_the_fused_weights(comm, mnist):
+    # Per-layer Iallreduce sums the same numbers as the one fused Allreduce; only the summation
+    # order inside MPI may differ with the message size (same REL_TOL as across rank counts).
+    cfg = Config(max_steps=60, backend="numba", quiet=True)
+    fused = train(cfg, comm, mnist)
+    overlap = train(cfg.replace(allreduce="overlap"), comm, mnist)
+    assert rel_diff(overlap, fused) < REL_TOL
+    assert comm.allgather(overlap.tobytes()).count(overlap.tobytes()) == comm.size
+
+
+@pytest.mark.mpi
+def test_overlapped_step_with_ranks_that_hold_no_rows(comm, mnist):
+    # A global batch smaller than the rank count (fl's last batch): ranks without rows must
+    # still start every per-layer reduction, in the same order, or the job would hang.
+    be = backends.get("numba")
+    idx = np.arange(max(1, comm.size - 1))
+    results = []
+    for mode in ("fused", "overlap"):
+        rep = dp.Replica(Config(allreduce=mode), be, 4)
+        loss = rep.step(comm, mnist.train_x, mnist.train_y, idx, 0.05)
+        results.append((loss, rep.params.copy()))
+    (loss_f, p_f), (loss_o, p_o) = results
+    assert loss_o == pytest.approx(loss_f, rel=1e-6)
+    assert rel_diff(p_o, p_f) < REL_TOL

@@ -1,0 +1,42 @@
+"""Sanity check of the benchmark suite (not a test: timings are never asserted):
+
+    python benchmarks/check_quick.py
+
+runs `python benchmarks/run_all.py --quick` into a temporary folder and checks that it exits 0
+and writes every CSV, every plot and a RESULTS.md with the targets table. Takes 2-3 minutes.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CSVS = ["capacity", "single", "gemm_shapes", "parallel", "sync", "allreduce", "p2p", "allreduce_model",
+        "scaling", "scaling_model", "scaling_model_check", "startup", "memory", "profile", "allocations",
+        "compute"]
+PNGS = ["single", "parallel", "allreduce", "scaling", "scaling_model", "profile", "memory"]
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results"
+        proc = subprocess.run([sys.executable, str(HERE / "run_all.py"), "--quick", "--out", str(out)])
+        problems = [] if proc.returncode == 0 else [f"run_all.py --quick exited {proc.returncode}"]
+        problems += [f"missing {n}.csv" for n in CSVS if not (out / f"{n}.csv").is_file()]
+        problems += [f"missing {n}.png" for n in PNGS if not (out / f"{n}.png").is_file()]
+        md = out / "RESULTS.md"
+        text = md.read_text() if md.is_file() else ""
+        if "| target | goal | measured | ratio | status |" not in text:
+            problems.append("RESULTS.md has no targets table")
+        if "not measured" in text:
+            problems.append("RESULTS.md has targets that were not measured")
+    for p in problems:
+        print(f"check_quick: {p}", file=sys.stderr)
+    print("check_quick: " + ("FAILED" if problems else "ok: every CSV, plot and RESULTS.md written"))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Helpers shared by the benchmark scripts: launching workers, parsing their results, CSV files,
+machine details. No MPI and no hpcfl import here (the orchestrator stays light)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULT_TAG = "RESULT "           # a worker's answer: one line "RESULT {json}" on stdout
+
+# The model and run of issue 4: 784-256-128-10, batch 128, 60,000 samples, SGD momentum 0.9
+SIZES = (784, 256, 128, 10)
+BATCH = 128
+N_TRAIN = 60_000
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 1e-4
+
+
+def n_params(sizes=SIZES) -> int:
+    return sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+
+
+def flops_per_sample(sizes=SIZES) -> int:
+    """As hpcfl.model.Layout.flops_per_sample: 3 forward, 3 weight-gradient, 2 input-gradient GEMMs."""
+    macs = [i * o for i, o in zip(sizes[:-1], sizes[1:])]
+    return 2 * (2 * sum(macs) + sum(macs[1:]))
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def mpirun() -> str:
+    """The mpirun next to this Python (the mpich wheel's) if there is one, else the PATH's."""
+    local = Path(sys.executable).with_name("mpirun")
+    return str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """One BLAS/OpenMP thread everywhere, the repository importable, unbuffered output."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "NUMBA_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+    env.update(extra or {})
+    return env
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=worker_env(env), cwd=cwd or ROOT)
+    if proc.returncode != 0:
+        raise WorkerError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_worker(cmd: list[str], env: dict | None = None, timeout: float = 600) -> dict:
+    """Run a worker and return the JSON of its RESULT line."""
+    proc = run(cmd, env, timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise WorkerError(f"{' '.join(map(str, cmd))}: no result line\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def emit(result: dict) -> None:
+    """Called by a worker (rank 0 only) to hand its result to run_all."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path = Path(path)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows with numbers converted back to int/float where they parse."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _parse(v):
+    if v is None or v == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def uptime() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S')} load average {load}"
+    except OSError:
+        return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def machine_info() -> dict:
+    """What RESULTS.md names: CPU model and cores, memory, software versions."""
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+            "cores": cores(), "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        info["cpu_model"] = fields.get("Model name", "?")
+        info["cpu_flags_avx512"] = "avx512f" in fields.get("Flags", "")
+        info["hypervisor"] = fields.get("Hypervisor vendor", "none")
+        info["l2_cache"] = fields.get("L2 cache", "?")
+    except OSError:
+        info["cpu_model"] = platform.processor() or "?"
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    from importlib import metadata
+
+    for mod in ("numpy", "numba", "mpi4py", "mpich", "torch", "matplotlib"):
+        try:
+            info[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            info[mod] = "absent"
+    try:
+        info["mpi"] = " ".join(run([sys.executable, "-c", "from mpi4py import MPI; "
+                           "print(MPI.Get_library_version().strip().splitlines()[0])"]).stdout.split())
+    except Exception:
+        info["mpi"] = "?"
+    return info

@@ -1,0 +1,365 @@
+"""Benchmarks that run inside MPI ranks (launched by run_all.py under mpirun):
+
+    mpirun -n 2 python benchmarks/mpi_tasks.py sync --allreduce fused --epochs 3
+        gradient synchronisation per step inside real dp training (a timing wrapper around
+        Comm's collectives, in this process only) vs a bare Allreduce of the same buffer
+    mpirun -n 2 python benchmarks/mpi_tasks.py osu
+        OSU-style MPI_Allreduce latency/bandwidth over 4 B..4 MiB, and point-to-point bandwidth
+    mpirun -n 1 python benchmarks/mpi_tasks.py profile
+        where the time of one dp step goes (GEMMs, elementwise, gather, optimizer, comm, Python)
+    mpirun -n 1 python benchmarks/mpi_tasks.py compute
+        step time at local batch 1..1024 (the compute term of the scaling model)
+
+Each prints one RESULT line (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
+
+from common import emit  # noqa: E402
+
+from hpcfl import backends, data as data_mod, dp  # noqa: E402
+from hpcfl.comm import Comm  # noqa: E402
+from hpcfl.config import Config  # noqa: E402
+from hpcfl.report import Reporter  # noqa: E402
+
+perf = time.perf_counter
+
+
+def open_data(comm):
+    return data_mod.open_cache(comm.agree(lambda: str(data_mod.prepare_cache(data_mod.resolve_data_dir(None)))))
+
+
+# ------------------------------------------------------------------ sync
+
+class TimedComm(Comm):
+    """Comm that records the time spent synchronising the gradient buffer in each step.
+
+    fused: the time inside Allreduce_sum of the (n+1)-float gradient buffer;
+    overlap: the time inside every Iallreduce_sum of the step plus the final Waitall.
+    Benchmark-only: hpcfl's own Comm carries no timers."""
+
+    def __init__(self, n_params: int):
+        super().__init__()
+        self.n_params, self.times, self.start_times, self._acc = n_params, [], [], 0.0
+
+    def Allreduce_sum(self, buf):
+        if buf.size < self.n_params:                 # not the gradient (evaluation counts)
+            return super().Allreduce_sum(buf)
+        t0 = perf()
+        super().Allreduce_sum(buf)
+        self.times.append(perf() - t0)
+
+    def Iallreduce_sum(self, buf):
+        t0 = perf()
+        req = super().Iallreduce_sum(buf)
+        self._acc += perf() - t0
+        return req
+
+    def Waitall(self, requests):
+        t0 = perf()
+        Comm.Waitall(requests)
+        self.times.append(self._acc + perf() - t0)
+        self.start_times.append(self._acc)
+        self._acc = 0.0
+
+
+def per_call_stats(comm, times: np.ndarray) -> dict:
+    """Per call: min over ranks (the rank that arrives last waits for nobody: its time is the
+    synchronisation itself) and mean over ranks (adds the waiting for slower ranks)."""
+    alltimes = comm.mpicomm.allgather(times)
+    k = min(len(t) for t in alltimes)
+    m = np.array([t[:k] for t in alltimes])          # (ranks, calls)
+    return {"min_over_ranks_median_us": float(np.median(m.min(axis=0)) * 1e6),
+            "mean_over_ranks_median_us": float(np.median(m.mean(axis=0)) * 1e6),
+            "mean_us": float(m.mean() * 1e6), "calls": k}
+
+
+def task_sync(args):
+    from hpcfl import model
+
+    n_params = model.layout(Config().hidden).n_params
+    comm = TimedComm(n_params)
+    be = backends.get("numba")
+    backends.set_threads(1)
+    data = open_data(comm)
+    cfg = Config(epochs=args.epochs, backend="numba", allreduce=args.allreduce, quiet=True)
+    summary = dp.train(cfg, comm, data, be, Reporter(cfg, rank=1))
+    steps = summary["steps"]
+    per_epoch = steps // args.epochs
+    train_times = np.array(comm.times[per_epoch:])    # drop the warm-up epoch
+    sync = per_call_stats(comm, train_times)
+    # the bare collective: the same buffer, the same number of calls, back to back
+    n = dp.Replica(cfg, be, 1).gradbuf.size          # the flat gradient with its extra slots
+    buf = np.ones(n, np.float32)
+    mpi = comm.mpicomm
+    from mpi4py import MPI
+
+    for _ in range(20):
+        mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    bare = np.empty(len(train_times))
+    for i in range(len(bare)):
+        t0 = perf()
+        mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        bare[i] = perf() - t0
+    bare_stats = per_call_stats(comm, bare)
+    # the same calls with the same compute between them on every rank (a step's GEMMs at the local
+    # batch, and the buffer rewritten as the backward pass does): cache and scheduling effects
+    # without the load imbalance of real training
+    b = math.ceil(128 / comm.size)
+    x = np.ones((b, 784), np.float32)
+    w1 = np.full((784, 256), 1e-3, np.float32)
+    h = np.empty((b, 256), np.float32)
+    g1 = buf[:784 * 256].reshape(784, 256)
+    between = np.empty(len(train_times))
+    for i in range(len(between)):
+        np.matmul(x, w1, out=h)
+        np.matmul(x.T, h, out=g1)
+        t0 = perf()
+        mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        between[i] = perf() - t0
+    between_stats = per_call_stats(comm, between)
+    epochs = [h["epoch_seconds"] for h in summary["history"]]
+    if comm.rank == 0:
+        emit({"task": "sync", "ranks": comm.size, "allreduce": args.allreduce, "floats": n,
+              "epoch_seconds": epochs, "sync": sync, "bare": bare_stats, "bare_with_compute": between_stats,
+              "start_us": float(np.median(comm.start_times[per_epoch:]) * 1e6) if comm.start_times else None,
+              "ratio": sync["min_over_ranks_median_us"] / bare_stats["min_over_ranks_median_us"]})
+
+
+# ------------------------------------------------------------------ osu
+
+def task_osu(args):
+    from mpi4py import MPI
+
+    comm = Comm.world()
+    mpi = comm.mpicomm
+    sizes = [4 << k for k in range(21)]               # 4 B .. 4 MiB
+    rows = []
+    for nbytes in sizes:
+        buf = np.ones(nbytes // 4, np.float32)
+        for _ in range(5):
+            mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        mpi.Barrier()
+        t0 = perf()
+        for _ in range(5):
+            mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        est = mpi.allreduce((perf() - t0) / 5, op=MPI.MAX)
+        iters = int(min(args.max_iters, max(10, args.budget / max(est, 1e-7))))
+        mpi.Barrier()
+        t0 = perf()
+        for _ in range(iters):
+            mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        lat = (perf() - t0) / iters
+        lats = mpi.allgather(lat)
+        rows.append({"bytes": nbytes, "iters": iters, "lat_avg_us": 1e6 * float(np.mean(lats)),
+                     "lat_min_us": 1e6 * min(lats), "lat_max_us": 1e6 * max(lats)})
+    # point-to-point bandwidth (osu_bw: a window of non-blocking sends, rank 0 -> rank 1)
+    p2p = None
+    if comm.size >= 2:
+        best = 0.0
+        for nbytes in (1 << 20, 4 << 20):
+            buf = np.ones(nbytes, np.uint8)
+            ack = np.zeros(1, np.uint8)
+            window = 16
+            for rep in range(4):
+                mpi.Barrier()
+                t0 = perf()
+                if comm.rank == 0:
+                    MPI.Request.Waitall([mpi.Isend(buf, 1, 7) for _ in range(window)])
+                    mpi.Recv(ack, 1, 8)
+                elif comm.rank == 1:
+                    bufs = [np.empty(nbytes, np.uint8) for _ in range(window)]
+                    MPI.Request.Waitall([mpi.Irecv(b, 0, 7) for b in bufs])
+                    mpi.Send(ack, 0, 8)
+                dt = perf() - t0
+                if rep and comm.rank == 0:
+                    best = max(best, window * nbytes / dt)
+        p2p = mpi.bcast(best / 1e9)
+    # a memory copy on one rank, for reference (what shared-memory transport is made of)
+    src = np.ones(4 << 20, np.uint8)
+    dst = np.empty_like(src)
+    t0 = perf()
+    for _ in range(20):
+        np.copyto(dst, src)
+    memcpy = (4 << 20) * 20 / (perf() - t0) / 1e9
+    if comm.rank == 0:
+        emit({"task": "osu", "ranks": comm.size, "rows": rows, "p2p_GBps": p2p, "memcpy_GBps": memcpy})
+
+
+# ------------------------------------------------------------------ profile
+
+PHASES = ["gather", "gemm_forward", "gemm_weight_grad", "gemm_input_grad", "elementwise",
+          "allreduce", "optimizer", "python_overhead"]
+
+
+def instrumented_step(rep, comm, images, labels, global_idx, lr, T):
+    """Replica.step with the numba backend's forward_backward inlined, a timer around each part.
+    Mirrors hpcfl/dp.py and hpcfl/backends/numba_backend.py (fused allreduce)."""
+    from hpcfl.backends import numba_backend as nb
+    from hpcfl.data import shard_range
+
+    lo, hi = shard_range(len(global_idx), comm.rank, comm.size)
+    idx = global_idx[lo:hi]
+    n = len(idx)
+    t0 = perf()
+    nb.gather(images, idx, rep.xbuf)
+    nb.gather_labels(labels, idx, rep.ybuf)
+    t1 = perf()
+    T["gather"] += t1 - t0
+    params, grads, ws = rep.pviews, rep.gviews, rep.ws
+    x, y = rep.xbuf[:n], rep.ybuf[:n]
+    last, a = len(params) - 1, x
+    for i, (w, b) in enumerate(params):
+        z = ws.acts[i][:n]
+        t0 = perf()
+        np.matmul(a, w, out=z)
+        t1 = perf()
+        nb._bias_act(z, b, i < last)
+        t2 = perf()
+        T["gemm_forward"] += t1 - t0
+        T["elementwise"] += t2 - t1
+        a = z
+    t0 = perf()
+    dz = ws.deltas[last][:n]
+    loss = nb._softmax_xent_grad(a, y, dz, grads[last][1])
+    T["elementwise"] += perf() - t0
+    for i in range(last, -1, -1):
+        a_prev = ws.acts[i - 1][:n] if i > 0 else x
+        t0 = perf()
+        np.matmul(a_prev.T, dz, out=grads[i][0])
+        T["gemm_weight_grad"] += perf() - t0
+        if i > 0:
+            da = ws.deltas[i - 1][:n]
+            t0 = perf()
+            np.matmul(dz, params[i][0].T, out=da)
+            t1 = perf()
+            nb._relu_backward_bias(da, a_prev, grads[i - 1][1])
+            T["gemm_input_grad"] += t1 - t0
+            T["elementwise"] += perf() - t1
+            dz = da
+    rep.gradbuf[-1] = loss
+    t0 = perf()
+    comm.Allreduce_sum(rep.gradbuf)
+    t1 = perf()
+    rep.opt.step(rep.params, rep.grads, lr, 1.0 / len(global_idx))
+    T["allreduce"] += t1 - t0
+    T["optimizer"] += perf() - t1
+    return float(rep.gradbuf[-1]) / len(global_idx)
+
+
+def allocations_per_step(rep, comm, data, perm, B, steps=50):
+    """Peak bytes allocated (tracemalloc sees NumPy's buffers too) during `steps` dp steps."""
+    import tracemalloc
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    for s in range(steps):
+        rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], 0.01)
+    cur, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"peak_extra_bytes": peak - base, "retained_bytes": cur - base}
+
+
+def task_profile(args):
+    comm = Comm.world()
+    backends.set_threads(1)
+    be = backends.get("numba")
+    data = open_data(comm)
+    B = 128
+    rep = dp.Replica(Config(backend="numba"), be, math.ceil(B / comm.size))
+    perm = data_mod.epoch_permutation(data.n_train, 0, 0)
+    steps = data.n_train // B
+    lr = 0.01
+    int(np.asarray(data.train_x[:, 0]).sum())             # map every page of the images (as after epoch 1)
+    for s in range(60):                                    # warm-up: load the kernels, fill the caches
+        rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr)
+    T = dict.fromkeys(PHASES[:-1], 0.0)
+    plain, instr, n_plain, n_instr, s = 0.0, 0.0, 0, 0, 0
+    for block in range(args.blocks):                       # alternate plain and timed blocks
+        for kind in ("plain", "timed"):
+            comm.Barrier()
+            t0 = perf()
+            for _ in range(args.block_steps):
+                idx = perm[(s % steps) * B:(s % steps + 1) * B]
+                if kind == "plain":
+                    rep.step(comm, data.train_x, data.train_y, idx, lr)
+                else:
+                    instrumented_step(rep, comm, data.train_x, data.train_y, idx, lr, T)
+                s += 1
+            dt = perf() - t0
+            if kind == "plain":
+                plain, n_plain = plain + dt, n_plain + args.block_steps
+            else:
+                instr, n_instr = instr + dt, n_instr + args.block_steps
+    us = {k: v / n_instr * 1e6 for k, v in T.items()}
+    step_us = plain / n_plain * 1e6
+    us["python_overhead"] = max(0.0, step_us - sum(us.values()))
+    alloc = allocations_per_step(rep, comm, data, perm, B)
+    allus = comm.mpicomm.gather(us)
+    if comm.rank == 0:
+        mean = {k: float(np.mean([u[k] for u in allus])) for k in PHASES}
+        emit({"task": "profile", "ranks": comm.size, "local_batch": math.ceil(B / comm.size),
+              "step_us": step_us, "timed_step_us": instr / n_instr * 1e6, "phases_us": mean,
+              "alloc": alloc, "steps_measured": n_plain})
+
+
+# ------------------------------------------------------------------ compute (scaling model input)
+
+def task_compute(args):
+    comm = Comm.self_()
+    backends.set_threads(1)
+    be = backends.get("numba")
+    data = open_data(Comm.world())
+    rows = []
+    batches = [1 << k for k in range(11)]                 # 1 .. 1024
+    rep = dp.Replica(Config(backend="numba"), be, max(batches))
+    perm = data_mod.epoch_permutation(data.n_train, 0, 0)
+    for b in batches:
+        steps = max(20, min(400, int(args.budget / (b * 1e-5 + 2e-4))))
+        times, upd = [], []
+        for rep_i in range(5):
+            t0 = perf()
+            for s in range(steps):
+                o = (s * b) % (data.n_train - b)
+                rep.step(comm, data.train_x, data.train_y, perm[o:o + b], 0.01)
+            times.append((perf() - t0) / steps)
+        t0 = perf()
+        for s in range(steps):
+            rep.opt.step(rep.params, rep.grads, 0.0, 1.0 / b)
+        upd = (perf() - t0) / steps
+        # the minimum of the repeats: this feeds a model of an unloaded machine, and on a shared
+        # one other work only ever adds time
+        rows.append({"local_batch": b, "step_us": 1e6 * float(np.min(times)),
+                     "step_us_median": 1e6 * float(np.median(times)), "optimizer_us": 1e6 * upd})
+    emit({"task": "compute", "rows": rows})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task", required=True)
+    s = sub.add_parser("sync")
+    s.add_argument("--allreduce", choices=["fused", "overlap"], default="fused")
+    s.add_argument("--epochs", type=int, default=3)
+    o = sub.add_parser("osu")
+    o.add_argument("--budget", type=float, default=0.2, help="seconds per message size")
+    o.add_argument("--max-iters", type=int, default=20000)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--blocks", type=int, default=6)
+    pr.add_argument("--block-steps", type=int, default=150)
+    c = sub.add_parser("compute")
+    c.add_argument("--budget", type=float, default=0.15, help="seconds per batch size and repeat")
+    args = p.parse_args()
+    {"sync": task_sync, "osu": task_osu, "profile": task_profile, "compute": task_compute}[args.task](args)
+
+
+if __name__ == "__main__":
+    main()

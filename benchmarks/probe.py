@@ -1,0 +1,111 @@
+"""`python -m hpcfl` with two probes, for the start-up and memory benchmarks:
+
+    mpirun -n 8 python benchmarks/probe.py OUTDIR --max-steps 1 --quiet
+
+runs hpcfl's command line unchanged (the same imports, the same code path) and, on every rank,
+writes OUTDIR/probe-RANK.json at exit with
+  - t_python: wall-clock time when this script's first line ran (the interpreter is up),
+  - t_first_step_start / t_first_step_end: around the first optimizer step (Replica.step),
+  - ru_maxrss (peak resident memory, at exit), and right after training the resident and
+    proportional memory split into anonymous (private) and file-backed, plus the resident and
+    proportional size of the memory-mapped training images (from /proc/self/smaps).
+"""
+import time
+
+T_PYTHON = time.time()
+
+import atexit  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+
+OUT = sys.argv[1]
+ARGV = sys.argv[2:]
+RANK = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+state = {}
+
+
+def _status() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[k] = int(v.split()[0])          # KiB
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _mapping(suffix: str) -> dict:
+    """Rss and Pss (KiB) of the mappings of files whose path ends with `suffix`."""
+    rss = pss = size = 0
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):   # a mapping header line
+                    inside = line.rstrip().endswith(suffix)
+                elif inside:
+                    k, _, v = line.partition(":")
+                    if k == "Rss":
+                        rss += int(v.split()[0])
+                    elif k == "Pss":
+                        pss += int(v.split()[0])
+                    elif k == "Size":
+                        size += int(v.split()[0])
+    except OSError:
+        pass
+    return {"size": size, "rss": rss, "pss": pss}
+
+
+def _report():
+    rec = {"rank": int(RANK), "t_python": T_PYTHON, **state,
+           "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    with open(os.path.join(OUT, f"probe-{RANK}.json"), "w") as f:
+        json.dump(rec, f)
+
+
+def _wrap_step():
+    from hpcfl import dp
+
+    step = dp.Replica.step
+
+    def timed_step(self, *args, **kwargs):
+        if "t_first_step_start" in state:
+            return step(self, *args, **kwargs)
+        state["t_first_step_start"] = time.time()
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            state["t_first_step_end"] = time.time()
+
+    dp.Replica.step = timed_step
+    train = dp.train
+
+    def train_then_measure(*args, **kwargs):
+        out = train(*args, **kwargs)
+        # the data is still mapped here (the caller holds it): resident/proportional memory now
+        state["status_kib"] = _status()
+        state["train_images_kib"] = _mapping("train_x.npy")
+        return out
+
+    dp.train = train_then_measure
+
+
+if __name__ == "__main__":
+    atexit.register(_report)
+    os.makedirs(OUT, exist_ok=True)
+    _wrap_step()
+    from hpcfl.cli import main
+
+    code = main(ARGV)
+    sys.exit(code)
