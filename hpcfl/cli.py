@@ -79,7 +79,9 @@ def train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hpcfl", description="Train an MLP on MNIST with MPI "
                 "(data parallel or federated). Run under mpirun/srun for several ranks.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                epilog="Other commands: `python -m hpcfl info`, `python -m hpcfl fetch-data`.")
+                epilog="Other commands: `python -m hpcfl info`, `python -m hpcfl fetch-data`. "
+                       "Exit codes: 0 done, 1 error, 2 bad usage, 75 stopped by SIGTERM/SIGUSR1 "
+                       "(checkpointed: run again with --resume).")
     p.add_argument("--mode", choices=["dp", "fl"], default=d.mode, help="data parallel or federated")
     g = p.add_argument_group("model and optimisation")
     g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden layer sizes, e.g. 256,128")
@@ -112,16 +114,23 @@ def train_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("machinery")
     m.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], default=d.backend)
     m.add_argument("--threads", type=_positive(int), default=d.threads, help="BLAS/Numba threads per rank")
+    m.add_argument("--allreduce", choices=["fused", "overlap"], default=d.allreduce,
+                   help="gradient sync: one blocking Allreduce of the flat buffer per step, or a "
+                        "non-blocking Iallreduce per layer started during the backward pass")
     m.add_argument("--seed", type=_non_negative(int), default=d.seed)
     m.add_argument("--data-dir", default=None, help="MNIST folder (default: $HPCFL_DATA_DIR, else a user cache folder)")
     m.add_argument("--metrics", default=None, help="JSON Lines file, one record per epoch/round")
     m.add_argument("--out", default=None, help="folder for the final model (.npz) and config (.json)")
     m.add_argument("--quiet", action="store_true")
-    m.add_argument("--checkpoint-dir", default=None)
+    m.add_argument("--checkpoint-dir", default=None,
+                   help="folder for checkpoints (rank 0 writes ckpt-<step>.npz); on SIGTERM/SIGUSR1 the "
+                        "run saves one there and exits with code 75")
     m.add_argument("--checkpoint-every", type=_non_negative(int), default=d.checkpoint_every,
                    help="epochs (dp) or rounds (fl) between checkpoints; 0: only on preemption and at the end")
-    m.add_argument("--keep-checkpoints", type=_positive(int), default=d.keep_checkpoints)
-    m.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    m.add_argument("--keep-checkpoints", type=_positive(int), default=d.keep_checkpoints,
+                   help="how many of the newest checkpoints to keep")
+    m.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint in --checkpoint-dir (start from scratch if none)")
     return p
 
 

@@ -43,6 +43,8 @@ class Config:
     # machinery
     backend: str = "auto"
     threads: int = 1
+    allreduce: str = "fused"              # fused: one blocking Allreduce per step | overlap: one
+                                          # Iallreduce per layer during backward (benchmarks/RESULTS.md)
     seed: int = 0
     data_dir: str | None = None
     metrics: str | None = None
@@ -84,3 +86,5 @@ def validate(cfg: Config, world_size: int) -> None:
         raise UsageError(f"--client-fraction must be in (0, 1], got {cfg.client_fraction}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
+    if cfg.checkpoint_every and not cfg.checkpoint_dir:
+        raise UsageError("--checkpoint-every needs --checkpoint-dir")

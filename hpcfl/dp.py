@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 
-from . import faults, model, optim
+from . import checkpoint, faults, model, optim, preempt
 from .data import epoch_permutation, shard_range
-from .errors import TrainingError
+from .errors import Preempted, TrainingError, UsageError
 
 EVAL_BATCH = 1000
 
@@ -23,8 +23,9 @@ EVAL_BATCH = 1000
 class Replica:
     """One copy of the model with its gradient buffer, optimizer and workspaces.
 
-    The gradient buffer has one extra slot at the end that carries the batch loss, so the
-    loss rides along in the same single Allreduce as the gradients.
+    The gradient buffer has two extra slots at the end, [grads | stop votes | loss]: the batch
+    loss and the ranks' votes to stop (preemption) ride along in the same single Allreduce as
+    the gradients, so agreeing on a stop signal costs no extra collective.
     """
 
     def __init__(self, cfg, backend, max_local_batch: int):
@@ -32,8 +33,9 @@ class Replica:
         self.layout = model.layout(cfg.hidden)
         n = self.layout.n_params
         self.params = backend.to_device(model.init_params(self.layout, cfg.seed))
-        self.gradbuf = backend.xp.zeros(n + 1, dtype=np.float32)
+        self.gradbuf = backend.xp.zeros(n + 2, dtype=np.float32)
         self.grads = self.gradbuf[:n]
+        self.stop_agreed = False               # set by step(): some rank voted to stop
         self.pviews, self.gviews = self.layout.views(self.params), self.layout.views(self.grads)
         self.opt = optim.make(cfg.optimizer, backend, n, cfg.momentum, cfg.weight_decay)
         self.ws = backend.Workspace(self.layout, max_local_batch)
@@ -44,6 +46,13 @@ class Replica:
         self.eval_y = backend.xp.empty(EVAL_BATCH, np.int32)
         self.proximal = None                   # (mu, anchor weights) in fl mode with --mu > 0
         self._prox_tmp = None
+        # --allreduce overlap: one gradient slice per layer (W then b, contiguous in the flat
+        # buffer), each reduced by its own Iallreduce as soon as backward has produced it
+        self.overlap = cfg.allreduce == "overlap"
+        bounds = np.cumsum([0] + [i * o + o for i, o in zip(self.layout.sizes[:-1], self.layout.sizes[1:])])
+        self.layer_grads = [self.gradbuf[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self._reqs, self._req_comm = [], None
+        self._on_layer_ready = self._start_layer_reduce   # bound once: no allocation per step
 
     def load_params(self, flat_host: np.ndarray) -> None:
         self.params[...] = self.backend.to_device(flat_host)
@@ -61,7 +70,7 @@ class Replica:
         tmp *= np.float32(mu * batch)          # the optimizer scales the gradient sum by 1/batch
         self.grads += tmp
 
-    def local_gradient(self, images, labels, idx) -> None:
+    def local_gradient(self, images, labels, idx, on_layer_ready=None) -> None:
         """Summed loss and gradients of rows `idx` into gradbuf (the slot -1 is the loss)."""
         n, be = len(idx), self.backend
         if n == 0:                              # a rank with no rows in a tiny last batch (fl)
@@ -69,19 +78,55 @@ class Replica:
             return
         be.gather(images, idx, self.xbuf)
         be.gather_labels(labels, idx, self.ybuf)
-        self.gradbuf[-1] = be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
+        if on_layer_ready is None:
+            loss = be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
+        else:
+            loss = be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws,
+                                       on_layer_ready=on_layer_ready)
+        self.gradbuf[-1] = loss
 
-    def step(self, comm, images, labels, global_idx, lr: float, fault: bool = False) -> float:
-        """One synchronous step on this rank's slice of the global batch; returns the mean loss."""
-        lo, hi = shard_range(len(global_idx), comm.rank, comm.size)
-        self.local_gradient(images, labels, global_idx[lo:hi])
+    def _start_layer_reduce(self, i: int) -> None:
+        self._reqs.append(self._req_comm.Iallreduce_sum(self.layer_grads[i]))
+
+    def _fill_tail(self, fault: bool, stop: bool) -> None:
+        """After backward: this rank's stop vote, and the injected NaN loss of a fault test."""
+        self.gradbuf[-2] = 1.0 if stop else 0.0
         if fault:
             self.gradbuf[-1] = np.nan
-        comm.Allreduce_sum(self.gradbuf)       # sum of gradients and losses over the global batch
+
+    def _overlapped_gradient(self, comm, images, labels, idx, fault: bool, stop: bool) -> None:
+        """--allreduce overlap: Iallreduce each layer's gradients as soon as backward has made
+        them (last layer first), then the loss slot; wait for all before the update. Every
+        rank starts the same reductions in the same order, also a rank with no rows."""
+        self._reqs.clear()
+        self._req_comm = comm
+        self.local_gradient(images, labels, idx, self._on_layer_ready)
+        for i in range(len(self.layer_grads) - 1 - len(self._reqs), -1, -1):
+            self._start_layer_reduce(i)        # only when backward did not run (no rows here)
+        self._fill_tail(fault, stop)
+        self._reqs.append(comm.Iallreduce_sum(self.gradbuf[-2:]))   # stop votes and loss
+        comm.Waitall(self._reqs)
+
+    def step(self, comm, images, labels, global_idx, lr: float, fault: bool = False,
+             stop: bool = False) -> float:
+        """One synchronous step on this rank's slice of the global batch; returns the mean loss.
+
+        `stop` is this rank's vote to stop after this step; afterwards self.stop_agreed is the
+        same on every rank: True when any rank voted.
+        """
+        lo, hi = shard_range(len(global_idx), comm.rank, comm.size)
+        if self.overlap and comm.size > 1:
+            self._overlapped_gradient(comm, images, labels, global_idx[lo:hi], fault, stop)
+        else:
+            self.local_gradient(images, labels, global_idx[lo:hi])
+            self._fill_tail(fault, stop)
+            comm.Allreduce_sum(self.gradbuf)   # sum of gradients, stop votes and losses over the global batch
         if self.proximal is not None:          # FedProx: + mu (w - w_global), on the mean gradient
             self._add_proximal(len(global_idx))
         self.opt.step(self.params, self.grads, lr, 1.0 / len(global_idx))
-        return float(self.gradbuf[-1]) / len(global_idx)
+        votes, loss = (float(v) for v in self.backend.to_host(self.gradbuf[-2:]))  # one small copy
+        self.stop_agreed = votes > 0
+        return loss / len(global_idx)
 
     def evaluate(self, comm, images, labels) -> tuple[float, float]:
         """(accuracy, mean loss) on the whole set; each rank scores its slice, counts are summed."""
@@ -100,6 +145,17 @@ class Replica:
     def host_params(self) -> np.ndarray:
         return self.backend.to_host(self.params)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Host copies of what a checkpoint holds: the parameters and the optimizer state."""
+        out = {"params": self.host_params()}
+        for name, value in self.opt.state().items():
+            out[f"opt.{name}"] = np.array(value, np.int64) if isinstance(value, int) else self.backend.to_host(value)
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.load_params(arrays["params"])
+        self.opt.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
+
     def check_replicas(self, comm) -> None:
         """Replicas must stay bitwise identical; compare a cheap checksum across ranks."""
         sums = comm.allgather(zlib.adler32(self.host_params().tobytes()))
@@ -107,10 +163,47 @@ class Replica:
             raise TrainingError(f"model replicas diverged (checksums by rank: {sums})", collective=True)
 
 
+def _save(cfg, comm, rep, step: int, steps_per_epoch: int, loss_sum: float = 0.0):
+    """Checkpoint on rank 0 (every rank waits until it is durable); None without --checkpoint-dir."""
+    if not cfg.checkpoint_dir:
+        return None
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    meta = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch, "ranks": comm.size,
+            "sizes": list(rep.layout.sizes), "epoch_loss_sum": loss_sum,
+            # All randomness is a pure function of the seed: the init, and epoch e's batch order
+            # data.epoch_permutation(n_train, seed, e). The position above says where to go on.
+            "rng": {"seed": cfg.seed, "epoch_permutation": "numpy default_rng([seed, epoch])"}}
+    return checkpoint.save_on_root(comm, cfg, meta, rep.state)
+
+
+def _resume(cfg, comm, rep, reporter) -> tuple[int, float]:
+    """Load the checkpoint to resume from, if any; returns (step, loss sum so far in its epoch)."""
+    ckpt = checkpoint.restore(comm, cfg)
+    if cfg.resume:
+        reporter.resume_metrics(ckpt.step if ckpt else 0)
+    if ckpt is None:
+        if cfg.resume:
+            reporter.info(f"no checkpoint in {cfg.checkpoint_dir} yet: starting from scratch")
+        return 0, 0.0
+    rep.load_state(ckpt.arrays)
+    reporter.info(f"resuming from {ckpt.path} at step {ckpt.step} (epoch {ckpt.meta['epoch'] + 1}, "
+                  f"saved by {ckpt.meta['ranks']} ranks)")
+    return ckpt.step, ckpt.meta["epoch_loss_sum"]
+
+
 def train(cfg, comm, data, backend, reporter) -> dict:
-    """Run dp training; returns a summary (final accuracy, history)."""
+    """Run dp training; returns a summary (final accuracy, history).
+
+    With --checkpoint-dir, rank 0 checkpoints every --checkpoint-every epochs, at the end, and
+    when a stop signal arrives (preempt.py); then every rank raises Preempted. --resume goes on
+    from the saved step, skipping the batches of its epoch already done, so the final weights
+    are bitwise those of an uninterrupted run on as many ranks.
+    """
     B = cfg.batch_size
     steps_per_epoch = data.n_train // B    # the last partial batch is dropped: fixed-size steps
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {B} is larger than the training set ({data.n_train} samples)",
+                         collective=True)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -119,39 +212,61 @@ def train(cfg, comm, data, backend, reporter) -> dict:
     reporter.info(f"dp: {comm.size} ranks, global batch {B}, {steps_per_epoch} steps/epoch, "
                   f"backend {cfg.backend}, model {'-'.join(map(str, rep.layout.sizes))} "
                   f"({rep.layout.n_params:,} parameters)")
-    history, step, epoch = [], 0, 0
-    while step < total_steps:
-        perm = epoch_permutation(data.n_train, cfg.seed, epoch)
-        n_steps = min(steps_per_epoch, total_steps - step)
-        reporter.start_progress(n_steps, f"epoch {epoch + 1}")
-        loss_sum, t0 = 0.0, time.perf_counter()
-        for s in range(n_steps):
-            lr = optim.learning_rate(cfg.lr, cfg.schedule, step, total_steps)
-            fault = faults.at_step(comm.rank, step + 1)
-            loss = rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr, fault)
-            if not math.isfinite(loss):        # the loss is reduced, so every rank sees it
-                raise TrainingError(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
-                                    "try a smaller --lr", collective=True)
-            loss_sum += loss
-            step += 1
-            reporter.advance(1, loss)
-        backend.synchronize()
-        seconds = time.perf_counter() - t0
-        rep.check_replicas(comm)
-        acc, test_loss = rep.evaluate(comm, data.test_x, data.test_y)
-        rec = {"mode": "dp", "epoch": epoch + 1, "step": step, "ranks": comm.size,
-               "train_loss": loss_sum / n_steps, "test_loss": test_loss, "test_accuracy": acc,
-               "epoch_seconds": seconds, "samples_per_second": n_steps * B / seconds,
-               "gflops_per_rank": flops * n_steps * B / seconds / comm.size / 1e9}
-        history.append(rec)
-        reporter.record(rec, f"epoch {epoch + 1:3d}  loss {rec['train_loss']:.4f}  "
-                             f"test acc {100 * acc:6.2f}%  {seconds:6.2f} s  "
-                             f"{rec['samples_per_second']:9.0f} samples/s  "
-                             f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank")
-        epoch += 1
-        if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
-            reporter.info(f"reached the target accuracy {100 * cfg.target_accuracy:.2f}% in epoch {epoch}")
-            break
+    step, loss_sum = _resume(cfg, comm, rep, reporter)
+    if step >= total_steps > 0:
+        reporter.info(f"the checkpoint is at the last step ({total_steps}): nothing left to train")
+    history, stop = [], None
+    with preempt.watch():
+        while step < total_steps and stop is None:
+            epoch, first = divmod(step, steps_per_epoch)   # first > 0: resumed mid-epoch
+            perm = epoch_permutation(data.n_train, cfg.seed, epoch)
+            last = min(steps_per_epoch, first + total_steps - step)
+            reporter.start_progress(last - first, f"epoch {epoch + 1}")
+            t0 = time.perf_counter()
+            for s in range(first, last):
+                lr = optim.learning_rate(cfg.lr, cfg.schedule, step, total_steps)
+                fault = faults.at_step(comm.rank, step + 1)
+                loss = rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr, fault,
+                                stop=preempt.requested() is not None)
+                if not math.isfinite(loss):        # the loss is reduced, so every rank sees it
+                    raise TrainingError(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
+                                        "try a smaller --lr", collective=True)
+                loss_sum += loss
+                step += 1
+                reporter.advance(1, loss)
+                if rep.stop_agreed:                # the same on every rank
+                    stop = preempt.requested() or "SIGTERM/SIGUSR1 on another rank"
+                    break
+            if step < epoch * steps_per_epoch + last:
+                break                              # stopped mid-epoch: the resumed run ends it
+            backend.synchronize()
+            seconds = time.perf_counter() - t0
+            n_steps = last - first                 # steps done by this run, for the throughput
+            rep.check_replicas(comm)
+            acc, test_loss = rep.evaluate(comm, data.test_x, data.test_y)
+            rec = {"mode": "dp", "epoch": epoch + 1, "step": step, "ranks": comm.size,
+                   "train_loss": loss_sum / last, "test_loss": test_loss, "test_accuracy": acc,
+                   "epoch_seconds": seconds, "samples_per_second": n_steps * B / seconds,
+                   "gflops_per_rank": flops * n_steps * B / seconds / comm.size / 1e9}
+            history.append(rec)
+            reporter.record(rec, f"epoch {epoch + 1:3d}  loss {rec['train_loss']:.4f}  "
+                                 f"test acc {100 * acc:6.2f}%  {seconds:6.2f} s  "
+                                 f"{rec['samples_per_second']:9.0f} samples/s  "
+                                 f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank")
+            loss_sum = 0.0
+            if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
+                reporter.info(f"reached the target accuracy {100 * cfg.target_accuracy:.2f}% in epoch {epoch + 1}")
+                break
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and step < total_steps:
+                _save(cfg, comm, rep, step, steps_per_epoch)
+        if stop is not None and step < total_steps:
+            path = _save(cfg, comm, rep, step, steps_per_epoch, loss_sum)
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            kept = (f"saved {path}; run again with --resume to continue" if path else
+                    "progress is lost (no --checkpoint-dir)")
+            raise Preempted(f"stopped by {stop} after step {step} (epoch {epoch + 1}, batch {in_epoch} "
+                            f"of {steps_per_epoch}): {kept}", collective=True)
+        _save(cfg, comm, rep, step, steps_per_epoch)
     params = rep.host_params()
     reporter.save_model(params, rep.layout.sizes)
     return {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,

@@ -22,3 +22,11 @@ class UsageError(HpcflError):
 
 class TrainingError(HpcflError):
     """Training cannot go on (non-finite loss, replicas diverged)."""
+
+
+class Preempted(HpcflError):
+    """Stopped early by SIGTERM/SIGUSR1 (scheduler preemption or time limit), after saving a
+    checkpoint when there is a --checkpoint-dir. Exit code 75 is EX_TEMPFAIL from sysexits.h
+    ("try again later"): the SLURM scripts in jobs/ requeue the job on it and resume."""
+
+    exit_code = 75

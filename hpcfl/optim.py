@@ -22,6 +22,9 @@ class SGD:
     def state(self) -> dict:
         return {"buf": self.buf}
 
+    def load_state(self, state: dict) -> None:
+        self.buf[...] = self.backend.to_device(state["buf"])
+
 
 class Adam:
     def __init__(self, backend, n: int, weight_decay: float, beta1=0.9, beta2=0.999, eps=1e-8):
@@ -38,6 +41,11 @@ class Adam:
 
     def state(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        self.m[...] = self.backend.to_device(state["m"])
+        self.v[...] = self.backend.to_device(state["v"])
+        self.t = int(state["t"])
 
 
 def make(name: str, backend, n: int, momentum: float, weight_decay: float):

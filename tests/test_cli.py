@@ -63,6 +63,7 @@ def test_three_ranks_give_the_single_process_model_through_the_cli(tmp_path):
     (["--no-such-option"], ["unrecognized arguments"]),
     (["--mode", "fl", "--ranks-per-client", "3"], ["does not divide"]),
     (["--client-fraction", "1.5"], ["(0, 1]"]),
+    (["--batch-size", "70000"], ["larger than the training set (60000 samples)"]),
 ])
 def test_bad_arguments_exit_2_with_one_message(args, words):
     assert_clean_failure(run_hpcfl(2, *args), 2, *words)
@@ -118,6 +119,29 @@ def test_truncated_gzip_names_the_file(tmp_path):
     proc = run_hpcfl(2, "--data-dir", bad, env={"HPCFL_CACHE_DIR": str(tmp_path / "cache")})
     assert_clean_failure(proc, 1, "t10k-images-idx3-ubyte.gz", "gzip")
     assert not any((tmp_path / "cache").glob("mnist-*/manifest.json"))   # nothing half-written
+
+
+IDX_DAMAGE = {  # file -> (change to its uncompressed bytes, words of the message)
+    "magic": ("t10k-labels-idx1-ubyte", lambda raw: b"\x12\x34" + raw[2:], ["bad magic bytes 12 34"]),
+    "counts": ("t10k-labels-idx1-ubyte", lambda raw: raw[:4] + (9999).to_bytes(4, "big") + raw[8:8 + 9999],
+               ["10000 images but 9999 labels"]),
+    "label": ("t10k-labels-idx1-ubyte", lambda raw: raw[:8] + bytes([12]) + raw[9:], ["label 12 at index 0 outside 0..9"]),
+    "size": ("t10k-images-idx3-ubyte", lambda raw: raw[:8] + (28).to_bytes(4, "big") + (27).to_bytes(4, "big")
+             + raw[16:16 + 10000 * 28 * 27], ["wrong image size: 28x28 expected, found 28x27"]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(IDX_DAMAGE))
+def test_bad_idx_file_names_file_and_problem(tmp_path, damage):
+    name, change, words = IDX_DAMAGE[damage]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in DATA_DIR.glob("*-ubyte.gz"):
+        if f.name != f"{name}.gz":
+            shutil.copy(f, bad / f.name)
+    (bad / name).write_bytes(change(gzip.decompress((DATA_DIR / f"{name}.gz").read_bytes())))
+    proc = run_hpcfl(2, "--data-dir", bad, env={"HPCFL_CACHE_DIR": str(tmp_path / "cache")})
+    assert_clean_failure(proc, 1, name, *words)
 
 
 def test_exception_on_one_rank_aborts_every_rank_with_one_message():

@@ -1,0 +1,214 @@
+"""Checkpoints: rank 0 saves atomically and loads the newest valid one; every rank gets a copy.
+
+One checkpoint is one `.npz` (plain arrays, loaded with pickling disabled) named by its step, so
+the newest sorts last:
+
+    DIR/ckpt-000001234.npz
+      params           float32 (n,)   the flat parameters
+      opt.<name>       optimizer state: float32 (n,) buffers, int64 () counters (Adam's t)
+      meta             uint8          JSON: format, mode, layer sizes, step, epoch, RNG recipe...
+      config           uint8          JSON: the run's Config
+      sha256           uint8          hex SHA-256 over every other entry (name, dtype, shape, bytes)
+
+The trainer decides what goes into `arrays` and `meta`; this module knows files, checksums,
+rotation and which settings a checkpoint must share with the run that resumes from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HpcflError, TrainingError, UsageError
+from .report import atomic_write
+
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+_TEXT = ("meta", "config")  # JSON entries, stored as uint8 arrays
+
+
+class CorruptCheckpoint(Exception):
+    """Unreadable, truncated or failing its checksum (skipped, with a warning)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+    config: dict
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def _digest(entries: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        a = np.asarray(entries[name], order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _text(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode(), dtype=np.uint8)
+
+
+def path_for(directory, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:09d}.npz"
+
+
+def list_checkpoints(directory) -> list[Path]:
+    """Checkpoint files in `directory`, oldest first (by step)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if _NAME.match(p.name))
+
+
+# ---------------------------------------------------------------- files (rank 0 only)
+
+def save(directory, cfg, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ckpt-<step>.npz atomically, then keep only the newest cfg.keep_checkpoints.
+
+    Refuses non-finite parameters: a checkpoint must never replace a good one with bad weights.
+    """
+    if not np.isfinite(arrays["params"]).all():
+        raise TrainingError(f"not saving a checkpoint at step {meta['step']}: the weights are not "
+                            "finite; the previous checkpoint is kept")
+    entries = {name: np.asarray(a, order="C") for name, a in arrays.items()}
+    entries["meta"] = _text(json.dumps({"format": FORMAT, "mode": cfg.mode, **meta}, sort_keys=True))
+    entries["config"] = _text(cfg.to_json())
+    entries["sha256"] = _text(_digest(entries))
+    path = path_for(directory, int(meta["step"]))
+    try:
+        atomic_write(path, lambda f: np.savez(f, **entries))
+        _rotate(directory, path, cfg.keep_checkpoints)
+    except OSError as exc:
+        raise HpcflError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from exc
+    return path
+
+
+def _rotate(directory, newest: Path, keep: int) -> None:
+    """Keep `newest` and the keep-1 checkpoints before it. Later ones can only be leftovers that
+    --resume skipped as corrupt (it always takes the newest valid one): they go too."""
+    older = [p for p in list_checkpoints(directory) if p.name < newest.name]   # names sort by step
+    later = [p for p in list_checkpoints(directory) if p.name > newest.name]
+    for p in older[:max(0, len(older) - (keep - 1))] + later:
+        p.unlink()
+
+
+def load(path) -> Checkpoint:
+    """Read and verify one checkpoint; raises CorruptCheckpoint with the reason."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            entries = {name: z[name] for name in z.files}
+        stored = entries.pop("sha256").tobytes().decode()
+        if _digest(entries) != stored:
+            raise CorruptCheckpoint("checksum mismatch")
+        meta, config = (json.loads(entries.pop(k).tobytes()) for k in _TEXT)
+    except CorruptCheckpoint:
+        raise
+    except Exception as exc:  # truncated zip, bad CRC, missing entry, bad JSON: all "corrupt"
+        raise CorruptCheckpoint(f"{type(exc).__name__}: {exc}") from exc
+    if meta.get("format") != FORMAT or "params" not in entries:
+        raise CorruptCheckpoint(f"unknown checkpoint format {meta.get('format')!r}")
+    return Checkpoint(path, meta, config, entries)
+
+
+def load_latest(directory, cfg) -> Checkpoint | None:
+    """The newest checkpoint that reads back intact (older ones are fallbacks), or None.
+
+    Skipped files are reported on stderr; this runs on rank 0 only, so each warning prints once.
+    Raises UsageError when the newest valid checkpoint belongs to a different model or mode.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            ckpt = load(path)
+        except CorruptCheckpoint as exc:
+            print(f"hpcfl: warning: skipping checkpoint {path}: corrupt or truncated ({exc})",
+                  file=sys.stderr, flush=True)
+            continue
+        check_compatible(ckpt, cfg)
+        return ckpt
+    return None
+
+
+# Settings that must match to resume: they fix the shapes of the saved state or what a saved
+# position (step -> epoch, batch) means. Others may change, with a warning.
+_MUST_MATCH = {"mode": "--mode", "hidden": "--hidden", "optimizer": "--optimizer"}
+_MUST_MATCH_DP = {"batch_size": "--batch-size"}
+_MAY_CHANGE = ("epochs", "max_steps", "lr", "schedule", "momentum", "weight_decay", "seed",
+               "rounds", "local_epochs", "local_lr", "server_opt", "server_lr")
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_compatible(ckpt: Checkpoint, cfg) -> None:
+    saved, now = ckpt.config, json.loads(cfg.to_json())
+    must = {**_MUST_MATCH, **(_MUST_MATCH_DP if cfg.mode == "dp" else {})}
+    for key, flag in must.items():
+        if saved.get(key) != now[key]:
+            raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was written by "
+                             f"a run with {flag} {_show(saved.get(key))}, this run has {flag} "
+                             f"{_show(now[key])}; use the same settings or another --checkpoint-dir")
+    changed = [f"--{k.replace('_', '-')} {_show(saved.get(k))} -> {_show(now[k])}"
+               for k in _MAY_CHANGE if saved.get(k) != now[k]]
+    if changed:
+        print(f"hpcfl: warning: resuming {ckpt.path.name} with changed settings ({', '.join(changed)}); "
+              "the run will not match an uninterrupted one", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- collective entry points
+
+def save_on_root(comm, cfg, meta: dict, arrays) -> Path:
+    """Rank 0 writes arrays() (called there only); every rank returns the path, or raises the
+    same error, once the file is durable."""
+    return Path(comm.agree(lambda: str(save(cfg.checkpoint_dir, cfg, meta, arrays()))))
+
+
+def restore(comm, cfg) -> Checkpoint | None:
+    """The checkpoint to resume from on every rank, or None to start from scratch.
+
+    Rank 0 reads and verifies the file; the arrays reach the other ranks by Bcast. Without
+    --resume, a folder that already holds checkpoints is refused rather than mixed with new ones.
+    """
+    if not cfg.checkpoint_dir:
+        return None
+    found = None
+
+    def find():  # rank 0 only
+        nonlocal found
+        if not cfg.resume:
+            existing = list_checkpoints(cfg.checkpoint_dir)
+            if existing:
+                raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints "
+                                 f"({existing[-1].name}); pass --resume to continue from them, "
+                                 "or use an empty folder")
+            return None
+        found = load_latest(cfg.checkpoint_dir, cfg)
+        if found is None:
+            return None
+        specs = [(name, a.shape, a.dtype.str) for name, a in found.arrays.items()]
+        return str(found.path), found.meta, found.config, specs
+
+    header = comm.agree(find)
+    if header is None:
+        return None
+    path, meta, config, specs = header
+    arrays = {}
+    for name, shape, dtype in specs:
+        buf = found.arrays[name] if comm.rank == 0 else np.empty(shape, dtype)
+        comm.Bcast(buf)
+        arrays[name] = buf
+    return Checkpoint(Path(path), meta, config, arrays)
