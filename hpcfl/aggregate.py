@@ -29,6 +29,10 @@ class FedAvg:
     def state(self) -> dict:
         return {}
 
+    def load_state(self, state: dict) -> None:
+        for name, value in state.items():          # the arrays named by state()
+            getattr(self, name)[...] = value
+
 
 class FedAvgM(FedAvg):
     """Server momentum: v <- beta v + delta; w <- w - server_lr v."""

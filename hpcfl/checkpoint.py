@@ -146,6 +146,8 @@ def load_latest(directory, cfg) -> Checkpoint | None:
 # position (step -> epoch, batch) means. Others may change, with a warning.
 _MUST_MATCH = {"mode": "--mode", "hidden": "--hidden", "optimizer": "--optimizer"}
 _MUST_MATCH_DP = {"batch_size": "--batch-size"}
+# fl: the server optimizer's state, and which clients exist and what data they hold
+_MUST_MATCH_FL = {"server_opt": "--server-opt", "num_clients": "--num-clients", "partition": "--partition"}
 _MAY_CHANGE = ("epochs", "max_steps", "lr", "schedule", "momentum", "weight_decay", "seed",
                "rounds", "local_epochs", "local_lr", "server_opt", "server_lr")
 
@@ -156,7 +158,7 @@ def _show(value) -> str:
 
 def check_compatible(ckpt: Checkpoint, cfg) -> None:
     saved, now = ckpt.config, json.loads(cfg.to_json())
-    must = {**_MUST_MATCH, **(_MUST_MATCH_DP if cfg.mode == "dp" else {})}
+    must = {**_MUST_MATCH, **(_MUST_MATCH_DP if cfg.mode == "dp" else _MUST_MATCH_FL)}
     for key, flag in must.items():
         if saved.get(key) != now[key]:
             raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was written by "

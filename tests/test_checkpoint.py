@@ -2,6 +2,7 @@
 `mpirun` (resume equality, refusals, a signal to mpirun, a rank killed, an exception)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -308,3 +309,35 @@ def test_an_exception_on_one_rank_ends_the_job_within_10_seconds():
     seconds, code, err = seconds_from_fault_to_exit(3, "raise:2:20", limit=60)
     assert code != 0 and seconds < 10, (seconds, err)
     assert err.count("injected fault at step 20") == 1, err
+
+
+FL = ["--mode", "fl", "--num-clients", 10, "--client-fraction", 0.5, "--rounds", 6,
+      "--partition", "dirichlet", "--server-opt", "fedavgm", "--local-lr", 0.05, "--quiet"]
+
+
+@needs_mnist
+def test_fl_sigterm_then_resume_gives_bitwise_the_uninterrupted_model(tmp_path):
+    # fedavgm: the server's momentum must be in the checkpoint too, or the resumed run differs
+    proc = run_hpcfl(3, *FL, "--out", tmp_path / "plain")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(3, *FL, "--checkpoint-dir", tmp_path / "ck", "--metrics", tmp_path / "m.jsonl",
+                     env={"HPCFL_FAULT": "term:2:3"}, timeout=120)   # SIGTERM on rank 2 in round 3
+    assert_clean_failure(proc, 75, "after round 3", "--resume")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == ["ckpt-000000003.npz"]
+    proc = run_hpcfl(3, *FL, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "out",
+                     "--metrics", tmp_path / "m.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert np.array_equal(weights(tmp_path / "out"), weights(tmp_path / "plain"))   # bitwise
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6]
+
+
+@needs_mnist
+def test_fl_checkpoint_is_refused_by_a_dp_run_and_another_server_optimizer(tmp_path):
+    proc = run_hpcfl(2, *FL[:-1], "--rounds", 1, "--checkpoint-dir", tmp_path / "ck", "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dp_run = run_hpcfl(2, "--max-steps", 5, "--checkpoint-dir", tmp_path / "ck", "--resume")
+    assert_clean_failure(dp_run, 2, "--mode fl", "--mode dp")
+    other = [a if a != "fedavgm" else "fedadam" for a in FL]
+    proc = run_hpcfl(2, *other, "--checkpoint-dir", tmp_path / "ck", "--resume")
+    assert_clean_failure(proc, 2, "--server-opt fedavgm")
