@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from ..data import MEAN, STD
+from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np
 
@@ -29,18 +30,6 @@ else:
 
 def unavailable_reason() -> str | None:
     return _IMPORT_ERROR and f"numba cannot be imported ({_IMPORT_ERROR})"
-
-
-def to_device(a):
-    return a
-
-
-def to_host(a):
-    return a
-
-
-def synchronize() -> None:
-    pass
 
 
 class Workspace:
