@@ -179,6 +179,15 @@ def _check_outputs(cfg, comm):
 
 def train(comm, argv) -> int:
     cfg = parse_config(argv, comm.size)
+    from . import preempt
+
+    # From here on SIGTERM/SIGUSR1 only set a flag, also while the data loads: the first step
+    # (dp) or round (fl) then stops every rank with a checkpoint, instead of one rank dying.
+    with preempt.watch():
+        return _train(comm, cfg)
+
+
+def _train(comm, cfg) -> int:
     from . import backends
     from .report import Reporter
 
@@ -206,6 +215,9 @@ def train(comm, argv) -> int:
         data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
                                             for k in ("train_x", "train_y", "test_x", "test_y")})
     reporter = Reporter(cfg, comm.rank)
+    from . import faults
+
+    faults.at_step(comm.rank, 0)              # tests only: step 0 is start-up
     if cfg.mode == "dp":
         from . import dp
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _received: str | None = None
+_depth = 0  # how many watch() blocks are open
 
 
 def requested() -> str | None:
@@ -33,12 +34,20 @@ def watch():
     unless a stop signal came: then this process is on its way out, and a second one (under
     Slurm the ranks get SIGTERM from Slurm and SIGUSR1 from the job script) must not kill it
     before it exits with its code."""
-    global _received
-    _received = None
+    global _received, _depth
+    if _depth:  # nested (cli.train watches from start-up on, the trainer again): keep the flag
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
+    _received, _depth = None, 1
     previous = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
         yield
     finally:
+        _depth = 0
         if _received is None:
             for s, h in previous.items():
                 signal.signal(s, h)

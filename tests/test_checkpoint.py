@@ -341,3 +341,15 @@ def test_fl_checkpoint_is_refused_by_a_dp_run_and_another_server_optimizer(tmp_p
     other = [a if a != "fedavgm" else "fedadam" for a in FL]
     proc = run_hpcfl(2, *other, "--checkpoint-dir", tmp_path / "ck", "--resume")
     assert_clean_failure(proc, 2, "--server-opt fedavgm")
+
+
+@needs_mnist
+@pytest.mark.parametrize("mode_args, after", [([], "after step 1"), (FL, "after round 1")])
+def test_sigterm_during_startup_stops_every_rank_with_a_checkpoint(tmp_path, mode_args, after):
+    # "step 0" is start-up: after the data loaded, before training. The default SIGTERM action
+    # would kill that rank there; the handlers are in place from argument parsing on instead.
+    args = mode_args or RUN
+    proc = run_hpcfl(2, *args, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:0"},
+                     timeout=120)
+    assert_clean_failure(proc, 75, after, "--resume")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == ["ckpt-000000001.npz"]
