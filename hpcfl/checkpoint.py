@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HpcflError, TrainingError, UsageError
-from .report import atomic_write
+from .files import atomic_write
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")

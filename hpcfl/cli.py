@@ -163,14 +163,14 @@ def _check_outputs(cfg, comm):
     """Fail before training, not after it, when an output folder cannot be written."""
     from pathlib import Path
 
-    from .report import check_writable_dir
+    from .files import check_writable_dir
 
     def check():
         for what, path in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir),
                            ("--metrics", cfg.metrics and str(Path(cfg.metrics).parent))):
             if path:
                 try:
-                    check_writable_dir(path, what)
+                    check_writable_dir(path)
                 except OSError as exc:
                     raise UsageError(f"{what} {path}: cannot write there ({exc.strerror or exc})")
 

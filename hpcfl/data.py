@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HpcflError
+from .files import atomic_write, fsync_dir
 
 
 class DataError(HpcflError):
@@ -150,44 +151,22 @@ def missing_files(data_dir: str | os.PathLike) -> list[str]:
 
 # ---------------------------------------------------------------- download
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable, not just the file contents.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _download(url: str, final: Path, md5: str, timeout: float) -> None:
-    """Download to a temp file beside `final`, check the MD5, then rename it into place."""
+    """Stream `url` into `final` atomically, refusing (and removing) it on an MD5 mismatch."""
     import urllib.request  # here, not at the top: it costs every rank ~15 ms of start-up
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.part-", dir=final.parent)
-    try:
+    def write(out):
         h = hashlib.md5()
         # Some hosts answer 403 to urllib's default User-Agent.
         request = urllib.request.Request(url, headers={"User-Agent": "hpcfl"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 h.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         if h.hexdigest() != md5:
             raise ValueError(f"MD5 {h.hexdigest()} != expected {md5}")
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(final, write)
 
 
 def fetch(data_dir: str | os.PathLike, urls: list[str] | None = None, timeout: float = 30) -> None:
@@ -225,7 +204,6 @@ def fetch(data_dir: str | os.PathLike, urls: list[str] | None = None, timeout: f
                 f"{final}: download failed from every URL ({tried}). To stage the data by hand, "
                 f"copy the four MNIST files ({', '.join(f + '.gz' for f in FILES)}) into "
                 f"{data_dir}, or pass --data-dir / set HPCFL_DATA_DIR to a folder that has them.")
-        _fsync_dir(data_dir)
 
 
 # ---------------------------------------------------------------- cache
@@ -288,7 +266,7 @@ def _publish(tmp: Path, final: Path) -> Path:
     for _ in range(2):
         try:
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return final
         except OSError:
             if _is_complete(final):  # a concurrent writer got there first: use theirs
@@ -344,7 +322,7 @@ def prepare_cache(data_dir: str | os.PathLike,
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         return _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed

@@ -1,50 +1,15 @@
 """What rank 0 shows and writes: progress bar, one line per epoch/round, JSON Lines metrics,
-and the final model. Every file is written atomically (temporary file, fsync, rename), so a
-crash never leaves a half-written output under its final name."""
+and the final model (written atomically, files.py)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """write(fileobj) into a temporary file next to `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)   # makes the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_writable_dir(path: str | Path, what: str) -> None:
-    """Create `path` if needed and prove we can write there (raises OSError otherwise)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-        pass
+from .files import atomic_write
 
 
 def on_terminal(levels: int = 3) -> bool:
