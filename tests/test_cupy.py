@@ -348,6 +348,10 @@ def test_nccl_comm_without_nccl_is_a_clear_error():
         comm.NcclComm(comm.Comm.self_())
 
 
+RAW_SOURCES = [("softmax", cb._SOFTMAX_SRC % {"nc": 10}), ("colsum", cb._COLSUM_SRC)]
+RAW_KERNELS = ["hpcfl_softmax_xent", "hpcfl_eval_counts", "hpcfl_relu_bwd_colsum", "hpcfl_colsum_finish"]
+
+
 def test_cuda_sources_compile_with_nvrtc():
     """NVRTC compiles without a GPU: where CuPy finds it, the raw kernels are compiled for real."""
     try:
@@ -355,14 +359,46 @@ def test_cuda_sources_compile_with_nvrtc():
 
         nvrtc.getVersion()
     except Exception as exc:
-        pytest.skip(f"no NVRTC here ({type(exc).__name__})")
-    for name, source in [("softmax", cb._SOFTMAX_SRC % {"nc": 10}), ("colsum", cb._COLSUM_SRC)]:
+        pytest.skip(f"no NVRTC here ({type(exc).__name__}); test_cuda_sources_compile_with_nvcc_without_spills checks them")
+    for name, source in RAW_SOURCES:
         prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
         try:
-            nvrtc.compileProgram(prog, ["-arch=compute_70", "--std=c++17"])
+            nvrtc.compileProgram(prog, ["-arch=compute_75", "--std=c++17"])
         except Exception:
             pytest.fail(f"{name}: {nvrtc.getProgramLog(prog)}")
         assert "hpcfl_" in nvrtc.getPTX(prog).decode(errors="replace")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])   # A100, H100/H200
+def test_cuda_sources_compile_with_nvcc_without_spills(tmp_path, arch):
+    """The CUDA toolkit's compiler needs no GPU either: compile the raw kernels to machine code
+    for the GPUs we target and read ptxas' resource report. Each kernel must exist, fit its
+    launch bounds (1024 threads: at most 64 registers) and spill nothing to local memory; the
+    CUDA sources are the same bytes that CuPy hands to NVRTC at run time."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH (CUDA toolkit not installed)")
+    report = {}
+    for name, source in RAW_SOURCES:
+        src = tmp_path / f"{name}.cu"
+        src.write_text(source)
+        proc = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v",
+                               "-o", str(tmp_path / f"{name}.cubin"), str(src)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{name} for {arch}:\n{proc.stderr}"
+        entry = None
+        for line in proc.stderr.splitlines():   # ptxas prints one block per kernel
+            if "Compiling entry function" in line:
+                entry = line.split("'")[1]
+                report[entry] = {}
+            elif entry and "spill stores" in line:
+                report[entry]["spill"] = line.strip()
+            elif entry and "Used" in line and "registers" in line:
+                report[entry]["registers"] = int(line.split("Used")[1].split()[0])
+    assert sorted(report) == sorted(RAW_KERNELS), report
+    for kernel, info in report.items():
+        assert info["spill"].startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), (kernel, info)
+        assert info["registers"] <= 64, (kernel, info)
 
 
 # ============================================================ 2. the backend on a CPU emulation of CuPy
