@@ -114,9 +114,10 @@ def train_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("machinery")
     m.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], default=d.backend)
     m.add_argument("--threads", type=_positive(int), default=d.threads, help="BLAS/Numba threads per rank")
-    m.add_argument("--allreduce", choices=["fused", "overlap"], default=d.allreduce,
-                   help="gradient sync: one blocking Allreduce of the flat buffer per step, or a "
-                        "non-blocking Iallreduce per layer started during the backward pass")
+    m.add_argument("--allreduce", choices=["fused", "overlap", "nccl"], default=d.allreduce,
+                   help="gradient sync: one blocking MPI Allreduce of the flat buffer per step, a "
+                        "non-blocking Iallreduce per layer started during the backward pass, or one "
+                        "NCCL allreduce per step (--backend cupy, one GPU per rank)")
     m.add_argument("--seed", type=_non_negative(int), default=d.seed)
     m.add_argument("--data-dir", default=None, help="MNIST folder (default: $HPCFL_DATA_DIR, else a user cache folder)")
     m.add_argument("--metrics", default=None, help="JSON Lines file, one record per epoch/round")
@@ -203,6 +204,9 @@ def _train(comm, cfg) -> int:
     except backends.BackendUnavailable as exc:
         raise UsageError(str(exc), collective=True)
     cfg = cfg.replace(backend=name)
+    if cfg.allreduce == "nccl" and name != "cupy":
+        raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
+                         f"backend is {name})", collective=True)
     if name == "cupy":                        # one GPU per rank on a node, by node-local rank
         from .comm import local_rank
 

@@ -14,7 +14,7 @@ import traceback
 
 import numpy as np
 
-from .errors import HpcflError
+from .errors import HpcflError, UsageError
 
 _mpi = None
 
@@ -293,10 +293,11 @@ def _device_reduce(mpicomm, sendbuf, recvbuf, root: int) -> None:
 
 
 class NcclComm:
-    """Optional NCCL collectives on CuPy device buffers among the ranks of `comm` (one GPU per
-    rank), used only when asked for: NcclComm(comm).Allreduce_sum(buf). The NCCL unique id is
-    made on rank 0 and broadcast over MPI; creating it is collective over `comm`. Blocking like
-    Comm's collectives: each call waits for the current stream.
+    """NCCL collectives on CuPy device buffers among the ranks of `comm`, one GPU per rank
+    (`--allreduce nccl`). Creating it is collective over `comm`: the ranks agree that each can
+    load NCCL and that no two of them share a GPU (NCCL refuses that), so a refusal is one
+    UsageError on every rank, never a hang; then rank 0's NCCL unique id is broadcast over MPI.
+    Blocking like Comm's collectives: each call runs on the current stream and waits for it.
     """
 
     def __init__(self, comm: Comm):
@@ -314,7 +315,11 @@ class NcclComm:
             why = f"cupy.cuda.nccl cannot be imported ({exc})"
         if not comm.allreduce(int(nccl is not None), op="min"):   # every rank agrees, none hangs
             why = why if nccl is None else "another rank cannot use it"
-            raise RuntimeError(f"NCCL is not usable on every rank: {why}")
+            raise UsageError(f"NCCL is not usable on every rank: {why}", collective=True)
+        shared = _shared_gpus(comm.allgather((_MPI().Get_processor_name(), _gpu_bus_id())))
+        if shared:
+            raise UsageError(f"NCCL needs one GPU per rank, but {shared}: use --allreduce fused, "
+                             "or at most as many ranks per node as GPUs", collective=True)
         self.comm, self._nccl = comm, nccl
         uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None)
         self._comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
@@ -346,6 +351,23 @@ class NcclComm:
 
     def Free(self) -> None:
         self._comm.destroy()
+
+
+def _gpu_bus_id() -> str:
+    """The PCI bus id of this process's current GPU: the same id in every process that uses it."""
+    import cupy
+
+    return cupy.cuda.Device().pci_bus_id
+
+
+def _shared_gpus(where: list) -> str | None:
+    """From each rank's (host, GPU bus id): 'ranks 0 and 1 share GPU <id> on <host>', or None."""
+    first = {}
+    for rank, key in enumerate(where):
+        if key in first:
+            return f"ranks {first[key]} and {rank} share GPU {key[1]} on {key[0]}"
+        first[key] = rank
+    return None
 
 
 def run_main(fn, *args) -> int:

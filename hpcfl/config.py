@@ -45,6 +45,7 @@ class Config:
     threads: int = 1
     allreduce: str = "fused"              # fused: one blocking Allreduce per step | overlap: one
                                           # Iallreduce per layer during backward (benchmarks/RESULTS.md)
+                                          # | nccl: one NCCL allreduce per step (backend cupy)
     seed: int = 0
     data_dir: str | None = None
     metrics: str | None = None

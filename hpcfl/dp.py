@@ -20,6 +20,16 @@ from .errors import Preempted, TrainingError, UsageError
 EVAL_BATCH = 1000
 
 
+def gradient_reducer(cfg, comm):
+    """What sums a step's gradients over `comm`: an NCCL communicator with --allreduce nccl
+    (collective to create), else None, meaning comm's MPI Allreduce."""
+    if cfg.allreduce != "nccl" or comm.size == 1:
+        return None
+    from .comm import NcclComm
+
+    return NcclComm(comm)
+
+
 class Replica:
     """One copy of the model with its gradient buffer, optimizer and workspaces.
 
@@ -28,8 +38,9 @@ class Replica:
     the gradients, so agreeing on a stop signal costs no extra collective.
     """
 
-    def __init__(self, cfg, backend, max_local_batch: int):
+    def __init__(self, cfg, backend, max_local_batch: int, reducer=None):
         self.cfg, self.backend = cfg, backend
+        self.reducer = reducer                 # sums the step's gradbuf instead of comm (NCCL)
         self.layout = model.layout(cfg.hidden)
         n = self.layout.n_params
         self.params = backend.to_device(model.init_params(self.layout, cfg.seed))
@@ -120,7 +131,8 @@ class Replica:
         else:
             self.local_gradient(images, labels, global_idx[lo:hi])
             self._fill_tail(fault, stop)
-            comm.Allreduce_sum(self.gradbuf)   # sum of gradients, stop votes and losses over the global batch
+            # sum of gradients, stop votes and losses over the global batch
+            (comm if self.reducer is None else self.reducer).Allreduce_sum(self.gradbuf)
         if self.proximal is not None:          # FedProx: + mu (w - w_global), on the mean gradient
             self._add_proximal(len(global_idx))
         self.opt.step(self.params, self.grads, lr, 1.0 / len(global_idx))
@@ -207,10 +219,21 @@ def train(cfg, comm, data, backend, reporter) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    rep = Replica(cfg, backend, max_local_batch=math.ceil(B / comm.size))
+    reducer = gradient_reducer(cfg, comm)
+    try:
+        rep = Replica(cfg, backend, max_local_batch=math.ceil(B / comm.size), reducer=reducer)
+        return _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps)
+    finally:
+        if reducer is not None:
+            reducer.Free()
+
+
+def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) -> dict:
+    """train()'s loop over epochs and steps, with the replica built."""
+    B = cfg.batch_size
     flops = rep.layout.flops_per_sample()
     reporter.info(f"dp: {comm.size} ranks, global batch {B}, {steps_per_epoch} steps/epoch, "
-                  f"backend {cfg.backend}, model {'-'.join(map(str, rep.layout.sizes))} "
+                  f"backend {cfg.backend}, allreduce {cfg.allreduce}, model {'-'.join(map(str, rep.layout.sizes))} "
                   f"({rep.layout.n_params:,} parameters)")
     step, loss_sum = _resume(cfg, comm, rep, reporter)
     if step >= total_steps > 0:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from . import aggregate, checkpoint, faults, partition, preempt
-from .dp import Replica
+from .dp import Replica, gradient_reducer
 from .errors import Preempted, TrainingError, UsageError
 
 
@@ -64,7 +64,9 @@ class Federation:
         self.sizes = np.array([len(p) for p in self.parts])
         # local training is plain SGD, as in the paper; server momentum is --server-opt fedavgm
         local_cfg = cfg.replace(optimizer="sgd", momentum=0.0, weight_decay=0.0)
-        self.rep = Replica(local_cfg, backend, max_local_batch=math.ceil(cfg.local_batch_size / R))
+        self.reducer = gradient_reducer(cfg, self.client_comm)   # NCCL inside a client, if asked
+        self.rep = Replica(local_cfg, backend, max_local_batch=math.ceil(cfg.local_batch_size / R),
+                           reducer=self.reducer)
         self.n = n = self.rep.layout.n_params
         self.global_w = backend.to_host(self.rep.params).copy()  # identical on every rank (seeded)
         self.server = aggregate.make(cfg, n) if comm.rank == 0 else None
@@ -147,6 +149,8 @@ class Federation:
         return int(ckpt.meta["round"]), float(ckpt.meta["best_accuracy"])
 
     def free(self) -> None:
+        if self.reducer is not None:
+            self.reducer.Free()
         self.client_comm.Free()
         self.leaders.Free()
 

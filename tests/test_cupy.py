@@ -27,11 +27,12 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import ROOT, mpirun, run_hpcfl
+from helpers import ROOT, mpirun, needs_mnist, run_hpcfl
 from hpcfl import backends, comm, dp, model, optim
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
 from hpcfl.config import Config
+from hpcfl.errors import UsageError
 
 REASON = cb.unavailable_reason()
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"no usable GPU for the cupy backend: {REASON}")
@@ -95,9 +96,10 @@ def test_without_cupy_installed():
         except backends.BackendUnavailable as exc:
             print(exc)
         from hpcfl import comm
+        from hpcfl.errors import UsageError
         try:
             comm.NcclComm(comm.Comm.self_())
-        except RuntimeError as exc:
+        except UsageError as exc:
             print(exc)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -340,12 +342,66 @@ def test_nccl_comm_without_nccl_is_a_clear_error():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from cupy.cuda import nccl
-        if getattr(nccl, "available", False) and REASON is None:
-            pytest.skip("NCCL and a GPU are usable here")
+        if getattr(nccl, "available", False):
+            pytest.skip("CuPy loads NCCL here")
     except ImportError:
         pass
-    with pytest.raises(RuntimeError, match="NCCL is not usable on every rank: .*(cupy|libnccl)"):
+    with pytest.raises(UsageError, match="NCCL is not usable on every rank: .*(cupy|libnccl)") as info:
         comm.NcclComm(comm.Comm.self_())
+    assert info.value.collective                          # agreed by all ranks: each exits 2
+
+
+def test_ranks_sharing_a_gpu_are_named():
+    assert comm._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n2", "0000:01:00.0")]) is None
+    assert (comm._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n1", "0000:01:00.0")])
+            == "ranks 0 and 2 share GPU 0000:01:00.0 on n1")
+
+
+class RecordingReducer:
+    """Stands in for an NcclComm: sums through the MPI communicator and records what it got."""
+
+    def __init__(self, c):
+        self.comm, self.bufs = c, []
+
+    def Allreduce_sum(self, buf):
+        self.bufs.append(buf)
+        self.comm.Allreduce_sum(buf)
+
+
+class NoAllreduceComm(comm.Comm):
+    def Allreduce_sum(self, buf):
+        raise AssertionError("the step's sum must go through the reducer")
+
+
+def test_replica_sums_each_steps_gradients_through_its_reducer():
+    """--allreduce nccl wiring: the whole gradbuf (gradients, stop votes, loss) goes to the
+    reducer once per step, the communicator's MPI Allreduce not at all, and the model is the
+    same as with MPI."""
+    cfg = Config(hidden=(32, 16), batch_size=64, backend="numpy")
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (512, 784), dtype=np.uint8), rng.integers(0, 10, 512).astype(np.uint8)
+    batches = [rng.permutation(512)[:64] for _ in range(5)]
+    plain = dp.Replica(cfg, ref, 64)
+    for idx in batches:
+        plain.step(comm.Comm.self_(), images, labels, idx, cfg.lr)
+    reducer = RecordingReducer(comm.Comm.self_())
+    rep = dp.Replica(cfg, ref, 64, reducer=reducer)
+    strict = NoAllreduceComm(comm.Comm.self_().mpicomm)
+    for idx in batches:
+        rep.step(strict, images, labels, idx, cfg.lr)
+    assert len(reducer.bufs) == 5 and all(b is rep.gradbuf for b in reducer.bufs)
+    np.testing.assert_array_equal(rep.host_params(), plain.host_params())
+    assert dp.gradient_reducer(cfg.replace(allreduce="nccl"), comm.Comm.self_()) is None   # 1 rank: no sum
+
+
+def test_cli_allreduce_nccl_without_the_cupy_backend_exits_2():
+    if REASON is None:
+        pytest.skip("a GPU is usable here")
+    proc = run_hpcfl(2, "--allreduce", "nccl", "--max-steps", 1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out and out.count("hpcfl: error") == 1, out
+    assert "--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's backend is numba)" in out, out
 
 
 RAW_SOURCES = [("softmax", cb._SOFTMAX_SRC % {"nc": 10}), ("colsum", cb._COLSUM_SRC)]
@@ -871,3 +927,24 @@ def test_gpu_collectives_on_device_buffers_at_two_ranks(aware):
     proc = subprocess.run([mpirun(), "-n", "2", sys.executable, "-c", GPU_MPI], capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env={**os.environ, **env})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+@needs_gpu
+@needs_mnist
+def test_gpu_nccl_allreduce_at_two_ranks(tmp_path):
+    """--allreduce nccl: with a GPU per rank, the same model as MPI's sum (two addends: the
+    same bits in any order); with one GPU for both ranks, one clear refusal."""
+    common = ("--backend", "cupy", "--max-steps", 30, "--epochs", 1, "--quiet")
+    proc = run_hpcfl(2, *common, "--allreduce", "nccl", "--out", tmp_path / "nccl")
+    out = proc.stdout + proc.stderr
+    if cb.xp.cuda.runtime.getDeviceCount() < 2:
+        assert proc.returncode == 2 and out.count("hpcfl: error") == 1, out
+        assert "NCCL needs one GPU per rank, but ranks 0 and 1 share GPU" in out, out
+        return
+    assert proc.returncode == 0, out
+    proc = run_hpcfl(2, *common, "--allreduce", "fused", "--out", tmp_path / "mpi")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with np.load(tmp_path / "nccl/model.npz") as a, np.load(tmp_path / "mpi/model.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
