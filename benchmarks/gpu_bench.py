@@ -3,6 +3,7 @@ and the measured cuBLAS SGEMM rate that turns epoch times into achieved TFLOP/s.
 
     python benchmarks/gpu_bench.py                    # batches 128 and 8192, 3 timed epochs each
     python benchmarks/gpu_bench.py --batches 128,1024,8192 --epochs 5 --hidden 256,128
+    python benchmarks/gpu_bench.py --out benchmarks/results     # + gpu_bench.json for RESULTS.md
 
 One process, one GPU, no MPI: a step is what one rank does in `--mode dp` (at one rank the
 Allreduce is a no-op). Both sides keep the uint8 images on the device, gather and normalise
@@ -11,12 +12,18 @@ read the loss back to the host every step (hpcfl's trainer does; it is the step'
 The images are MNIST's when $HPCFL_DATA_DIR (or --data-dir) holds them, otherwise random bytes
 of the same shape: the timing does not depend on the pixel values.
 
-Prints a markdown table. Exits with status 2 and one line on stderr where no GPU is usable.
+Prints a markdown table; with --out also writes DIR/gpu_bench.json, which
+`python benchmarks/report.py` turns into RESULTS.md's GPU section and targets 6a/6b (batch 128 no
+slower than PyTorch; at the largest batch at least 50% of the 8192^3 SGEMM rate). Exits with
+status 2 and one line on stderr where no GPU is usable.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -153,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", default="256,128")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--out", default=None, help="folder for gpu_bench.json (benchmarks/results)")
     args = p.parse_args(argv)
 
     reason = be.unavailable_reason()
@@ -167,29 +175,45 @@ def main(argv=None) -> int:
 
     peak = sgemm_tflops(8192, 8192, 8192)
     shape_rate = sgemm_tflops(max(batches), layout.sizes[1], layout.sizes[0])
-    print(f"GPU: {be.describe_gpu()}; CuPy {be.xp.__version__}; data: {source}")
+    gpu = be.describe_gpu()
+    print(f"GPU: {gpu}; CuPy {be.xp.__version__}; data: {source}")
     print(f"model {'-'.join(map(str, layout.sizes))}, {flops_per_sample / 1e6:.2f} MFLOP per sample "
           f"(forward + backward GEMMs), {N_TRAIN:,} samples per epoch")
     print(f"cuBLAS SGEMM (FP32, no TF32): {peak:.1f} TFLOP/s at 8192^3; {shape_rate:.1f} TFLOP/s at "
           f"({max(batches)} x {layout.sizes[0]}) @ ({layout.sizes[0]} x {layout.sizes[1]})\n")
     print("| implementation | batch | epoch time (s) | samples/s | achieved TFLOP/s | % of SGEMM 8192^3 | final loss |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for batch in batches:
         steps = N_TRAIN // batch
         flops = flops_per_sample * steps * batch
-        rows = [("hpcfl cupy", time_hpcfl(images_dev, labels_dev, layout, batch, args.epochs))]
+        runs = [("hpcfl cupy", time_hpcfl(images_dev, labels_dev, layout, batch, args.epochs))]
         if not args.no_torch:
             result, what = time_torch(images, labels, layout, batch, args.epochs)
-            rows.append((f"PyTorch CUDA ({what})", result))
-        for name, result in rows:
+            runs.append((f"PyTorch CUDA ({what})", result))
+        for name, result in runs:
             if result is None:
                 print(f"| {name} | {batch} | n/a | | | | |")
                 continue
             times, loss = result
             t = statistics.median(times)
             tflops = flops / t / 1e12
+            rows.append({"implementation": name, "batch": batch, "epoch_seconds": t, "epoch_times": times,
+                         "samples_per_second": steps * batch / t, "tflops": tflops, "final_loss": loss})
             print(f"| {name} | {batch} | {t:.4f} | {steps * batch / t:,.0f} | {tflops:.2f} | "
                   f"{100 * tflops / peak:.1f}% | {loss:.4f} |")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"command": "python " + " ".join(["benchmarks/gpu_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                  "gpu": gpu, "host": platform.node(), "cupy": be.xp.__version__, "data": source,
+                  "model": list(layout.sizes), "sgemm_tflops_8192": peak, "sgemm_tflops_shape": shape_rate,
+                  "epochs": args.epochs, "rows": rows}
+        from hpcfl.files import atomic_write
+
+        atomic_write(out / "gpu_bench.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+        print(f"\nwrote {out / 'gpu_bench.json'}")
     return 0
 
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, read_csv, write_csv  # noqa: E402
 import scaling_model as sm  # noqa: E402
 
-GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1.10, "startup": 3.0}
+GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1.10, "startup": 3.0,
+         "gpu_vs_torch": 1.00, "gpu_gemm": 0.50}
 
 
 def _measured(rows):
@@ -52,8 +53,25 @@ def default_allreduce() -> str:
         return "fused"
 
 
+def _gpu_analysis(out: Path) -> dict | None:
+    """Targets 6a/6b from gpu_bench.json (written by gpu_bench.py --out on a GPU machine)."""
+    path = out / "gpu_bench.json"
+    if not path.exists():
+        return None
+    g = json.loads(path.read_text())
+    rows = {(r["implementation"].split(" (")[0], r["batch"]): r for r in g["rows"]}
+    batches = sorted({b for _, b in rows})
+    small, large = (128 if 128 in batches else batches[0]), batches[-1]
+    ours, torch = rows.get(("hpcfl cupy", small)), rows.get(("PyTorch CUDA", small))
+    g["small"], g["large"] = small, large
+    g["vs_torch"] = ours["epoch_seconds"] / torch["epoch_seconds"] if ours and torch else None
+    big = rows.get(("hpcfl cupy", large))
+    g["gemm_fraction"] = big["tflops"] / g["sgemm_tflops_8192"] if big else None
+    return g
+
+
 def analyse(out: Path) -> dict:
-    a: dict = {}
+    a: dict = {"gpu": _gpu_analysis(out)}
     flops_epoch = flops_per_sample() * BATCH * (N_TRAIN // BATCH)
     single = read_csv(out / "single.csv")
     if single:
@@ -267,6 +285,15 @@ def targets(a) -> list[dict]:
          "measured": f"{_f(mem8.get('ru_maxrss_mib'), '.0f')} MiB (private {_f(mem8.get('rss_anon_mib'), '.0f')} MiB)",
          "ratio": "", "status": "reported" if mem8 else "not measured"},
     ]
+    g = a.get("gpu") or {}
+    rows += [
+        {"target": f"6a. GPU, batch {g.get('small', 128)}: hpcfl (cupy) epoch / PyTorch CUDA epoch", "goal": "<= 1.00",
+         "measured": "see section 8" if g else "no GPU run", "ratio": _f(g.get("vs_torch"), ".2f"),
+         "status": _met(g.get("vs_torch"), GOALS["gpu_vs_torch"])},
+        {"target": f"6b. GPU, batch {g.get('large', 8192)}: achieved TFLOP/s / cuBLAS SGEMM 8192^3", "goal": ">= 0.50",
+         "measured": "see section 8" if g else "no GPU run", "ratio": _f(g.get("gemm_fraction"), ".2f"),
+         "status": _met(g.get("gemm_fraction"), GOALS["gpu_gemm"], True)},
+    ]
     return rows
 
 
@@ -320,6 +347,7 @@ def render(a: dict) -> str:
     _scaling(a, w)
     _startup(a, w)
     _memory(a, w)
+    _gpu(a, w)
     _notes(a, w)
     return ("\n".join(L) + "\n").replace("{IMG}", a.get("img_prefix", "results"))
 
@@ -541,6 +569,29 @@ def _memory(a, w):
     for ranks, r in sorted(m.items()):
         w(f"| {ranks} | {r['ru_maxrss_mib']:.0f} | {r['rss_mib']:.0f} | {r['rss_anon_mib']:.0f} | {r['pss_mib']:.0f} | "
           f"{r['images_mapped_mib']:.0f} | {r['images_rss_mib']:.0f} | {r['images_pss_mib']:.1f} |")
+    w("")
+
+
+def _gpu(a, w):
+    w("## 8. GPU: the cupy backend against PyTorch CUDA (issue 6)\n")
+    g = a.get("gpu")
+    if not g:
+        w("**Not measured.** No GPU has been available to this project yet, so there are no GPU figures "
+          "here. On a machine with one: `python benchmarks/gpu_bench.py --out benchmarks/results`, then "
+          "`python benchmarks/report.py`; that fills this section and targets 6a and 6b. What is checked "
+          "without a GPU is listed in README (\"On a GPU\").\n")
+        return
+    w(f"- command: `{g['command']}`; date: {g['date']}; host {g['host']}")
+    w(f"- device: {g['gpu']}; CuPy {g['cupy']}; data: {g['data']}")
+    w(f"- model {'-'.join(map(str, g['model']))}; FP32 everywhere (TF32 off in PyTorch); median of "
+      f"{g['epochs']} timed epochs after a warm-up; loss read back to the host every step on both sides")
+    w(f"- measured cuBLAS SGEMM: {g['sgemm_tflops_8192']:.1f} TFLOP/s at 8192^3, "
+      f"{g['sgemm_tflops_shape']:.1f} TFLOP/s at the first layer's shape with batch {g['large']}\n")
+    w("| implementation | batch | epoch (s) | samples/s | TFLOP/s | of SGEMM 8192^3 | final loss |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    for r in g["rows"]:
+        w(f"| {r['implementation']} | {r['batch']} | {r['epoch_seconds']:.4f} | {r['samples_per_second']:,.0f} | "
+          f"{r['tflops']:.2f} | {100 * r['tflops'] / g['sgemm_tflops_8192']:.1f}% | {r['final_loss']:.4f} |")
     w("")
 
 

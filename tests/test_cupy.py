@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -948,3 +949,29 @@ def test_gpu_nccl_allreduce_at_two_ranks(tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_gpu_bench_json_becomes_targets_6a_6b_and_section_8(tmp_path):
+    """benchmarks/report.py's reading of gpu_bench.json, on a made-up record of the shape
+    gpu_bench.py --out writes (the numbers are arbitrary; none of them is a measurement)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = [{"implementation": impl, "batch": b, "epoch_seconds": t, "epoch_times": [t], "samples_per_second": 6e4 / t,
+             "tflops": tf, "final_loss": 0.1}
+            for impl, b, t, tf in [("hpcfl cupy", 128, 0.9, 0.1), ("PyTorch CUDA (torch 2.x)", 128, 1.2, 0.08),
+                                   ("hpcfl cupy", 8192, 0.02, 30.0), ("PyTorch CUDA (torch 2.x)", 8192, 0.03, 20.0)]]
+    record = {"command": "python benchmarks/gpu_bench.py --out x", "date": "d", "gpu": "G", "host": "h",
+              "cupy": "14", "data": "MNIST", "model": [784, 256, 128, 10], "sgemm_tflops_8192": 50.0,
+              "sgemm_tflops_shape": 40.0, "epochs": 3, "rows": rows}
+    assert report._gpu_analysis(tmp_path) is None
+    (tmp_path / "gpu_bench.json").write_text(json.dumps(record))
+    g = report._gpu_analysis(tmp_path)
+    assert g["vs_torch"] == pytest.approx(0.75) and g["gemm_fraction"] == pytest.approx(0.6)
+    six = [t for t in report.targets({"gpu": g, "info": {}}) if t["target"].startswith("6")]
+    assert [(t["ratio"], t["status"]) for t in six] == [("0.75", "**met**"), ("0.60", "**met**")]
+    lines = []
+    report._gpu(report.analyse(tmp_path), lines.append)
+    assert "| hpcfl cupy | 8192 | 0.0200 | 3,000,000 | 30.00 | 60.0% | 0.1000 |" in lines
