@@ -5,8 +5,8 @@ and the measured cuBLAS SGEMM rate that turns epoch times into achieved TFLOP/s.
     python benchmarks/gpu_bench.py --batches 128,1024,8192 --epochs 5 --hidden 256,128
     python benchmarks/gpu_bench.py --out benchmarks/results     # + gpu_bench.json for RESULTS.md
 
-One process, one GPU, no MPI: a step is what one rank does in `--mode dp` (at one rank the
-Allreduce is a no-op). Both sides keep the uint8 images on the device, gather and normalise
+One process, one GPU: hpcfl's side is dp.Replica.step, exactly what one rank does in `--mode dp`
+(at one rank the Allreduce is a no-op). Both sides keep the uint8 images on the device, gather and normalise
 each batch there, use plain FP32 (no TF32), SGD with momentum 0.9 and weight decay 1e-4, and
 read the loss back to the host every step (hpcfl's trainer does; it is the step's one sync).
 The images are MNIST's when $HPCFL_DATA_DIR (or --data-dir) holds them, otherwise random bytes
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcfl import model, optim  # noqa: E402
+from hpcfl import model  # noqa: E402
 from hpcfl.backends import cupy_backend as be  # noqa: E402
 from hpcfl.data import MEAN, STD, epoch_permutation  # noqa: E402
 
@@ -56,8 +56,9 @@ def load_images(data_dir: str | None):
 def sgemm_tflops(n: int, m: int, k: int, repeats: int = 20) -> float:
     """Measured rate of out(n, m) = a(n, k) @ b(k, m) through the backend's own SGEMM path."""
     cp = be.xp
-    a = cp.random.standard_normal((n, k), dtype=cp.float32)
-    b = cp.random.standard_normal((k, m), dtype=cp.float32)
+    rng = np.random.default_rng(0)            # host random numbers: no cuRAND needed
+    a = cp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+    b = cp.asarray(rng.standard_normal((k, m), dtype=np.float32))
     out = cp.empty((n, m), cp.float32)
     be._blas_begin()
     for _ in range(3):
@@ -73,29 +74,24 @@ def sgemm_tflops(n: int, m: int, k: int, repeats: int = 20) -> float:
 
 
 def time_hpcfl(images_dev, labels_dev, layout, batch, epochs, lr=0.05):
-    """Epoch times (s) of hpcfl's cupy backend, and the last epoch's mean loss."""
-    cp = be.xp
-    n = layout.n_params
-    params = be.to_device(model.init_params(layout, 0))
-    grads = cp.zeros(n, cp.float32)
-    pviews, gviews = layout.views(params), layout.views(grads)
-    opt = optim.make("sgd", be, n, momentum=0.9, weight_decay=1e-4)
-    ws = be.Workspace(layout, batch)
-    x = cp.empty((batch, model.N_INPUT), cp.float32)
-    y = cp.empty(batch, cp.int32)
+    """Epoch times (s) of hpcfl's own dp step (dp.Replica.step at one rank, as `python -m hpcfl
+    --backend cupy` runs it), and the last epoch's mean loss."""
+    from hpcfl import comm, dp
+    from hpcfl.config import Config
+
+    cfg = Config(hidden=layout.sizes[1:-1], batch_size=batch, optimizer="sgd", lr=lr, momentum=0.9,
+                 weight_decay=1e-4, backend="cupy")
+    rep = dp.Replica(cfg, be, max_local_batch=batch)
+    world = comm.Comm.self_()
     steps = N_TRAIN // batch
 
     def epoch(e, n_steps):
-        perm = epoch_permutation(N_TRAIN, 0, e)
+        perm = be.to_device(epoch_permutation(N_TRAIN, 0, e))     # uploaded once, as dp.train does
         total = 0.0
         for s in range(n_steps):
-            idx = perm[s * batch:(s + 1) * batch]
-            be.gather(images_dev, idx, x)
-            be.gather_labels(labels_dev, idx, y)
-            total += be.forward_backward(pviews, x, y, gviews, ws)
-            opt.step(params, grads, lr, 1.0 / batch)
+            total += rep.step(world, images_dev, labels_dev, perm[s * batch:(s + 1) * batch], lr)
         be.synchronize()
-        return total / (n_steps * batch)
+        return total / n_steps
 
     epoch(0, min(steps, 20))                       # warm-up: kernel compiles, cuBLAS heuristics
     times, loss = [], None

@@ -204,6 +204,9 @@ def _train(comm, cfg) -> int:
     except backends.BackendUnavailable as exc:
         raise UsageError(str(exc), collective=True)
     cfg = cfg.replace(backend=name)
+    if cfg.allreduce == "overlap" and name == "cupy":   # device collectives are blocking (comm.py)
+        raise UsageError("--allreduce overlap works on host buffers only: with --backend cupy use "
+                         "fused (MPI) or nccl", collective=True)
     if cfg.allreduce == "nccl" and name != "cupy":
         raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
                          f"backend is {name})", collective=True)

@@ -242,7 +242,8 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
     with preempt.watch():
         while step < total_steps and stop is None:
             epoch, first = divmod(step, steps_per_epoch)   # first > 0: resumed mid-epoch
-            perm = epoch_permutation(data.n_train, cfg.seed, epoch)
+            # on a GPU the epoch's batch order is uploaded once, not each step's indices
+            perm = backend.to_device(epoch_permutation(data.n_train, cfg.seed, epoch))
             last = min(steps_per_epoch, first + total_steps - step)
             reporter.start_progress(last - first, f"epoch {epoch + 1}")
             t0 = time.perf_counter()

@@ -31,6 +31,7 @@ def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: 
     B, loss_sum, seen = cfg.local_batch_size, 0.0, 0
     for e in range(cfg.local_epochs):
         order = idx[np.random.default_rng([cfg.seed, server_round, client, e]).permutation(len(idx))]
+        order = rep.backend.to_device(order)          # on a GPU: one upload per local epoch
         for start in range(0, len(order), B):
             batch = order[start:start + B]
             loss = rep.step(comm, data.train_x, data.train_y, batch, cfg.local_lr, fault)

@@ -39,6 +39,7 @@ REASON = cb.unavailable_reason()
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"no usable GPU for the cupy backend: {REASON}")
 LAYOUT = model.layout((256, 128))
 SMALL = model.Layout((20, 16, 12, 10))
+SMALL_784 = model.layout((16, 12))          # MNIST-shaped input, small hidden layers
 
 
 def batch(lay, n, seed=0):
@@ -750,7 +751,8 @@ def test_emulated_gather_matches_reference_for_device_and_host_sources(emu):
     ref.gather_labels(labels, idx, y_ref)
     for src_, idx_, labels_ in [(cb.upload_images(src), idx, cb.upload_images(labels)),               # host idx
                                 (cb.upload_images(src), cb.to_device(idx.astype(np.int32)), cb.upload_images(labels)),
-                                (src, idx, labels)]:                                                 # host data
+                                (src, idx, labels),                                                  # host data
+                                (src, cb.to_device(idx), labels)]:                       # host data, device idx
         out, y = emu.zeros((20, 784), np.float32), emu.zeros(20, np.int32)
         cb.gather(src_, idx_, out)
         cb.gather_labels(labels_, idx_, y)
@@ -975,3 +977,32 @@ def test_gpu_bench_json_becomes_targets_6a_6b_and_section_8(tmp_path):
     lines = []
     report._gpu(report.analyse(tmp_path), lines.append)
     assert "| hpcfl cupy | 8192 | 0.0200 | 3,000,000 | 30.00 | 60.0% | 0.1000 |" in lines
+
+
+def test_emulated_self_test_of_the_availability_check(emu, monkeypatch):
+    """unavailable_reason()'s check on a GPU: our SGEMM binding and a kernel against NumPy.
+    It must pass where they are right (an earlier version compared with a wrong constant and
+    would have declared every GPU unusable) and fail where the SGEMM is wrong."""
+    assert cb._self_test() is None
+
+    def transposed_result(transa, transb, m, n, k, A, lda, B, ldb, C, ldc):
+        numpy_sgemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc)
+        C[...] = C.reshape(n, m).T.reshape(C.shape)               # row/column-major mix-up
+    monkeypatch.setattr(cb, "_sgemm", transposed_result)
+    assert "a test SGEMM and kernel gave" in cb._self_test()
+
+
+def test_emulated_gpu_bench_times_the_trainers_own_step(emu, monkeypatch):
+    """benchmarks/gpu_bench.py's hpcfl side runs dp.Replica.step on device data (here on the
+    CPU emulation, with a 256-sample 'epoch'); the loss it reports is the mean per sample."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(gpu_bench, "N_TRAIN", 256)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (256, 784), dtype=np.uint8), rng.integers(0, 10, 256).astype(np.uint8)
+    times, loss = gpu_bench.time_hpcfl(cb.upload_images(images), cb.upload_images(labels), SMALL_784, 64, 2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert 1.0 < loss < 4.0                                     # about ln(10) = 2.3 for a fresh model

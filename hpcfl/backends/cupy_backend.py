@@ -10,15 +10,17 @@ One training step on the device, for the 784-256-128-10 MLP (B rows):
     softmax      dz = softmax(z) - onehot(y), bias grad, loss  (1 kernel, one block)
     per layer    dW = a.T @ dz (SGEMM); da = dz @ W.T (SGEMM), then da *= (a > 0) and the
                  bias grad as column sums of da                (1 kernel; + 1 when B > 256)
-    loss         one 8-byte device -> host copy, the step's only synchronisation
+    loss         one 8-byte device -> host copy, the backend's one synchronisation in a step
 Nothing is allocated on the device inside a step after the first: activations, deltas and
 reduction scratch live in a Workspace sized for the largest batch. All reductions have a fixed
 order (no atomics), so a step gives the same bits run after run on the same GPU model (as cuBLAS
 promises for its SGEMMs).
 
 Data: the trainer should copy the uint8 images to the device once (`upload_images`: 47 MB for
-MNIST's training set); `gather` then reads device rows. With host images (a memmap) `gather`
-still works, through one host-side fancy-index and one host -> device copy per step.
+MNIST's training set); `gather` then reads device rows. Batch indices should be on the device
+too (the trainers upload each epoch's order once): a host index array costs an upload, and a
+pageable upload waits for the stream. With host images (a memmap) `gather` still works, through
+one host-side fancy-index and one host -> device copy per step.
 
 Devices: one GPU per rank, chosen by node-local rank (`select_device`). Before the trainer calls
 it, the local rank is read from the launcher's environment, so the availability check of 8
@@ -104,9 +106,9 @@ def _check() -> str | None:
     try:
         if _DEVICE is None:
             select_device(_env_local_rank())
-        a = cupy.arange(4, dtype=cupy.float32).reshape(2, 2)      # a kernel: NVRTC
-        if float((a @ a).sum()) != 36.0:                         # an SGEMM: cuBLAS
-            return "no usable CUDA GPU: a test SGEMM gave a wrong result"
+        wrong = _self_test()
+        if wrong:
+            return f"no usable CUDA GPU: {wrong}"
     except ImportError as exc:  # CuPy 14 raises ImportError when it cannot find a CUDA library
         return f"no usable CUDA GPU: {LIBS_HINT} ({_one_line(exc)})"
     except Exception as exc:
@@ -114,6 +116,23 @@ def _check() -> str | None:
         if "nvrtc" in text.lower() or "cublas" in text.lower():
             return f"no usable CUDA GPU: {LIBS_HINT} ({text})"
         return f"no usable CUDA GPU: {text}"
+    return None
+
+
+def _self_test() -> str | None:
+    """One SGEMM through our own cuBLAS binding and one of our kernels (compiled by NVRTC) on a
+    tiny non-square case, against NumPy: None when right, else what was wrong."""
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.arange(6, dtype=np.float32).reshape(3, 2) - 2
+    bias = np.float32([0.5, -100.0])
+    want = np.maximum(a @ b + bias, 0)                      # small integers and halves: exact
+    out = _cupy().empty((2, 2), np.float32)
+    _blas_begin()
+    _gemm(to_device(a), to_device(b), out)
+    _elementwise("bias_relu")(to_device(bias), out)
+    got = to_host(out)
+    if not np.array_equal(got, want):
+        return f"a test SGEMM and kernel gave {got.tolist()} instead of {want.tolist()}"
     return None
 
 
@@ -413,6 +432,9 @@ def _gemm(a, b, out, trans_a: bool = False, trans_b: bool = False) -> None:
         raise ValueError("_gemm needs C-contiguous matrices")
     m, n = out.shape
     k = a.shape[0] if trans_a else a.shape[1]
+    if (a.shape[1] if trans_a else a.shape[0]) != m or (b.shape[1] if trans_b else b.shape[0]) != k \
+            or (b.shape[0] if trans_b else b.shape[1]) != n:
+        raise ValueError(f"_gemm: shapes {a.shape}{'.T' * trans_a} @ {b.shape}{'.T' * trans_b} -> {out.shape}")
     _sgemm(_OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
            b, b.shape[1], a, a.shape[1], out, n)
 
@@ -473,7 +495,9 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
     on_layer_ready(i), if given, is called once the kernels that write layer i's gradients are
     queued (last layer first); a collective on them must synchronise the stream first, as
     hpcfl.comm does for device buffers. The returned Python float costs one 8-byte device ->
-    host copy, which waits for the step's kernels: the one synchronisation of a step.
+    host copy, which waits for the step's kernels. (dp.Replica.step adds the gradient
+    collective, which waits for the stream unless it is NCCL, and one read of the reduced
+    loss; indices already on the device cost no upload.)
     """
     n, last = x.shape[0], len(params) - 1
     _blas_begin()
@@ -556,7 +580,7 @@ def gather(src_u8, idx, out) -> None:
         ncol = src_u8.size // src_u8.shape[0]
         _elementwise("gather")(src_u8, _device_index(idx), np.int64(ncol), _SCALE, _SHIFT, rows)
     else:   # host images: gather on the host, one copy, normalise on the device
-        host = np.ascontiguousarray(src_u8[np.asarray(idx)]).reshape(rows.shape)
+        host = np.ascontiguousarray(src_u8[to_host(idx)]).reshape(rows.shape)
         staged = _buffer("rows", host.size, np.uint8).reshape(rows.shape)
         staged.set(host)
         _in_flight["rows"] = host
@@ -572,7 +596,7 @@ def gather_labels(labels, idx, out) -> None:
     if isinstance(labels, cupy.ndarray):
         _elementwise("gather_labels")(labels, _device_index(idx), out[:n])
     else:
-        host = np.asarray(labels)[np.asarray(idx)].astype(np.int32)
+        host = np.asarray(labels)[to_host(idx)].astype(np.int32)
         out[:n].set(host)
         _in_flight["labels"] = host
 
