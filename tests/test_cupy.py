@@ -1006,3 +1006,11 @@ def test_emulated_gpu_bench_times_the_trainers_own_step(emu, monkeypatch):
     times, loss = gpu_bench.time_hpcfl(cb.upload_images(images), cb.upload_images(labels), SMALL_784, 64, 2)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert 1.0 < loss < 4.0                                     # about ln(10) = 2.3 for a fresh model
+
+
+@needs_gpu
+def test_gpu_refuses_allreduce_overlap_with_one_message():
+    proc = run_hpcfl(2, "--backend", "cupy", "--allreduce", "overlap", "--max-steps", 1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and out.count("hpcfl: error") == 1, out
+    assert "--allreduce overlap works on host buffers only" in out, out
