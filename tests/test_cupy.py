@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import ROOT, mpirun, needs_mnist, run_hpcfl
+from helpers import DATA_DIR, ROOT, mpirun, needs_mnist, run_hpcfl
 from hpcfl import backends, comm, dp, model, optim
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
@@ -1014,3 +1014,32 @@ def test_gpu_refuses_allreduce_overlap_with_one_message():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and out.count("hpcfl: error") == 1, out
     assert "--allreduce overlap works on host buffers only" in out, out
+
+
+@needs_mnist
+@pytest.mark.parametrize("mode_args", [
+    ("--mode", "dp", "--max-steps", 5, "--epochs", 1, "--batch-size", 64),
+    ("--mode", "fl", "--rounds", 1, "--num-clients", 200, "--client-fraction", 0.01, "--partition", "shards"),
+], ids=["dp", "fl"])
+def test_emulated_cli_runs_dp_and_fl_on_the_cupy_path(emu, monkeypatch, tmp_path, mode_args):
+    """`python -m hpcfl --backend cupy` in one process on the CPU emulation, on real MNIST: the
+    CLI's GPU branch (device selection, data uploaded once), the trainers with device-resident
+    data and batch orders, evaluation, and the saved model; compared with the numpy backend."""
+    from hpcfl import cli
+
+    monkeypatch.setattr(cb, "unavailable_reason", lambda: None)
+    chosen = []
+    monkeypatch.setattr(cb, "select_device", lambda local_rank: chosen.append(local_rank) or 0)
+    models = {}
+    for backend in ("cupy", "numpy"):
+        out = tmp_path / backend
+        argv = [*map(str, mode_args), "--backend", backend, "--hidden", "16,12", "--quiet", "--out", str(out),
+                "--data-dir", str(DATA_DIR)]
+        assert cli._train(comm.Comm.self_(), cli.parse_config(argv, 1)) == 0
+        with np.load(out / "model.npz") as f:
+            models[backend] = f["params"]
+    assert chosen == [0]
+    n_uploads = [a for a in emu.allocations if a in ((60000, 784), (10000, 784))]
+    assert len(n_uploads) == 2                                   # train and test images, once each
+    rel = np.linalg.norm(models["cupy"] - models["numpy"]) / np.linalg.norm(models["numpy"])
+    assert rel < 1e-5, rel
