@@ -33,3 +33,13 @@ def run_hpcfl(n: int, *args, env=None, timeout=300, cwd=None) -> subprocess.Comp
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "hpcfl", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+
+
+def assert_clean_failure(proc, code: int, *words: str) -> None:
+    """Non-zero exit, the message printed exactly once, no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert "Traceback" not in out, out
+    assert out.count("hpcfl: error") == 1, out
+    for word in words:
+        assert word in out, out

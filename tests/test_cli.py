@@ -9,19 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import DATA_DIR, needs_mnist, run_hpcfl
+from helpers import DATA_DIR, assert_clean_failure, needs_mnist, run_hpcfl
 
 pytestmark = needs_mnist
-
-
-def assert_clean_failure(proc, code: int, *words: str) -> None:
-    """Non-zero exit, the message printed exactly once, no traceback."""
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out
-    assert "Traceback" not in out, out
-    assert out.count("hpcfl: error") == 1, out
-    for word in words:
-        assert word in out, out
 
 
 def test_trains_to_97_percent_on_two_ranks(tmp_path):
