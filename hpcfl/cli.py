@@ -11,7 +11,7 @@ import os
 import sys
 
 from .config import Config, validate
-from .errors import HpcflError, UsageError
+from .errors import UsageError
 
 DEFAULTS = Config()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,29 @@ def assert_clean_failure(proc, code: int, *words: str) -> None:
     assert out.count("hpcfl: error") == 1, out
     for word in words:
         assert word in out, out
+
+
+def batch(lay, n, seed=0, dtype=np.float32):
+    """A random batch for layout `lay`: (x (n, inputs), y (n,) int32 labels)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, lay.sizes[0])).astype(dtype)
+    y = rng.integers(0, lay.sizes[-1], n).astype(np.int32)
+    return x, y
+
+
+def check_optimizer_matches_reference(be, opt: str, n: int) -> None:
+    """Five updates of backend `be`'s optimizer `opt` on n parameters against the numpy reference."""
+    from hpcfl import optim
+    from hpcfl.backends import numpy_backend as ref
+
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    p_ref, p = p0.copy(), be.to_device(p0.copy())
+    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
+    o = optim.make(opt, be, n, momentum=0.9, weight_decay=1e-3)
+    for _ in range(5):
+        g = rng.standard_normal(n).astype(np.float32)
+        o_ref.step(p_ref, g, lr=0.01, scale=0.5)
+        o.step(p, be.to_device(g), lr=0.01, scale=0.5)
+    np.testing.assert_allclose(be.to_host(p), p_ref, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(p_ref, p0)

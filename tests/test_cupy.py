@@ -28,8 +28,9 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import DATA_DIR, ROOT, assert_clean_failure, mpirun, needs_mnist, run_hpcfl
-from hpcfl import backends, comm, dp, model, optim
+from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimizer_matches_reference, mpirun,
+                     needs_mnist, run_hpcfl)
+from hpcfl import backends, comm, dp, model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
 from hpcfl.config import Config
@@ -40,12 +41,6 @@ needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"no usable GPU for th
 LAYOUT = model.layout((256, 128))
 SMALL = model.Layout((20, 16, 12, 10))
 SMALL_784 = model.layout((16, 12))          # MNIST-shaped input, small hidden layers
-
-
-def batch(lay, n, seed=0):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, lay.sizes[0])).astype(np.float32),
-            rng.integers(0, lay.sizes[-1], n).astype(np.int32))
 
 
 def reference_step(lay, p, x, y):
@@ -734,38 +729,35 @@ def test_emulated_steps_allocate_nothing_after_the_first(emu):
     assert emu.allocations[before:] == []
 
 
-def test_emulated_gather_matches_reference_for_device_and_host_sources(emu):
+def check_gather(rows: int) -> None:
+    """gather and gather_labels against the reference: device or host images and labels, with
+    host, device int32 or device int64 indices (a third of the rows, into a larger buffer)."""
     rng = np.random.default_rng(0)
-    src = rng.integers(0, 256, (50, 784), dtype=np.uint8)
-    labels = rng.integers(0, 10, 50).astype(np.uint8)
-    idx = rng.permutation(50)[:17]
-    out_ref, y_ref = np.zeros((20, 784), np.float32), np.zeros(20, np.int32)
+    src = rng.integers(0, 256, (rows, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, rows).astype(np.uint8)
+    idx = rng.permutation(rows)[:rows * 17 // 50]
+    n_out = rows * 2 // 5
+    out_ref, y_ref = np.zeros((n_out, 784), np.float32), np.zeros(n_out, np.int32)
     ref.gather(src, idx, out_ref)
     ref.gather_labels(labels, idx, y_ref)
     for src_, idx_, labels_ in [(cb.upload_images(src), idx, cb.upload_images(labels)),               # host idx
                                 (cb.upload_images(src), cb.to_device(idx.astype(np.int32)), cb.upload_images(labels)),
                                 (src, idx, labels),                                                  # host data
                                 (src, cb.to_device(idx), labels)]:                       # host data, device idx
-        out, y = emu.zeros((20, 784), np.float32), emu.zeros(20, np.int32)
+        out, y = cb.xp.zeros((n_out, 784), np.float32), cb.xp.zeros(n_out, np.int32)
         cb.gather(src_, idx_, out)
         cb.gather_labels(labels_, idx_, y)
         np.testing.assert_allclose(cb.to_host(out), out_ref, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(cb.to_host(y), y_ref)
 
 
+def test_emulated_gather_matches_reference_for_device_and_host_sources(emu):
+    check_gather(50)
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_emulated_optimizers_match_reference(emu, opt):
-    rng = np.random.default_rng(5)
-    n = 1000
-    p0 = rng.standard_normal(n).astype(np.float32)
-    p_ref, p = p0.copy(), cb.to_device(p0.copy())
-    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
-    o = optim.make(opt, cb, n, momentum=0.9, weight_decay=1e-3)
-    for _ in range(5):
-        g = rng.standard_normal(n).astype(np.float32)
-        o_ref.step(p_ref, g, lr=0.01, scale=0.5)
-        o.step(p, cb.to_device(g), lr=0.01, scale=0.5)
-    np.testing.assert_allclose(cb.to_host(p), p_ref, rtol=1e-6, atol=1e-6)
+    check_optimizer_matches_reference(cb, opt, 1000)
 
 
 def replica_run(backend, steps=4, batch_size=64, optimizer="sgd", data_on_device=False):
@@ -825,38 +817,13 @@ def test_gpu_forward_backward_and_evaluate_match_reference(n):
 
 @needs_gpu
 def test_gpu_gather_matches_reference_for_device_and_host_sources():
-    cp = cb.xp
-    rng = np.random.default_rng(0)
-    src = rng.integers(0, 256, (500, 784), dtype=np.uint8)
-    labels = rng.integers(0, 10, 500).astype(np.uint8)
-    idx = rng.permutation(500)[:170]
-    out_ref, y_ref = np.zeros((200, 784), np.float32), np.zeros(200, np.int32)
-    ref.gather(src, idx, out_ref)
-    ref.gather_labels(labels, idx, y_ref)
-    for src_, idx_, labels_ in [(cb.upload_images(src), idx, cb.upload_images(labels)),
-                                (cb.upload_images(src), cp.asarray(idx.astype(np.int32)), cb.upload_images(labels)),
-                                (src, idx, labels)]:
-        out, y = cp.zeros((200, 784), np.float32), cp.zeros(200, np.int32)
-        cb.gather(src_, idx_, out)
-        cb.gather_labels(labels_, idx_, y)
-        np.testing.assert_allclose(cb.to_host(out), out_ref, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(cb.to_host(y), y_ref)
+    check_gather(500)
 
 
 @needs_gpu
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_gpu_optimizers_match_reference(opt):
-    rng = np.random.default_rng(5)
-    n = 100_000
-    p0 = rng.standard_normal(n).astype(np.float32)
-    p_ref, p = p0.copy(), cb.to_device(p0)
-    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
-    o = optim.make(opt, cb, n, momentum=0.9, weight_decay=1e-3)
-    for _ in range(5):
-        g = rng.standard_normal(n).astype(np.float32)
-        o_ref.step(p_ref, g, lr=0.01, scale=0.5)
-        o.step(p, cb.to_device(g), lr=0.01, scale=0.5)
-    np.testing.assert_allclose(cb.to_host(p), p_ref, rtol=1e-6, atol=1e-6)
+    check_optimizer_matches_reference(cb, opt, 100_000)   # test_kernels runs 1000 on the GPU too
 
 
 @needs_gpu

@@ -7,14 +7,9 @@ import pytest
 from hpcfl import backends, model, optim
 from hpcfl.backends import numpy_backend as ref
 
+from helpers import batch, check_optimizer_matches_reference
+
 SMALL = model.Layout((20, 16, 12, 10))   # small enough for a float64 finite-difference check
-
-
-def batch(lay, n, seed=0, dtype=np.float32):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, lay.sizes[0])).astype(dtype)
-    y = rng.integers(0, lay.sizes[-1], n).astype(np.int32)
-    return x, y
 
 
 def test_layout_views_tile_the_flat_buffer():
@@ -155,18 +150,7 @@ def test_backend_gather_matches_reference(be):
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_backend_optimizer_matches_reference(be, opt):
-    rng = np.random.default_rng(5)
-    n = 1000
-    p0 = rng.standard_normal(n).astype(np.float32)
-    p_ref, p = p0.copy(), be.to_device(p0.copy())
-    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
-    o = optim.make(opt, be, n, momentum=0.9, weight_decay=1e-3)
-    for t in range(5):
-        g = rng.standard_normal(n).astype(np.float32)
-        o_ref.step(p_ref, g, lr=0.01, scale=0.5)
-        o.step(p, be.to_device(g), lr=0.01, scale=0.5)
-    np.testing.assert_allclose(be.to_host(p), p_ref, rtol=1e-6, atol=1e-6)
-    assert not np.allclose(p_ref, p0)
+    check_optimizer_matches_reference(be, opt, 1000)
 
 
 def test_reference_sgd_is_pytorch_sgd_by_hand():
