@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import tempfile
 import time
@@ -23,8 +22,8 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BATCH, BENCH, N_TRAIN, ROOT, WorkerError, cores, flops_per_sample, machine_info,  # noqa: E402
-                    median, mpirun, run, run_worker, uptime, write_csv)
+from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker,  # noqa: E402
+                    uptime, write_csv)
 
 PY = sys.executable
 SECTIONS = ["capacity", "single", "parallel", "sync", "osu", "scaling", "startup", "memory", "profile",

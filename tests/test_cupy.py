@@ -160,6 +160,11 @@ def test_row_major_products_map_onto_column_major_sgemm(monkeypatch, m, k, n):
             np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="C-contiguous"):
         cb._gemm(np.zeros((4, 6), np.float32)[:, ::2], np.zeros((3, 2), np.float32), np.zeros((4, 2), np.float32))
+    f = np.float32
+    with pytest.raises(ValueError, match=r"_gemm: shapes \(4, 3\) @ \(2, 2\) -> \(4, 2\)"):
+        cb._gemm(np.zeros((4, 3), f), np.zeros((2, 2), f), np.zeros((4, 2), f))      # inner sizes differ
+    with pytest.raises(ValueError, match="_gemm: shapes"):
+        cb._gemm(np.zeros((3, 4), f), np.zeros((3, 2), f), np.zeros((3, 2), f), trans_a=True)   # wrong out
 
 
 # ---- hpcfl.comm with device buffers (fake device arrays, fake MPI communicator) ----

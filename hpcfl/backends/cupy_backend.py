@@ -430,10 +430,9 @@ def _gemm(a, b, out, trans_a: bool = False, trans_b: bool = False) -> None:
     """
     if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous):
         raise ValueError("_gemm needs C-contiguous matrices")
-    m, n = out.shape
-    k = a.shape[0] if trans_a else a.shape[1]
-    if (a.shape[1] if trans_a else a.shape[0]) != m or (b.shape[1] if trans_b else b.shape[0]) != k \
-            or (b.shape[0] if trans_b else b.shape[1]) != n:
+    m, k = a.shape[::-1] if trans_a else a.shape           # op(a) is (m, k), op(b) is (k, n)
+    kb, n = b.shape[::-1] if trans_b else b.shape
+    if (m, n) != out.shape or k != kb:
         raise ValueError(f"_gemm: shapes {a.shape}{'.T' * trans_a} @ {b.shape}{'.T' * trans_b} -> {out.shape}")
     _sgemm(_OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
            b, b.shape[1], a, a.shape[1], out, n)
