@@ -1,0 +1,259 @@
+"""The differential-privacy math of hpcfl, with no MPI: RDP accounting of the Poisson-sampled
+Gaussian mechanism (Abadi et al. 2016; Mironov et al. 2019), noise calibration, Poisson batch
+sampling for DP-SGD, and the clipping and noise of DP-FedAvg (McMahan et al. 2018).
+
+The accounting is dp-accounting's RdpAccountant; it is imported inside the functions that need
+it, because non-private runs should neither require it nor pay its ~1 s import.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Iterable
+
+import numpy as np
+
+# RDP orders: dp-accounting's DEFAULT_RDP_ORDERS (1.1..10.9 by 0.1, 11..63, 128, 256, 512, 1024)
+# plus two extensions. A grid order a factor (1 + r) from the best one loses about r^2/2 of
+# epsilon for the plain Gaussian, and more under subsampling, whose RDP climbs steeply past the
+# best order: the defaults' gap 63 -> 128 made small epsilons up to 32% loose (q = 128/60000,
+# z = 3, 1400 steps: 0.127 instead of 0.096), and their end at 1024 floors epsilon at 0.0035 for
+# delta = 1e-5.
+# - 64..1024 at ratio 2^(1/8), then on to 4096 at ratio 2^(1/4): within 0.3% of a dense grid for
+#   every epsilon down to ~0.002, and a floor of 0.00054 at delta = 1e-5 (see _epsilon_floor).
+# - 1.15..1.95 between the defaults' tenths: large epsilons (few survivors under secure
+#   aggregation, tiny noise) have their best order near 1, where (a - 1) doubles from 1.1 to 1.2;
+#   eps ~ 90 goes from 6% to 0.9% above the dense grid. Below 1.1 the conversion term alone,
+#   log(1/delta)/(a - 1), is over 100: useless.
+# Integer orders cost dp-accounting O(a) each, so the top of the grid is most of the ~0.1 s that
+# one (q < 1, z) takes; the count of a composition costs nothing.
+ORDERS: tuple[float, ...] = tuple(sorted(set(
+    [1 + x / 10.0 for x in range(1, 100)]              # the defaults' fractional orders
+    + [round(1.05 + x / 10.0, 2) for x in range(1, 10)]  # 1.15, 1.25, ..., 1.95
+    + list(range(11, 64))                              # the defaults' small integers
+    + [round(64 * 2 ** (k / 8)) for k in range(33)]    # 64, 70, 76, ..., 1024 (holds 128..1024)
+    + [round(1024 * 2 ** (k / 4)) for k in range(1, 9)]  # 1218, 1448, ..., 4096
+)))
+
+_MAX_BRACKET = 40                                      # doublings/halvings of z from 1
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Mute dp-accounting's absl warnings for the duration of a call. At small orders and small
+    noise its series for fractional orders may not converge; it then drops that order, which can
+    only loosen the bound, and says so once per order and composition: noise, not news.
+    When absl's handler sits on the root logger (programs started by absl.app), absl verbosity
+    is the root level, so both levels are saved and put back as they were."""
+    from absl import logging as absl_logging
+
+    absl_logger, root = logging.getLogger("absl"), logging.getLogger()
+    saved = absl_logging.get_verbosity(), absl_logger.level, root.level
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(saved[0])
+        absl_logger.setLevel(saved[1])
+        root.setLevel(saved[2])
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _check_count(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def epsilon(events: Iterable[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at `delta` after all `events`, each (q, z, count): `count` steps of the Gaussian
+    mechanism with noise multiplier z (noise std / L2 sensitivity) on a Poisson sample of rate q.
+    q = 1 is the plain Gaussian mechanism; z = 0 (with count > 0) gives inf; count 0 adds nothing.
+    All events compose in one RdpAccountant over ORDERS, so rounds with different z (secure
+    aggregation with dropouts) are accounted exactly, not by their worst case.
+    Raises ValueError for q outside (0, 1], z < 0, count < 0 or delta outside (0, 1)."""
+    _check_delta(delta)
+    totals: dict[tuple[float, float], int] = {}        # identical events: one RDP evaluation
+    for q, z, count in events:
+        if not 0 < q <= 1:
+            raise ValueError(f"sampling rate q must be in (0, 1], got {q!r}")
+        if not z >= 0:                                  # also rejects nan
+            raise ValueError(f"noise multiplier z must be >= 0, got {z!r}")
+        count = _check_count("count", count, 0)
+        if count:
+            key = (float(q), float(z))
+            totals[key] = totals.get(key, 0) + count
+    if any(z == 0 for _, z in totals):
+        return math.inf                                # unnoised releases: no guarantee at all
+    if not totals:
+        return 0.0
+
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant(ORDERS)
+    with _quiet_absl():
+        for (q, z), count in totals.items():
+            event = dp_accounting.GaussianDpEvent(z)
+            if q < 1:
+                event = dp_accounting.PoissonSampledDpEvent(q, event)
+            accountant.compose(event, count)
+        return float(accountant.get_epsilon(delta))
+
+
+def _epsilon_floor(delta: float) -> float:
+    """The infimum of epsilon over all noise levels: as z grows every RDP value goes to 0 and
+    dp-accounting's conversion (Canonne et al. 2020, Asoodeh et al. 2021), epsilon = rdp +
+    log(1 - 1/a) - log(delta a)/(a - 1), tends to this term, smallest at the largest order.
+    (Its other bound, via the KL divergence, only gives epsilon 0 once every RDP value is under
+    ~delta^2: noise in the thousands of times the sensitivity. Not a useful calibration.)"""
+    return min(math.log1p(-1 / a) - math.log(delta * a) / (a - 1) for a in ORDERS if a > 1.01)
+
+
+def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float,
+                    rtol: float = 1e-3) -> float:
+    """The smallest noise multiplier z, to a relative `rtol`, such that `steps` compositions of
+    the Gaussian mechanism on Poisson samples of rate q end at epsilon(delta) <= target_epsilon.
+    Bisection on log z keeps a bracket eps(lo) > target >= eps(hi) and returns hi: the result
+    always meets the target, and z / (1 + rtol) does not.
+    Raises ValueError for bad arguments, and when the target is at or below what RDP over ORDERS
+    can certify with any noise (about 5e-4 for delta = 1e-5; see _epsilon_floor)."""
+    if not 0 < q <= 1:
+        raise ValueError(f"sampling rate q must be in (0, 1], got {q!r}")
+    steps = _check_count("steps", steps, 1)
+    _check_delta(delta)
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    floor = _epsilon_floor(delta)
+    unreachable = (f"target_epsilon={target_epsilon:g} is unreachable with q={q:g}, steps={steps}, "
+                   f"delta={delta:g}: the smallest epsilon reachable is {floor:.4g} (not attained: "
+                   f"it is the limit as the noise grows; the RDP-to-DP conversion term "
+                   f"log(1/(delta*a))/(a-1) + log(1-1/a) at the largest RDP order a={max(ORDERS):g}); "
+                   f"ask for a larger epsilon or delta")
+    if target_epsilon <= floor:
+        raise ValueError(unreachable)
+
+    def meets(z: float) -> bool:
+        return epsilon([(q, z, steps)], delta) <= target_epsilon
+
+    lo = hi = 1.0
+    if meets(hi):                                      # walk down until the target fails
+        for _ in range(_MAX_BRACKET):
+            lo /= 2
+            if not meets(lo):
+                break
+            hi = lo
+        else:
+            return hi                                  # met with z = 2^-40: any noise will do
+    else:                                              # walk up until the target is met
+        for _ in range(_MAX_BRACKET):
+            hi *= 2
+            if meets(hi):
+                break
+            lo = hi
+        else:
+            raise ValueError(unreachable)
+    while hi > lo * (1 + rtol):
+        mid = math.sqrt(lo * hi)
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def poisson_sample(n: int, q: float, seed: int, step: int) -> np.ndarray:
+    """The sorted int64 indices of one Poisson batch: each of the n samples joins independently
+    with probability q. A pure function of (n, q, seed, step), so every rank draws the same batch
+    without communicating.
+    Drawn as K ~ Binomial(n, q), then a uniform K-subset: the same distribution as n independent
+    Bernoulli(q) draws, since under those the size is Binomial(n, q) and every subset of a given
+    size has the same probability q^K (1-q)^(n-K). It costs O(K) instead of O(n) for small q."""
+    n = _check_count("n", n, 0)
+    if not 0 <= q <= 1:
+        raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
+    rng = np.random.default_rng([seed, step, 0x9015])
+    k = rng.binomial(n, q)
+    idx = rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64)
+    idx.sort()
+    return idx
+
+
+def _kl_bernoulli(a: float, q: float) -> float:
+    """KL(Bernoulli(a) || Bernoulli(q)), 0 < q < 1, with 0 log 0 = 0."""
+    out = a * math.log(a / q) if a > 0 else 0.0
+    return out + ((1 - a) * math.log((1 - a) / (1 - q)) if a < 1 else 0.0)
+
+
+def poisson_capacity(n: int, q: float, p_exceed: float = 1e-12) -> int:
+    """A batch size c that a Poisson batch K ~ Binomial(n, q) exceeds with probability at most
+    p_exceed, so that buffers of c rows can be preallocated. From the Chernoff bound in its
+    relative-entropy form (Hoeffding 1963, Theorem 1): P(K >= k) <= exp(-n KL(k/n || q)) for
+    k >= nq; c is the smallest integer >= ceil(nq) with exp(-n KL((c+1)/n || q)) <= p_exceed.
+    About mean + sqrt(2 mean ln(1/p_exceed)) for small q: 220 for n = 60000, q = 128/60000."""
+    n = _check_count("n", n, 0)
+    if not 0 <= q <= 1:
+        raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
+    if not 0 < p_exceed <= 1:
+        raise ValueError(f"p_exceed must be in (0, 1], got {p_exceed!r}")
+    lo = math.ceil(n * q)
+    if q in (0, 1) or lo >= n:
+        return lo                                      # K is n q surely, or c = n is never exceeded
+    log_p = math.log(p_exceed)
+    if -n * _kl_bernoulli((lo + 1) / n, q) <= log_p:
+        return lo
+    hi = n                                             # P(K > n) = 0: always enough
+    while hi - lo > 1:                                 # the bound falls with c: bisect on it
+        mid = (lo + hi) // 2
+        if -n * _kl_bernoulli((mid + 1) / n, q) <= log_p:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def clip_l2(vector: np.ndarray, S: float) -> tuple[np.ndarray, float]:
+    """(vector * min(1, S / ||vector||), ||vector||): a client's update clipped to L2 norm S, so
+    that it moves the sum by at most S (DP-FedAvg's sensitivity). The norm sums squares in
+    float64: float32 would lose digits over 235,146 terms. Returns a new array, of vector's dtype
+    when that is floating (float64 otherwise)."""
+    if not S > 0:
+        raise ValueError(f"clipping norm S must be > 0, got {S!r}")
+    vector = np.asarray(vector)
+    flat = vector.astype(np.float64).ravel()
+    norm = math.sqrt(float(flat @ flat))
+    scale = min(1.0, S / norm) if norm > 0 else 1.0
+    dtype = vector.dtype if np.issubdtype(vector.dtype, np.floating) else np.float64
+    return (vector * dtype.type(scale)).astype(dtype, copy=False), norm
+
+
+def noise_std(z: float, S: float) -> float:
+    """The std of the Gaussian noise on a sum of updates clipped to S: z times the sensitivity."""
+    if not z >= 0 or not S > 0:
+        raise ValueError(f"need z >= 0 and S > 0, got z={z!r}, S={S!r}")
+    return z * S
+
+
+def secure_noise_multiplier(z: float, expected_clients: int, survivors: int) -> float:
+    """The noise multiplier a round under secure aggregation can be accounted with.
+    Each of the expected_clients clients adds N(0, z^2 S^2 / expected_clients) to its clipped
+    update before masking, so that a full round sums to N(0, z^2 S^2): the server only ever sees
+    the sum. Privacy compares the round with the neighbouring one in which a given client is
+    absent; there its noise share is absent too, so its own noise does not protect it, and only
+    the shares of the other survivors count: min(survivors - 1, expected_clients) of them
+    (capped so that a crowded round never claims more than the nominal z). Hence
+    z_eff = z sqrt(min(survivors - 1, expected) / expected), and 0 (no guarantee) when at most
+    one client survives. Dropouts thus cost privacy; epsilon() composes the rounds' z_eff."""
+    if not z >= 0:
+        raise ValueError(f"noise multiplier z must be >= 0, got {z!r}")
+    expected = _check_count("expected_clients", expected_clients, 1)
+    survivors = _check_count("survivors", survivors, 0)
+    if survivors <= 1:
+        return 0.0
+    return z * math.sqrt(min(survivors - 1, expected) / expected)
