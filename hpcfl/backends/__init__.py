@@ -3,11 +3,14 @@
 A backend is a module providing
     xp                                    the array module (numpy or cupy)
     Workspace(layout, max_batch)          preallocated activations, reused every step
-    gather(src_u8, idx, out)              rows `idx` of the uint8 images -> normalised float32
+    gather(src_u8, idx, out, mean, std)   rows `idx` of the uint8 images -> (x/255 - mean)/std float32
     gather_labels(labels, idx, out)       labels[idx] -> out (int32)
     forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> loss_sum
                                           grads = SUM over the batch; on_layer_ready(i) is
                                           called once layer i's grads are final (last first)
+    forward_backward_clipped(params, x, y, grads, ws, clip) -> (loss_sum, n_clipped)
+                                          grads = SUM over the batch of per-sample gradients each
+                                          clipped to L2 norm clip (DP-SGD), without materialising them
     evaluate(params, x, y, ws) -> (correct, loss_sum)
     sgd_update(p, g, buf, lr, momentum, weight_decay, scale)
     adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t)

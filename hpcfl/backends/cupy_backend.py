@@ -350,6 +350,164 @@ hpcfl_colsum_finish(const float* __restrict__ part, const int R, const int F,
 }
 """
 
+# Per-sample gradient clipping (DP-SGD, forward_backward_clipped). Row norms take one warp per
+# row (block (32, 8), grid ceil(n / 8)): lanes stride over the columns, a shuffle tree sums the
+# lanes, so every row has one fixed order and no atomics. sq[r] collects sample r's squared
+# gradient norm, sum over layers of (||a_r||^2 + 1) ||delta_r||^2 (a = the layer's input).
+_CLIP_SRC = r"""
+#define NC %(nc)d
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// out[r] = ||a[r]||^2 (the network's input rows).
+extern "C" __global__ void __launch_bounds__(256)
+hpcfl_clip_row_sumsq(const float* __restrict__ a, const int n, const int F, float* __restrict__ out)
+{
+    const int r = blockIdx.x * blockDim.y + threadIdx.y;
+    if (r >= n) return;                                   // the whole warp: it shares r
+    const float* row = a + (size_t)r * F;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < F; c += 32) { const float v = row[c]; s += v * v; }
+    s = warp_sum(s);
+    if (threadIdx.x == 0) out[r] = s;
+}
+
+// z = max(z + b, 0) in place; out[r] = ||z[r]||^2 (the next layer's input norms).
+extern "C" __global__ void __launch_bounds__(256)
+hpcfl_clip_bias_relu(float* __restrict__ z, const float* __restrict__ b, const int n, const int F,
+                     float* __restrict__ out)
+{
+    const int r = blockIdx.x * blockDim.y + threadIdx.y;
+    if (r >= n) return;
+    float* row = z + (size_t)r * F;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < F; c += 32) {
+        const float v = fmaxf(row[c] + b[c], 0.f);
+        row[c] = v;
+        s += v * v;
+    }
+    s = warp_sum(s);
+    if (threadIdx.x == 0) out[r] = s;
+}
+
+// One block (blockDim.x a multiple of 32): dz = softmax(logits) - onehot(y), no bias sum (it
+// waits for the clipping); sq[r] = (asq[r] + 1) ||dz[r]||^2; loss[0] = summed cross-entropy.
+extern "C" __global__ void __launch_bounds__(1024)
+hpcfl_clip_softmax_xent(const float* __restrict__ logits, const int* __restrict__ y, const int n,
+                        const float* __restrict__ asq, float* __restrict__ dz, float* __restrict__ sq,
+                        double* __restrict__ loss)
+{
+    double lsum = 0.0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        const float* z = logits + (size_t)r * NC;
+        float* d = dz + (size_t)r * NC;
+        float e[NC];
+        float m = z[0];
+#pragma unroll
+        for (int c = 1; c < NC; ++c) m = fmaxf(m, z[c]);
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) { e[c] = expf(z[c] - m); s += e[c]; }
+        const float inv = 1.f / s;
+        const int label = y[r];
+        lsum += (double)logf(s) + (double)m - (double)z[label];
+        float dsq = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+            const float g = e[c] * inv - (c == label ? 1.f : 0.f);
+            d[c] = g;
+            dsq += g * g;
+        }
+        sq[r] = (asq[r] + 1.f) * dsq;
+    }
+    __shared__ double sh_loss[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    lsum = warp_sum(lsum);
+    if (lane == 0) sh_loss[warp] = lsum;
+    __syncthreads();
+    if (warp == 0) {
+        const double l = warp_sum(lane < nwarps ? sh_loss[lane] : 0.0);
+        if (lane == 0) loss[0] = l;
+    }
+}
+
+// dz *= (a > 0) in place; sq[r] += (asq[r] + 1) ||dz[r]||^2 (asq: this layer's input norms).
+extern "C" __global__ void __launch_bounds__(256)
+hpcfl_clip_relu_bwd(float* __restrict__ dz, const float* __restrict__ a, const int n, const int F,
+                    const float* __restrict__ asq, float* __restrict__ sq)
+{
+    const int r = blockIdx.x * blockDim.y + threadIdx.y;
+    if (r >= n) return;
+    float* row = dz + (size_t)r * F;
+    const float* arow = a + (size_t)r * F;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < F; c += 32) {
+        const float v = arow[c] <= 0.f ? 0.f : row[c];
+        row[c] = v;
+        s += v * v;
+    }
+    s = warp_sum(s);
+    if (threadIdx.x == 0) sq[r] += (asq[r] + 1.f) * s;
+}
+
+// One block: factor[r] = min(1, clip / sqrt(sq[r])) (1 when sq[r] is 0: never clipped);
+// out[1] = the number of rows clipped (beside the loss in out[0]).
+extern "C" __global__ void __launch_bounds__(1024)
+hpcfl_clip_factors(const float* __restrict__ sq, const int n, const float clip,
+                   float* __restrict__ factor, double* __restrict__ out)
+{
+    double count = 0.0;
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        const float norm = sqrtf(sq[r]);
+        const bool clipped = norm > clip;
+        factor[r] = clipped ? clip / norm : 1.f;
+        count += clipped ? 1.0 : 0.0;
+    }
+    __shared__ double sh[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    count = warp_sum(count);
+    if (lane == 0) sh[warp] = count;
+    __syncthreads();
+    if (warp == 0) {
+        const double c = warp_sum(lane < nwarps ? sh[lane] : 0.0);
+        if (lane == 0) out[1] = c;
+    }
+}
+
+// dz[r] *= factor[r] in place and the column sums of the scaled dz, laid out as the ReLU
+// backward's column sums: block (32, 32), grid (ceil(F/32), R), out[blockIdx.y * F + col].
+extern "C" __global__ void __launch_bounds__(1024)
+hpcfl_clip_scale_colsum(float* __restrict__ dz, const float* __restrict__ factor, const int n,
+                        const int F, float* __restrict__ out)
+{
+    __shared__ float sh[32][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float acc = 0.f;
+    if (col < F) {
+        for (int r = blockIdx.y * 32 + threadIdx.y; r < n; r += gridDim.y * 32) {
+            const size_t k = (size_t)r * F + col;
+            const float v = dz[k] * factor[r];
+            dz[k] = v;
+            acc += v;
+        }
+    }
+    sh[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < F) {
+        float s = 0.f;
+        for (int j = 0; j < 32; ++j) s += sh[j][threadIdx.x];
+        out[(size_t)blockIdx.y * F + col] = s;
+    }
+}
+"""
+_CLIP_ROWS = 8         # rows (warps) per block of the row-norm kernels
+
 _ROWS_PER_PART = 256   # rows of one grid row of the column-sum kernel (8 per row lane)
 _MAX_PARTS = 64        # at most 64 parts: 8192 rows give 32 parts, 256 blocks for F = 256
 
@@ -393,6 +551,15 @@ def _raw(name: str, nc: int = 0):
     if k is None:
         src = _SOFTMAX_SRC % {"nc": nc} if nc else _COLSUM_SRC
         k = _kernels[key] = _cupy().RawKernel(src, name)
+    return k
+
+
+def _clip_raw(name: str, nc: int):
+    """A kernel of _CLIP_SRC (compiled for nc classes on first use)."""
+    key = ("clip", name, nc)
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = _cupy().RawKernel(_CLIP_SRC % {"nc": nc}, name)
     return k
 
 
@@ -463,6 +630,18 @@ class Workspace:
         self.y32 = cupy.empty(max_batch, cupy.int32)                            # labels as int32
         self.scalars = cupy.zeros(2, cupy.float64)       # loss, or (correct, loss)
         self.host = np.zeros(2, np.float64)              # their host copy
+        self.n_layers = len(outs)
+        self._clip = None
+
+    def clip_buffers(self):
+        """(asq, sq, factor) for forward_backward_clipped, allocated on its first call only:
+        asq[l] = ||input row of layer l||^2 ((L, B)), sq = squared per-sample gradient norms
+        ((B,)), factor = the per-sample clip factors ((B,)); all float32."""
+        if self._clip is None:
+            cupy = _cupy()
+            self._clip = (cupy.empty((self.n_layers, self.max_batch), cupy.float32),
+                          cupy.empty(self.max_batch, cupy.float32), cupy.empty(self.max_batch, cupy.float32))
+        return self._clip
 
 
 def _labels(y, ws):
@@ -530,6 +709,61 @@ def _relu_backward_bias(da, a, gb, ws) -> None:
         _raw("hpcfl_colsum_finish")((-(-F // 256),), (256,), (ws.parts, np.int32(parts), np.int32(F), gb))
 
 
+def forward_backward_clipped(params, x, y, grads, ws, clip) -> tuple[float, int]:
+    """grads = the sum over the batch of each sample's gradient clipped to L2 norm `clip` (all
+    layers together, DP-SGD); returns (summed unclipped loss, number of samples clipped).
+
+    As forward_backward, but every layer's delta is formed first, the per-sample squared norms
+    accumulated on the way (input norms in the hidden layers' bias + ReLU kernel); one kernel
+    turns them into clip factors, each delta's rows are scaled in its bias-sum kernel, and
+    only then run the weight-gradient SGEMMs. One 16-byte device -> host copy (loss, count)."""
+    n, last = x.shape[0], len(params) - 1
+    nc = ws.n_classes
+    _blas_begin()
+    y = _labels(y, ws)
+    asq_all, sq_all, factor_all = ws.clip_buffers()
+    asq, sq, factor = [asq_all[i][:n] for i in range(last + 1)], sq_all[:n], factor_all[:n]
+    rows = ((-(-n // _CLIP_ROWS),), (32, _CLIP_ROWS))
+    _clip_raw("hpcfl_clip_row_sumsq", nc)(*rows, (x, np.int32(n), np.int32(x.shape[1]), asq[0]))
+    a = x
+    for i, (w, b) in enumerate(params):
+        z = ws.acts[i][:n]
+        _gemm(a, w, z)                                               # (B, fan_in) @ (fan_in, fan_out)
+        if i < last:
+            _clip_raw("hpcfl_clip_bias_relu", nc)(*rows, (z, b, np.int32(n), np.int32(z.shape[1]), asq[i + 1]))
+        else:
+            _elementwise("bias")(b, z)
+        a = z
+    dz = ws.deltas[last][:n]
+    _clip_raw("hpcfl_clip_softmax_xent", nc)(
+        (1,), (_threads(n),), (a, y, np.int32(n), asq[last], dz, sq, ws.scalars))
+    for i in range(last, 0, -1):                                     # every delta, unclipped
+        da = ws.deltas[i - 1][:n]
+        _gemm(dz, params[i][0], da, trans_b=True)                    # (B, fan_out) @ (fan_out, fan_in)
+        _clip_raw("hpcfl_clip_relu_bwd", nc)(
+            *rows, (da, ws.acts[i - 1][:n], np.int32(n), np.int32(da.shape[1]), asq[i - 1], sq))
+        dz = da
+    _clip_raw("hpcfl_clip_factors", nc)((1,), (_threads(n),), (sq, np.int32(n), np.float32(clip), factor, ws.scalars))
+    for i in range(last, -1, -1):
+        dz = ws.deltas[i][:n]
+        _scale_rows_bias(dz, factor, grads[i][1], ws)
+        a_prev = ws.acts[i - 1][:n] if i > 0 else x
+        _gemm(a_prev, dz, grads[i][0], trans_a=True)                 # (fan_in, B) @ (B, fan_out)
+    ws.scalars.get(out=ws.host)
+    return float(ws.host[0]), int(ws.host[1])
+
+
+def _scale_rows_bias(dz, factor, gb, ws) -> None:
+    """dz[r] *= factor[r] in place; gb = column sums of the scaled dz."""
+    n, F = dz.shape
+    parts = _parts(n)
+    grid = (-(-F // 32), parts)
+    out = gb if parts == 1 else ws.parts
+    _clip_raw("hpcfl_clip_scale_colsum", ws.n_classes)(grid, (32, 32), (dz, factor, np.int32(n), np.int32(F), out))
+    if parts > 1:
+        _raw("hpcfl_colsum_finish")((-(-F // 256),), (256,), (ws.parts, np.int32(parts), np.int32(F), gb))
+
+
 def evaluate(params, x, y, ws) -> tuple[int, float]:
     """(number correct, summed loss) over the batch: one device -> host copy of both."""
     n = x.shape[0]
@@ -568,22 +802,24 @@ def _device_index(idx):
     return dev
 
 
-def gather(src_u8, idx, out) -> None:
-    """out[:len(idx)] = (src[idx] / 255 - MEAN) / STD; src on the device (fast) or the host."""
+def gather(src_u8, idx, out, mean: float = MEAN, std: float = STD) -> None:
+    """out[:len(idx)] = (src[idx] / 255 - mean) / std; src on the device (fast) or the host."""
     n = len(idx)
     if n == 0:
         return
     cupy = _cupy()
     rows = out[:n]
+    scale, shift = (_SCALE, _SHIFT) if (mean, std) == (MEAN, STD) else \
+        (np.float32(1.0 / (255.0 * std)), np.float32(mean / std))
     if isinstance(src_u8, cupy.ndarray):
         ncol = src_u8.size // src_u8.shape[0]
-        _elementwise("gather")(src_u8, _device_index(idx), np.int64(ncol), _SCALE, _SHIFT, rows)
+        _elementwise("gather")(src_u8, _device_index(idx), np.int64(ncol), scale, shift, rows)
     else:   # host images: gather on the host, one copy, normalise on the device
         host = np.ascontiguousarray(src_u8[to_host(idx)]).reshape(rows.shape)
         staged = _buffer("rows", host.size, np.uint8).reshape(rows.shape)
         staged.set(host)
         _in_flight["rows"] = host
-        _elementwise("normalise")(staged, _SCALE, _SHIFT, rows)
+        _elementwise("normalise")(staged, scale, shift, rows)
 
 
 def gather_labels(labels, idx, out) -> None:

@@ -38,6 +38,17 @@ class Workspace:
         outs = layout.sizes[1:]
         self.acts = [np.empty((max_batch, n), np.float32) for n in outs]    # a1..aL (aL = logits)
         self.deltas = [np.empty((max_batch, n), np.float32) for n in outs]  # dL/dz per layer
+        self.n_layers = len(outs)
+        self._clip = None
+
+    def clip_buffers(self):
+        """(asq, sq, factor) for forward_backward_clipped, allocated on its first call only:
+        asq[l] = ||input row of layer l||^2, sq = squared per-sample gradient norms (float64,
+        (L, B) and (B,)), factor = the per-sample clip factors (float32, (B,))."""
+        if self._clip is None:
+            self._clip = (np.empty((self.n_layers, self.max_batch), np.float64),
+                          np.empty(self.max_batch, np.float64), np.empty(self.max_batch, np.float32))
+        return self._clip
 
 
 _SCALE = np.float32(1.0 / (255.0 * STD))
@@ -96,6 +107,124 @@ def _relu_backward_bias(dz, a, gb):
             gb[c] += dz[r, c]
 
 
+# ---- per-sample gradient clipping (DP-SGD): the squared norm of sample r's gradient of a
+# layer is (||a_r||^2 + 1) ||delta_r||^2 (a = the layer's input), summed over layers in sq[r].
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _sumsq_row(row):
+    """sum(row**2) in float32, returned as float64. Reassociation lets LLVM vectorise the sum
+    (3.4x faster than the strict left-to-right loop, measured on x's 784-wide rows); the order
+    is then fixed by the compiled code, so it is the same run after run on this machine."""
+    s = np.float32(0.0)
+    for c in range(row.shape[0]):
+        s += row[c] * row[c]
+    return float(s)
+
+
+@njit(cache=True, nogil=True)
+def _row_sumsq(a, out):
+    """out[r] = ||a[r]||^2."""
+    for r in range(a.shape[0]):
+        out[r] = _sumsq_row(a[r])
+
+
+@njit(cache=True, nogil=True)
+def _bias_relu_sumsq(z, b, out):
+    """z = max(z + b, 0) in place; out[r] = ||z[r]||^2 (the next layer's input norms)."""
+    for r in range(z.shape[0]):
+        row = z[r]
+        for c in range(row.shape[0]):
+            row[c] = max(row[c] + b[c], np.float32(0.0))
+        out[r] = _sumsq_row(row)
+
+
+@njit(cache=True, nogil=True)
+def _softmax_xent_delta_sumsq(logits, y, dz, asq, sq):
+    """dz = softmax(logits) - onehot(y) (no bias sum: it waits for the clipping);
+    sq[r] = (asq[r] + 1) ||dz[r]||^2, the last layer's part; returns the summed loss."""
+    loss = 0.0
+    for r in range(logits.shape[0]):
+        m = logits[r, 0]
+        for c in range(1, logits.shape[1]):
+            m = max(m, logits[r, c])
+        s = 0.0
+        for c in range(logits.shape[1]):
+            e = math.exp(logits[r, c] - m)
+            dz[r, c] = e
+            s += e
+        inv = 1.0 / s
+        for c in range(logits.shape[1]):
+            dz[r, c] *= inv
+        loss += math.log(s) + m - logits[r, y[r]]
+        dz[r, y[r]] -= 1.0
+        sq[r] = (asq[r] + 1.0) * _sumsq_row(dz[r])
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _relu_backward_sumsq(dz, a, asq, sq):
+    """dz *= (a > 0) in place; sq[r] += (asq[r] + 1) ||dz[r]||^2 (asq: this layer's input norms)."""
+    for r in range(dz.shape[0]):
+        row, arow = dz[r], a[r]
+        for c in range(row.shape[0]):
+            if arow[c] <= 0.0:
+                row[c] = 0.0
+        sq[r] += (asq[r] + 1.0) * _sumsq_row(row)
+
+
+@njit(cache=True, nogil=True)
+def _relu_backward_clip_bias(dz, a, asq, sq, clip, factor, gb):
+    """The first layer's delta, where each sample's norm becomes complete: dz *= (a > 0);
+    sq[r] += (asq[r] + 1) ||dz[r]||^2; factor[r] = min(1, clip / sqrt(sq[r])) (1 when sq[r] is
+    0); dz[r] *= factor[r] while the row is in cache; gb = column sums of the clipped dz.
+    Returns the number clipped."""
+    gb[:] = 0.0
+    n_clipped = 0
+    for r in range(dz.shape[0]):
+        row, arow = dz[r], a[r]
+        for c in range(row.shape[0]):
+            if arow[c] <= 0.0:
+                row[c] = 0.0
+        total = sq[r] + (asq[r] + 1.0) * _sumsq_row(row)
+        sq[r] = total
+        norm = math.sqrt(total)
+        f32 = np.float32(1.0)
+        if norm > clip:                       # a zero norm is never clipped
+            n_clipped += 1
+            f32 = np.float32(clip / norm)
+        factor[r] = f32
+        for c in range(row.shape[0]):
+            v = row[c] * f32
+            row[c] = v
+            gb[c] += v
+    return n_clipped
+
+
+@njit(cache=True, nogil=True)
+def _clip_factors(sq, clip, factor):
+    """factor[r] = min(1, clip / sqrt(sq[r])); returns the number clipped (one-layer models)."""
+    n_clipped = 0
+    for r in range(sq.shape[0]):
+        norm = math.sqrt(sq[r])
+        factor[r] = np.float32(1.0)
+        if norm > clip:
+            n_clipped += 1
+            factor[r] = np.float32(clip / norm)
+    return n_clipped
+
+
+@njit(cache=True, nogil=True)
+def _scale_rows_bias(dz, factor, gb):
+    """dz[r] *= factor[r] in place; gb = column sums of the scaled dz."""
+    gb[:] = 0.0
+    for r in range(dz.shape[0]):
+        row, f = dz[r], factor[r]
+        for c in range(row.shape[0]):
+            v = row[c] * f
+            row[c] = v
+            gb[c] += v
+
+
 @njit(cache=True, nogil=True)
 def _eval_counts(logits, y):
     correct = 0
@@ -141,8 +270,12 @@ def _gather_labels(labels, idx, out):
         out[r] = labels[idx[r]]
 
 
-def gather(src_u8, idx, out) -> None:
-    _gather(src_u8, idx, _SCALE, _SHIFT, out)
+def gather(src_u8, idx, out, mean: float = MEAN, std: float = STD) -> None:
+    """out[:len(idx)] = (src[idx] / 255 - mean) / std, as src * (1/(255 std)) - mean/std."""
+    if mean == MEAN and std == STD:
+        _gather(src_u8, idx, _SCALE, _SHIFT, out)
+    else:
+        _gather(src_u8, idx, np.float32(1.0 / (255.0 * std)), np.float32(mean / std), out)
 
 
 def gather_labels(labels, idx, out) -> None:
@@ -179,6 +312,50 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
             _relu_backward_bias(da, a_prev, grads[i - 1][1])
             dz = da
     return float(loss)
+
+
+def forward_backward_clipped(params, x, y, grads, ws, clip) -> tuple[float, int]:
+    """grads = the sum over the batch of each sample's gradient clipped to L2 norm `clip` (all
+    layers together, DP-SGD); returns (summed unclipped loss, number of samples clipped).
+
+    As forward_backward, but every layer's delta is formed first, with the per-sample squared
+    norms accumulated in the same kernels (input norms in the forward's bias + ReLU kernel);
+    the first layer's kernel turns the norms into clip factors and scales its rows, the other
+    deltas are scaled in their bias-sum pass, and only then run the weight-gradient GEMMs.
+    Nothing is allocated: the norm and factor vectors are Workspace buffers."""
+    n, last = x.shape[0], len(params) - 1
+    asq_all, sq_all, factor_all = ws.clip_buffers()
+    asq, sq, factor = asq_all[:, :n], sq_all[:n], factor_all[:n]
+    _row_sumsq(x, asq[0])                                     # ||x_r||^2, layer 0's input
+    a = x
+    for i, (w, b) in enumerate(params):                       # forward, with the input norms
+        z = ws.acts[i][:n]
+        np.matmul(a, w, out=z)
+        if i < last:
+            _bias_relu_sumsq(z, b, asq[i + 1])
+        else:
+            _bias_act(z, b, False)
+        a = z
+    dz = ws.deltas[last][:n]
+    loss = _softmax_xent_delta_sumsq(a, y, dz, asq[last], sq)
+    for i in range(last, 0, -1):                              # deltas, unclipped, with norms
+        da = ws.deltas[i - 1][:n]
+        np.matmul(dz, params[i][0].T, out=da)                 # (B, fan_out) @ (fan_out, fan_in)
+        if i > 1:
+            _relu_backward_sumsq(da, ws.acts[i - 1][:n], asq[i - 1], sq)
+        else:
+            n_clipped = _relu_backward_clip_bias(da, ws.acts[0][:n], asq[0], sq, np.float64(clip),
+                                                 factor, grads[0][1])
+        dz = da
+    if last == 0:
+        n_clipped = _clip_factors(sq, np.float64(clip), factor)
+    for i in range(last, -1, -1):
+        dz = ws.deltas[i][:n]
+        if i > 0 or last == 0:
+            _scale_rows_bias(dz, factor, grads[i][1])
+        a_prev = ws.acts[i - 1][:n] if i > 0 else x
+        np.matmul(a_prev.T, dz, out=grads[i][0])              # (fan_in, B) @ (B, fan_out)
+    return float(loss), int(n_clipped)
 
 
 def evaluate(params, x, y, ws) -> tuple[int, float]:

@@ -20,9 +20,9 @@ class Workspace:
         self.max_batch = max_batch
 
 
-def gather(src_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
-    """out[:len(idx)] = (src[idx] / 255 - MEAN) / STD."""
-    out[: len(idx)] = (src_u8[idx].astype(np.float32) / 255.0 - MEAN) / STD
+def gather(src_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, mean: float = MEAN, std: float = STD) -> None:
+    """out[:len(idx)] = (src[idx] / 255 - mean) / std (the data set's pixel statistics)."""
+    out[: len(idx)] = (src_u8[idx].astype(np.float32) / 255.0 - mean) / std
 
 
 def gather_labels(labels, idx, out) -> None:
@@ -64,6 +64,37 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
         if i > 0:
             dz = (dz @ w.T) * (acts[i] > 0)  # ReLU backward
     return loss
+
+
+def forward_backward_clipped(params, x, y, grads, ws, clip) -> tuple[float, int]:
+    """DP-SGD's summed gradient: each sample's gradient (all layers' W and b together) clipped
+    to L2 norm `clip`, then summed into grads; returns (summed unclipped loss, samples clipped).
+
+    No per-sample gradient is formed (Goodfellow 2015; the ghost norm of Li et al. 2022): sample
+    i's gradient of layer l is the outer product a_i delta_i^T plus the bias part delta_i, so
+    its squared norm is (||a_i||^2 + 1) ||delta_i||^2. Backprop is linear in the deltas, so
+    scaling delta_i (every layer's row i) by factor_i = min(1, clip / norm_i) clips sample i."""
+    acts = _forward(params, x)
+    logp = _log_softmax(acts[-1])
+    rows = np.arange(len(y))
+    loss = -float(logp[rows, y].astype(np.float64).sum())
+    dz = np.exp(logp)
+    dz[rows, y] -= 1.0
+    deltas = [dz]                            # every layer's unclipped delta, last layer first
+    for i in range(len(params) - 1, 0, -1):
+        deltas.insert(0, (deltas[0] @ params[i][0].T) * (acts[i] > 0))
+    sq = np.zeros(len(y))                    # (B,) squared per-sample gradient norms, float64
+    for a, d in zip(acts, deltas):           # a = the layer's input
+        sq += ((a.astype(np.float64) ** 2).sum(axis=1) + 1.0) * (d.astype(np.float64) ** 2).sum(axis=1)
+    norm = np.sqrt(sq)
+    clipped = norm > clip
+    factor = np.ones_like(norm)
+    factor[clipped] = clip / norm[clipped]   # norm 0 is never clipped: factor 1
+    for i, (a, d) in enumerate(zip(acts, deltas)):
+        d = d * factor[:, None].astype(d.dtype)
+        grads[i][0][...] = a.T @ d
+        grads[i][1][...] = d.sum(axis=0)
+    return loss, int(clipped.sum())
 
 
 def evaluate(params, x, y, ws) -> tuple[int, float]:
