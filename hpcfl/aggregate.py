@@ -72,10 +72,13 @@ class FedAdam(FedAvg):
 
 
 def make(cfg, n: int):
+    from .config import DEFAULT_SERVER_LR
+
+    lr = cfg.server_lr if cfg.server_lr is not None else DEFAULT_SERVER_LR[cfg.server_opt]
     if cfg.server_opt == "fedavg":
-        return FedAvg(n, cfg.server_lr)
+        return FedAvg(n, lr)
     if cfg.server_opt == "fedavgm":
-        return FedAvgM(n, cfg.server_lr, cfg.server_momentum)
+        return FedAvgM(n, lr, cfg.server_momentum)
     if cfg.server_opt == "fedadam":
-        return FedAdam(n, cfg.server_lr, cfg.server_beta1, cfg.server_beta2, cfg.server_eps)
+        return FedAdam(n, lr, cfg.server_beta1, cfg.server_beta2, cfg.server_eps)
     raise ValueError(f"unknown server optimizer {cfg.server_opt!r}")

@@ -1,19 +1,23 @@
-"""Command line: `python -m hpcfl [train] [options]`, `python -m hpcfl info`, `python -m hpcfl fetch-data`.
+"""Command line: `python -m hpcfl [train] [options]`, and the commands info, fetch-data,
+evaluate, predict and plot. A thin layer: it parses, then calls the Python API (api.py).
 
 Every rank parses the same argv, so a usage error is raised identically on every rank: each
-exits with code 2 and only rank 0 prints the message.
+exits with code 2 and only rank 0 prints the message. The options of `train` are generated from
+the Config fields (config.py), with their help, check and default.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
-from .config import Config, validate
-from .errors import UsageError
+from .config import FIELDS, Config, flag
+from .errors import HpcflError, UsageError
 
-DEFAULTS = Config()
+GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": "federated (--mode fl)",
+          "data": "data", "machinery": "machinery", "output": "output", "checkpoints": "checkpoints and preemption"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,213 +32,99 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
-def _positive(kind):
+def _value_parser(name: str, f):
+    """text -> value for field f: converted by its annotation, then its own check."""
+    kind = str(f.type)
+    meta = f.metadata
+
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if name == "hidden":
+            try:
+                value = tuple(int(t) for t in text.split(",") if t.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128, got {text!r}")
+        elif "int" in kind:
+            try:
+                value = int(text)
+            except ValueError:
+                what = "a positive int" if meta["check"].__name__ == "positive" else "an int"
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        elif "float" in kind:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        else:
+            value = text
+        if meta["check"] is not None:
+            try:
+                meta["check"](value)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc))
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+
+    parse.__name__ = name
     return parse
 
 
-def _non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
-
-
-def _hidden(text):
-    try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128, got {text!r}")
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
-
-
-def _unit_interval(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
 
 
 def train_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
-    p = _Parser(prog="python -m hpcfl", description="Train an MLP on MNIST with MPI "
-                "(data parallel or federated). Run under mpirun/srun for several ranks.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                epilog="Other commands: `python -m hpcfl info`, `python -m hpcfl fetch-data`. "
-                       "Exit codes: 0 done, 1 error, 2 bad usage, 75 stopped by SIGTERM/SIGUSR1 "
-                       "(checkpointed: run again with --resume).")
-    p.add_argument("--mode", choices=["dp", "fl"], default=d.mode, help="data parallel or federated")
-    g = p.add_argument_group("model and optimisation")
-    g.add_argument("--hidden", type=_hidden, default=d.hidden, help="hidden layer sizes, e.g. 256,128")
-    g.add_argument("--epochs", type=_positive(int), default=d.epochs)
-    g.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="global batch (dp)")
-    g.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
-    g.add_argument("--lr", type=_positive(float), default=d.lr)
-    g.add_argument("--momentum", type=_non_negative(float), default=d.momentum)
-    g.add_argument("--weight-decay", type=_non_negative(float), default=d.weight_decay)
-    g.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
-    g.add_argument("--max-steps", type=_positive(int), default=None,
-                   help="stop after this many optimizer steps (smoke runs, benchmarks)")
-    f = p.add_argument_group("federated (--mode fl)")
-    f.add_argument("--rounds", type=_positive(int), default=d.rounds)
-    f.add_argument("--num-clients", type=_positive(int), default=d.num_clients)
-    f.add_argument("--ranks-per-client", type=_positive(int), default=d.ranks_per_client)
-    f.add_argument("--client-fraction", type=_unit_interval, default=d.client_fraction)
-    f.add_argument("--partition", choices=["iid", "shards", "dirichlet"], default=d.partition)
-    f.add_argument("--alpha", type=_positive(float), default=d.alpha, help="Dirichlet concentration")
-    f.add_argument("--local-epochs", type=_positive(int), default=d.local_epochs)
-    f.add_argument("--local-batch-size", type=_positive(int), default=d.local_batch_size)
-    f.add_argument("--local-lr", type=_positive(float), default=d.local_lr)
-    f.add_argument("--mu", type=_non_negative(float), default=d.mu, help="FedProx proximal weight")
-    f.add_argument("--server-opt", choices=["fedavg", "fedavgm", "fedadam"], default=d.server_opt)
-    f.add_argument("--server-lr", type=_positive(float), default=d.server_lr)
-    f.add_argument("--server-momentum", type=_non_negative(float), default=d.server_momentum)
-    f.add_argument("--eval-every", type=_positive(int), default=d.eval_every, help="rounds between evaluations")
-    g.add_argument("--target-accuracy", type=_unit_interval, default=None,
-                   help="stop once the test accuracy reaches this (time-to-accuracy runs)")
-    m = p.add_argument_group("machinery")
-    m.add_argument("--backend", choices=["auto", "numpy", "numba", "cupy"], default=d.backend)
-    m.add_argument("--threads", type=_positive(int), default=d.threads, help="BLAS/Numba threads per rank")
-    m.add_argument("--allreduce", choices=["fused", "overlap", "nccl"], default=d.allreduce,
-                   help="gradient sync: one blocking MPI Allreduce of the flat buffer per step, a "
-                        "non-blocking Iallreduce per layer started during the backward pass, or one "
-                        "NCCL allreduce per step (--backend cupy, one GPU per rank)")
-    m.add_argument("--seed", type=_non_negative(int), default=d.seed)
-    m.add_argument("--data-dir", default=None, help="MNIST folder (default: $HPCFL_DATA_DIR, else a user cache folder)")
-    m.add_argument("--metrics", default=None, help="JSON Lines file, one record per epoch/round")
-    m.add_argument("--out", default=None, help="folder for the final model (.npz) and config (.json)")
-    m.add_argument("--quiet", action="store_true")
-    m.add_argument("--checkpoint-dir", default=None,
-                   help="folder for checkpoints (rank 0 writes ckpt-<step>.npz); on SIGTERM/SIGUSR1 the "
-                        "run saves one there and exits with code 75")
-    m.add_argument("--checkpoint-every", type=_non_negative(int), default=d.checkpoint_every,
-                   help="epochs (dp) or rounds (fl) between checkpoints; 0: only on preemption and at the end")
-    m.add_argument("--keep-checkpoints", type=_positive(int), default=d.keep_checkpoints,
-                   help="how many of the newest checkpoints to keep")
-    m.add_argument("--resume", action="store_true",
-                   help="continue from the newest valid checkpoint in --checkpoint-dir (start from scratch if none)")
+    p = _Parser(prog="python -m hpcfl", argument_default=argparse.SUPPRESS,
+                description="Train an MLP on MNIST (or a data set of its form) with MPI: data "
+                            "parallel or federated. Run under mpirun/srun for several ranks.",
+                epilog="Other commands: info, fetch-data, evaluate, predict, plot (python -m hpcfl "
+                       "COMMAND --help). Exit codes: 0 done, 1 error, 2 bad usage, 75 stopped by "
+                       "SIGTERM/SIGUSR1 (checkpointed: run again with --resume).")
+    p.add_argument("--config", metavar="FILE", help="settings from a TOML file or a config.json "
+                   "written by --out; options given here override them")
+    groups = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        title = GROUPS[meta["group"]]
+        g = p if title is None else groups.setdefault(title, p.add_argument_group(title))
+        help_text = f"{meta['help']} (default: {_shown(f.default)})"
+        if f.type in ("bool", bool):
+            g.add_argument(flag(name), action="store_true", help=help_text)
+        else:
+            kind = str(f.type)
+            metavar = meta["metavar"] or (None if meta["choices"] else "N" if "int" in kind
+                                          else "X" if "float" in kind else "NAME")
+            g.add_argument(flag(name), type=_value_parser(name, f), choices=meta["choices"],
+                           metavar=metavar, help=help_text)
     return p
 
 
-def parse_config(argv: list[str], world_size: int) -> Config:
-    ns = vars(train_parser().parse_args(argv))
-    names = {fld.name for fld in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ns.items() if k in names})
+def parse_config(argv: list[str], world_size: int | None = None) -> Config:
+    """The Config of `python -m hpcfl train ARGV`: --config's settings, then the options given."""
+    given = vars(train_parser().parse_args(argv))
+    settings = {}
+    if "config" in given:
+        settings = Config.from_file(given.pop("config"))
+    settings.update(given)
     try:
-        validate(cfg, world_size)
+        cfg = Config.from_dict(settings)
+        if world_size is not None:
+            from .config import resolve_defaults, validate
+
+            validate(resolve_defaults(cfg), world_size)
     except UsageError as exc:
         exc.collective = True
         raise
     return cfg
 
 
-def _load_data(cfg, comm):
-    from . import data
-
-    data_dir = data.resolve_data_dir(cfg.data_dir)
-
-    def prepare():  # rank 0 only: fetch if missing, validate, convert; the others wait
-        if data.missing_files(data_dir):
-            data.fetch(data_dir)
-        return str(data.prepare_cache(data_dir))
-
-    return data.open_cache(comm.agree(prepare))
-
-
-def _check_outputs(cfg, comm):
-    """Fail before training, not after it, when an output folder cannot be written."""
-    from pathlib import Path
-
-    from .files import check_writable_dir
-
-    def check():
-        for what, path in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir),
-                           ("--metrics", cfg.metrics and str(Path(cfg.metrics).parent))):
-            if path:
-                try:
-                    check_writable_dir(path)
-                except OSError as exc:
-                    raise UsageError(f"{what} {path}: cannot write there ({exc.strerror or exc})")
-
-    comm.agree(check)
-
-
 def train(comm, argv) -> int:
-    cfg = parse_config(argv, comm.size)
-    from . import preempt
+    from . import api
 
-    # From here on SIGTERM/SIGUSR1 only set a flag, also while the data loads: the first step
-    # (dp) or round (fl) then stops every rank with a checkpoint, instead of one rank dying.
-    with preempt.watch():
-        return _train(comm, cfg)
-
-
-def _train(comm, cfg) -> int:
-    from . import backends
-    from .report import Reporter
-
-    backends.set_threads(cfg.threads)
-    # Overflow in a diverging run would warn on every rank; the trainers check the (reduced)
-    # loss for NaN/Inf every step and stop with one message naming the step instead.
-    import numpy as np
-
-    np.seterr(over="ignore", invalid="ignore", divide="ignore")
-    name = backends.resolve(cfg.backend)
-    try:
-        backend = backends.get(name)
-    except backends.BackendUnavailable as exc:
-        raise UsageError(str(exc), collective=True)
-    cfg = cfg.replace(backend=name)
-    if cfg.allreduce == "overlap" and name == "cupy":   # device collectives are blocking (comm.py)
-        raise UsageError("--allreduce overlap works on host buffers only: with --backend cupy use "
-                         "fused (MPI) or nccl", collective=True)
-    if cfg.allreduce == "nccl" and name != "cupy":
-        raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
-                         f"backend is {name})", collective=True)
-    if name == "cupy":                        # one GPU per rank on a node, by node-local rank
-        from .comm import local_rank
-
-        backend.select_device(local_rank(comm))
-    _check_outputs(cfg, comm)
-    data = _load_data(cfg, comm)
-    if name == "cupy":                        # GPU-resident data: uploaded once (47 MB of uint8)
-        import dataclasses
-
-        data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
-                                            for k in ("train_x", "train_y", "test_x", "test_y")})
-    reporter = Reporter(cfg, comm.rank)
-    from . import faults
-
-    faults.at_step(comm.rank, 0)              # tests only: step 0 is start-up
-    if cfg.mode == "dp":
-        from . import dp
-
-        summary = dp.train(cfg, comm, data, backend, reporter)
-    else:
-        from . import fl
-
-        summary = fl.train(cfg, comm, data, backend, reporter)
-    if summary["test_accuracy"] is not None:
-        reporter.info(f"final test accuracy {100 * summary['test_accuracy']:.2f}%")
+    cfg = parse_config(argv)
+    api.train(cfg, comm=comm, handle_signals=True)
     return 0
 
 
@@ -243,7 +133,7 @@ def info(comm, argv) -> int:
 
     _Parser(prog="python -m hpcfl info", description="Show MPI, ranks, backends and GPU.").parse_args(argv)
     avail = backends.available()
-    hosts = comm.allgather(os.uname().nodename)
+    hosts = comm.allgather(comm_mod.host_name())
     if comm.rank == 0:
         import numpy
 
@@ -258,28 +148,111 @@ def info(comm, argv) -> int:
     return 0
 
 
+def _data_options(p, required=False):
+    p.add_argument("--dataset", default=None if not required else "mnist",
+                   help="a catalogue name (mnist, fashion-mnist, kmnist, emnist-digits, emnist-letters, "
+                        "emnist-balanced), or idx / npz with --data-dir")
+    p.add_argument("--data-dir", default=None, help="the data's folder (or .npz file)")
+
+
 def fetch_data(comm, argv) -> int:
-    from . import data
+    from . import api
 
     p = _Parser(prog="python -m hpcfl fetch-data",
-                description="Download the four MNIST files and verify their published MD5 sums "
-                            "(run once on a login node with internet).")
-    p.add_argument("--data-dir", default=None)
+                description="Download a catalogue data set, verify its published checksums and build "
+                            "the cache (run once on a login node with internet).")
+    _data_options(p, required=True)
     ns = p.parse_args(argv)
-    data_dir = data.resolve_data_dir(ns.data_dir)
-
-    def work():
-        data.fetch(data_dir)
-        data.prepare_cache(data_dir)
-        return str(data_dir)
-
-    where = comm.agree(work)
+    ds = api.load_dataset(ns.dataset, ns.data_dir, comm=comm)
     if comm.rank == 0:
-        print(f"MNIST ready in {where}")
+        from . import data
+
+        print(f"{ds.name} ready in {data.resolve_data_dir(ns.data_dir, ns.dataset)}: {ds.n_train} training "
+              f"and {ds.n_test} test images of {'x'.join(map(str, ds.image_shape))}, {ds.num_classes} classes")
     return 0
 
 
-COMMANDS = {"train": train, "info": info, "fetch-data": fetch_data}
+def evaluate(comm, argv) -> int:
+    from . import api
+    from .inference import load_model
+
+    p = _Parser(prog="python -m hpcfl evaluate",
+                description="Test accuracy and loss of a saved model, per-class accuracy and the "
+                            "confusion matrix (rows: true class, columns: predicted).")
+    p.add_argument("--model", required=True, help="a folder written by --out, or a model .npz")
+    _data_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ns = p.parse_args(argv)
+    model = comm.agree_all(lambda: load_model(ns.model))
+    ds = api.load_dataset(ns.dataset or model.dataset, ns.data_dir, comm=comm)
+    if (ds.input_size, ds.num_classes) != (model.sizes[0], model.sizes[-1]):
+        raise UsageError(f"{ns.model} takes {model.sizes[0]} inputs and {model.sizes[-1]} classes, "
+                         f"but {ds.name} has {ds.input_size} and {ds.num_classes}", collective=True)
+    if comm.rank == 0:
+        r = model.evaluate(ds.test_x, ds.test_y)
+        if ns.json:
+            print(json.dumps({"dataset": ds.name, **r}))
+        else:
+            print(f"{ds.name} test set: {r['samples']} images, accuracy {100 * r['accuracy']:.2f}%, "
+                  f"loss {r['loss']:.4f}")
+            k = len(r["confusion"])
+            print("class  accuracy   " + " ".join(f"{c:>5d}" for c in range(k)))
+            for c in range(k):
+                print(f"{c:5d}  {100 * r['per_class_accuracy'][c]:7.2f}%   "
+                      + " ".join(f"{v:5d}" for v in r["confusion"][c]))
+    return 0
+
+
+def _read_images(path: str):
+    import numpy as np
+
+    from . import data
+
+    if path.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot read it as .npy ({exc})")
+    return data.read_idx(path)
+
+
+def predict(comm, argv) -> int:
+    from .inference import load_model
+
+    p = _Parser(prog="python -m hpcfl predict",
+                description="Predict the class of every image in FILE (an IDX images file, .gz or "
+                            "raw, or a .npy of uint8 images): one label per line.")
+    p.add_argument("--model", required=True, help="a folder written by --out, or a model .npz")
+    p.add_argument("file", metavar="FILE")
+    ns = p.parse_args(argv)
+
+    def work():
+        model = load_model(ns.model)
+        return model.predict(_read_images(ns.file)).tolist()
+
+    labels = comm.agree(work)
+    if comm.rank == 0:
+        sys.stdout.write("".join(f"{y}\n" for y in labels))
+    return 0
+
+
+def plot(comm, argv) -> int:
+    from . import plots
+
+    p = _Parser(prog="python -m hpcfl plot",
+                description="Test accuracy and training loss against epoch or round and against "
+                            "wall time, one line per run (needs matplotlib: pip install -e '.[plot]').")
+    p.add_argument("runs", nargs="+", metavar="RUN.jsonl")
+    p.add_argument("-o", "--output", required=True, metavar="FIGURE.png")
+    ns = p.parse_args(argv)
+    where = comm.agree(lambda: plots.plot_runs(ns.runs, ns.output))
+    if comm.rank == 0:
+        print(f"wrote {where}")
+    return 0
+
+
+COMMANDS = {"train": train, "info": info, "fetch-data": fetch_data, "evaluate": evaluate,
+            "predict": predict, "plot": plot}
 
 
 def _dispatch(comm, argv) -> int:
@@ -294,6 +267,11 @@ def _dispatch(comm, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import preempt
+
+    # First of all, before MPI_Init: a SIGTERM/SIGUSR1 during start-up must set the flag (the
+    # run then stops at its first step with a checkpoint), not kill this rank.
+    preempt.install()
     from .comm import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -302,14 +280,33 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(_dispatch, argv)
 
 
-def _help(argv) -> int:
-    """Print help on rank 0 only; never touches data or backends."""
-    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))))
-    if rank == 0:
-        if argv and argv[0] == "info":
-            print("usage: python -m hpcfl info\n\nShow MPI library, ranks, backends and GPU.")
-        elif argv and argv[0] == "fetch-data":
-            print("usage: python -m hpcfl fetch-data [--data-dir DIR]\n\nDownload MNIST and verify checksums.")
-        else:
-            train_parser().print_help()
+def _launcher_rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
     return 0
+
+
+def _help(argv) -> int:
+    """Print help on rank 0 only; never touches data, backends or MPI."""
+    if _launcher_rank() == 0:
+        parsers = {"info": lambda: _Parser(prog="python -m hpcfl info",
+                                           description="Show MPI library, ranks, backends and GPU."),
+                   "train": train_parser}
+        if argv and argv[0] in COMMANDS and argv[0] not in parsers:
+            try:                                     # the command builds its parser, then --help exits
+                COMMANDS[argv[0]](_NoComm(), ["--help"])
+            except SystemExit:
+                pass
+        else:
+            (parsers[argv[0]] if argv and argv[0] in parsers else train_parser)().print_help()
+    return 0
+
+
+class _NoComm:
+    """Stands in for a communicator while a command prints its --help (it never gets further)."""
+    rank, size = 0, 1
+
+
+__all__ = ["main", "parse_config", "train_parser", "dataclasses"]

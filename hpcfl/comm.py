@@ -2,18 +2,22 @@
 
 `Comm` wraps an mpi4py communicator with the few collectives hpcfl needs: capitalised buffer
 calls on NumPy arrays for the hot path, lowercase pickle calls for small metadata.
+`agree` / `agree_all` turn a check that can fail on some ranks into one error on every rank.
 `run_main` is the abort-on-error policy: an error every rank agrees on ends each rank cleanly
 (rank 0 prints it once); an error on one rank aborts the whole job, so no rank ever hangs
-waiting in a collective for a peer that has died.
+waiting in a collective for a peer that has died. Every blocking call tells the stall watchdog
+(watchdog.py) what it waits for and when it is done.
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 
 import numpy as np
 
+from . import watchdog
 from .errors import HpcflError, UsageError
 
 _mpi = None
@@ -23,13 +27,18 @@ def _MPI():
     """Import mpi4py lazily so that `--help` and argument errors stay fast."""
     global _mpi
     if _mpi is None:
-        # Keep mpi4py's default MPI_THREAD_MULTIPLE even though we call MPI from one thread:
-        # measured with the mpich 5.0 wheel, any lower level makes oversubscribed ranks spin
-        # without yielding (4 ranks on 2 cores: 900 ms per Allreduce step instead of 2.4 ms).
+        # Keep mpi4py's default MPI_THREAD_MULTIPLE: the stall watchdog calls MPI_Abort from its
+        # own thread while the main thread may sit in a collective. Measured with the mpich 5.0
+        # wheel, a lower level also makes oversubscribed ranks spin without yielding (4 ranks on
+        # 2 cores: 900 ms per Allreduce step instead of 2.4 ms).
         from mpi4py import MPI
 
         _mpi = MPI
     return _mpi
+
+
+def host_name() -> str:
+    return socket.gethostname()
 
 
 class Request:
@@ -39,7 +48,9 @@ class Request:
         self._req = req
 
     def Wait(self) -> None:
+        watchdog.waiting("MPI_Wait")
         self._req.Wait()
+        watchdog.done()
 
 
 class Comm:
@@ -52,6 +63,9 @@ class Comm:
     def world(cls) -> "Comm":
         return cls()
 
+    def is_world(self) -> bool:
+        return self.mpicomm == _MPI().COMM_WORLD
+
     @classmethod
     def self_(cls) -> "Comm":
         """A communicator of this process alone (single-process runs inside tests)."""
@@ -61,16 +75,18 @@ class Comm:
     def Allreduce_sum(self, buf: np.ndarray) -> None:
         """In-place sum over all ranks (a NumPy array, or a CuPy device array: _device_allreduce)."""
         if self.size > 1:
+            watchdog.waiting("MPI_Allreduce")
             if isinstance(buf, np.ndarray) or not _on_device(buf):
                 self.mpicomm.Allreduce(_MPI().IN_PLACE, buf, op=_MPI().SUM)
             else:
                 _device_allreduce(self.mpicomm, buf)
+            watchdog.done()
 
     def Iallreduce_sum(self, buf: np.ndarray) -> Request | None:
         if self.size == 1:
             return None
         if not isinstance(buf, np.ndarray) and _on_device(buf):    # blocking, done on return
-            _device_allreduce(self.mpicomm, buf)
+            self.Allreduce_sum(buf)
             return None
         return Request(self.mpicomm.Iallreduce(_MPI().IN_PLACE, buf, op=_MPI().SUM))
 
@@ -79,40 +95,105 @@ class Comm:
         """Complete several pending collectives (None entries, from size-1 comms, are skipped)."""
         reqs = [r._req for r in requests if r is not None]
         if reqs:
+            watchdog.waiting("MPI_Waitall (overlapped gradient reductions)")
             _MPI().Request.Waitall(reqs)
+            watchdog.done()
 
     def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
         if self.size > 1:
+            watchdog.waiting(f"MPI_Bcast from rank {root}")
             if isinstance(buf, np.ndarray) or not _on_device(buf):
                 self.mpicomm.Bcast(buf, root=root)
             else:
                 _device_bcast(self.mpicomm, buf, root)
+            watchdog.done()
 
     def Reduce_sum(self, sendbuf: np.ndarray, recvbuf: np.ndarray | None, root: int = 0) -> None:
-        """recvbuf (on root only) = sum of every rank's sendbuf."""
+        """recvbuf (on root only) = sum of every rank's sendbuf (unsigned integers wrap, so
+        uint32 buffers sum modulo 2^32)."""
         if self.size == 1:
             recvbuf[...] = sendbuf
             return
+        watchdog.waiting(f"MPI_Reduce to rank {root}")
         if not (_on_device(sendbuf) or _on_device(recvbuf)):
             self.mpicomm.Reduce(sendbuf, recvbuf if self.rank == root else None, op=_MPI().SUM, root=root)
         else:
             _device_reduce(self.mpicomm, sendbuf, recvbuf, root)
+        watchdog.done()
+
+    def gather_bytes(self, payload: bytes, root: int = 0) -> list[bytes] | None:
+        """Every rank's payload, in rank order, on root (None elsewhere): one Gather of the
+        lengths, then one Gatherv of the bytes (a server collecting its clients' messages)."""
+        if self.size == 1:
+            return [bytes(payload)]
+        watchdog.waiting(f"MPI_Gatherv to rank {root}")
+        mpi, is_root = _MPI(), self.rank == root
+        send = np.frombuffer(payload, np.uint8) if payload else np.zeros(0, np.uint8)
+        counts = np.zeros(self.size, np.int64) if is_root else None
+        self.mpicomm.Gather(np.array([send.size], np.int64), counts, root=root)
+        recv = None
+        if is_root:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            data = np.empty(int(counts.sum()), np.uint8)
+            recv = [data, counts, displs, mpi.BYTE]
+        self.mpicomm.Gatherv(send, recv, root=root)
+        watchdog.done()
+        if not is_root:
+            return None
+        return [data[o:o + c].tobytes() for o, c in zip(displs, counts)]
+
+    def scatter_bytes(self, payloads: list[bytes] | None, root: int = 0) -> bytes:
+        """Root sends payloads[r] to rank r (one Scatter of the lengths, one Scatterv): the
+        server answering each client with what is addressed to it alone."""
+        if self.size == 1:
+            return bytes(payloads[0])
+        watchdog.waiting(f"MPI_Scatterv from rank {root}")
+        mpi, is_root = _MPI(), self.rank == root
+        count = np.zeros(1, np.int64)
+        send = None
+        if is_root:
+            counts = np.array([len(p) for p in payloads], np.int64)
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            data = np.frombuffer(b"".join(payloads), np.uint8) if counts.sum() else np.zeros(0, np.uint8)
+            send = [data, counts, displs, mpi.BYTE]
+            self.mpicomm.Scatter(counts, count, root=root)
+        else:
+            self.mpicomm.Scatter(None, count, root=root)
+        out = np.empty(int(count[0]), np.uint8)
+        self.mpicomm.Scatterv(send, out, root=root)
+        watchdog.done()
+        return out.tobytes()
 
     # ---- small metadata (pickle) ----
     def allreduce(self, value, op: str = "sum"):
         if self.size == 1:
             return value
         mpi_op = {"sum": _MPI().SUM, "max": _MPI().MAX, "min": _MPI().MIN}[op]
-        return self.mpicomm.allreduce(value, op=mpi_op)
+        watchdog.waiting("MPI_Allreduce (metadata)")
+        out = self.mpicomm.allreduce(value, op=mpi_op)
+        watchdog.done()
+        return out
 
     def bcast(self, obj, root: int = 0):
-        return obj if self.size == 1 else self.mpicomm.bcast(obj, root=root)
+        if self.size == 1:
+            return obj
+        watchdog.waiting(f"MPI_Bcast from rank {root} (metadata)")
+        out = self.mpicomm.bcast(obj, root=root)
+        watchdog.done()
+        return out
 
     def allgather(self, obj) -> list:
-        return [obj] if self.size == 1 else self.mpicomm.allgather(obj)
+        if self.size == 1:
+            return [obj]
+        watchdog.waiting("MPI_Allgather (metadata)")
+        out = self.mpicomm.allgather(obj)
+        watchdog.done()
+        return out
 
     def Barrier(self) -> None:
+        watchdog.waiting("MPI_Barrier")
         self.mpicomm.Barrier()
+        watchdog.done()
 
     def Split(self, color: int, key: int) -> "Comm":
         return Comm(self.mpicomm.Split(color, key))
@@ -122,9 +203,12 @@ class Comm:
             self.mpicomm.Free()
 
     def Abort(self, code: int = 1) -> None:
+        """MPI_Abort: the launcher ends every rank. MPICH's can return before this process is
+        killed, so never go on afterwards (nor print a second error on the way out)."""
         sys.stdout.flush()
         sys.stderr.flush()
         self.mpicomm.Abort(code)
+        os._exit(code)
 
     def agree(self, fn, root: int = 0):
         """Run fn() on root only and broadcast its result; if it raised an HpcflError, raise
@@ -141,19 +225,156 @@ class Comm:
             raise error
         return self.bcast(result, root)
 
+    def agree_all(self, fn):
+        """Run fn() on EVERY rank (a check whose outcome can differ between ranks: a backend
+        import, a GPU, a file each rank must see). If it raised an HpcflError anywhere, every
+        rank raises one error naming the failing ranks and their hosts; else fn's result.
+        Costs one small allreduce when all is well."""
+        result = error = None
+        try:
+            result = fn()
+        except HpcflError as exc:
+            error = exc
+        if not self.allreduce(int(error is not None), "sum"):
+            return result
+        reports = self.allgather(None if error is None else (error, host_name()))
+        raise failure_on_ranks(reports)
+
+    def node_comm(self) -> "Comm":
+        """The ranks of this communicator on this node (MPI_COMM_TYPE_SHARED); collective."""
+        return Comm(self.mpicomm.Split_type(_MPI().COMM_TYPE_SHARED, key=self.rank))
+
+
+def failure_on_ranks(reports: list) -> HpcflError:
+    """One collective error from each rank's (error, host) or None: the first failing rank's
+    class and message, with the ranks (and hosts) that failed that way, then any other message."""
+    failed = [(r, e, h) for r, rep in enumerate(reports) if rep is not None for e, h in [rep]]
+    by_message: dict[str, list] = {}
+    for r, e, h in failed:
+        by_message.setdefault(str(e), []).append((r, h))
+    parts = []
+    for message, where in by_message.items():
+        if len(where) == len(reports):
+            parts.append(message)                      # the same on every rank: just say it
+            continue
+        ranks = ", ".join(str(r) for r, _ in where)
+        hosts = ", ".join(sorted({h for _, h in where}))
+        parts.append(f"{message} (on rank{'s' if len(where) > 1 else ''} {ranks} of "
+                     f"{len(reports)}; host {hosts})")
+    first = failed[0][1]
+    error = type(first)("; ".join(parts))
+    error.collective = True
+    return error
+
+
+class StopNotice:
+    """Tells every rank that this one got a stop signal, without waiting on a collective: in fl
+    mode the client groups train apart, so the step's Allreduce reaches only one group. Each
+    rank keeps one Irecv posted on a private duplicate of the communicator and tests it once
+    per local step (microseconds); a signalled rank Isends a notice to every other rank.
+    `close(senders)` receives the notices still in flight, once the ranks agreed how many were
+    sent, and frees everything; it is collective."""
+
+    TAG = 75
+
+    def __init__(self, comm: Comm):
+        self.rank, self.size = comm.rank, comm.size
+        self.comm = comm.mpicomm.Dup() if comm.size > 1 else None
+        self._one = np.ones(1, np.int32)
+        self._buf = np.zeros(1, np.int32)
+        self._sends: list = []
+        self.sent, self.received = False, 0
+        self._req = self._post() if self.comm is not None else None
+
+    def _post(self):
+        return self.comm.Irecv(self._buf, source=_MPI().ANY_SOURCE, tag=self.TAG)
+
+    def notify(self) -> None:
+        if self.sent or self.comm is None:
+            return
+        self.sent = True
+        self._sends = [self.comm.Isend(self._one, dest=r, tag=self.TAG)
+                       for r in range(self.size) if r != self.rank]
+
+    def heard(self) -> bool:
+        """Whether another rank has sent a notice (one MPI_Test when none has)."""
+        while self._req is not None and self._req.Test():
+            self.received += 1
+            self._req = self._post()
+        return self.received > 0
+
+    def abandon(self) -> None:
+        """On an error path: withdraw the posted receive (a local operation)."""
+        if self._req is not None:
+            self._req.Cancel()
+            self._req.Wait()
+            self._req = None
+
+    def close(self, senders: int) -> None:
+        if self.comm is None:
+            return
+        expected = senders - int(self.sent)
+        watchdog.waiting("stop notices from other ranks")
+        while self.received < expected:
+            self._req.Wait()
+            self.received += 1
+            self._req = self._post()
+        self._req.Cancel()
+        self._req.Wait()
+        _MPI().Request.Waitall(self._sends)
+        watchdog.done()
+        self.comm.Free()
+        self.comm = self._req = None
+
 
 def library_version() -> str:
-    return _MPI().Get_library_version().strip().splitlines()[0]
+    """The MPI library, e.g. 'MPICH Version: 5.0.2' or 'Open MPI v5.0.8, ...' (first line)."""
+    text = _MPI().Get_library_version().replace("\0", "").strip()
+    return text.splitlines()[0].strip() if text else "unknown MPI library"
 
 
 def local_rank(comm: Comm) -> int:
     """Rank among the processes of this node (for choosing a GPU)."""
-    mpi = _MPI()
-    node = comm.mpicomm.Split_type(mpi.COMM_TYPE_SHARED, key=comm.rank)
+    node = comm.node_comm()
     try:
-        return node.Get_rank()
+        return node.rank
     finally:
         node.Free()
+
+
+# The launcher's word for how many processes this one was started with, most specific first:
+# MPICH's hydra and srun --mpi=pmi2 set PMI_SIZE, Open MPI's mpirun OMPI_COMM_WORLD_SIZE, PMIx
+# launchers PMIX_SIZE; SLURM_STEP_NUM_TASKS is what srun started (with any --mpi plugin).
+_LAUNCH_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def launched_size(environ=os.environ) -> tuple[str, int] | None:
+    """(variable, N) from the first launcher variable set to an integer, or None."""
+    for var in _LAUNCH_SIZE_VARS:
+        value = environ.get(var, "").strip()
+        if value.isdigit():
+            return var, int(value)
+    return None
+
+
+def check_launch(world_size: int, environ=os.environ) -> None:
+    """Refuse a job whose launcher started N > 1 processes that each see an MPI world of
+    another size: N independent copies would each train alone and overwrite each other's output."""
+    found = launched_size(environ)
+    if found is None or found[1] <= 1 or found[1] == world_size:
+        return
+    var, n = found
+    if var == "SLURM_STEP_NUM_TASKS":
+        cause = ("srun started the tasks without a process-management interface that this MPI "
+                 "understands: with the mpich wheel use `srun --mpi=pmi2` (not pmix or none), with "
+                 "a site MPI the --mpi plugin it was built for (`srun --mpi=list`)")
+    else:
+        cause = ("the launcher belongs to another MPI library than the one mpi4py loaded "
+                 f"({library_version()}): use the mpirun that comes with it (e.g. the one next to "
+                 "this Python), or rebuild mpi4py against the launcher's MPI "
+                 "(pip install --no-binary=mpi4py mpi4py)")
+    raise UsageError(f"the launcher started {n} processes ({var}={n}) but MPI sees a world of "
+                     f"{world_size}: {cause}", collective=True)
 
 
 # ---- device (GPU) buffers ----
@@ -294,15 +515,17 @@ def _device_reduce(mpicomm, sendbuf, recvbuf, root: int) -> None:
 
 class NcclComm:
     """NCCL collectives on CuPy device buffers among the ranks of `comm`, one GPU per rank
-    (`--allreduce nccl`). Creating it is collective over `comm`: the ranks agree that each can
-    load NCCL and that no two of them share a GPU (NCCL refuses that), so a refusal is one
-    UsageError on every rank, never a hang; then rank 0's NCCL unique id is broadcast over MPI.
+    (`--allreduce nccl`). Creating it is collective over `world` (default: `comm`), of which
+    `comm` is one group: all ranks of the world agree that each can load NCCL and that no two
+    ranks of one group share a GPU (NCCL refuses that), so a refusal is one UsageError on every
+    rank, never a hang; then the group's rank 0 broadcasts its NCCL unique id over MPI.
     Blocking like Comm's collectives: each call runs on the current stream and waits for it.
     """
 
-    def __init__(self, comm: Comm):
+    def __init__(self, comm: Comm, world: Comm | None = None, group: int = 0):
         import warnings
 
+        world = world or comm
         nccl, why = None, "CuPy is not installed"
         try:
             with warnings.catch_warnings():        # CuPy warns when libnccl is missing
@@ -313,10 +536,14 @@ class NcclComm:
                 nccl = None
         except ImportError as exc:
             why = f"cupy.cuda.nccl cannot be imported ({exc})"
-        if not comm.allreduce(int(nccl is not None), op="min"):   # every rank agrees, none hangs
-            why = why if nccl is None else "another rank cannot use it"
-            raise UsageError(f"NCCL is not usable on every rank: {why}", collective=True)
-        shared = _shared_gpus(comm.allgather((_MPI().Get_processor_name(), _gpu_bus_id())))
+
+        def loadable():
+            if nccl is None:
+                raise UsageError(f"NCCL is not usable on every rank: {why}")
+
+        world.agree_all(loadable)
+        where = world.allgather((group, _MPI().Get_processor_name(), _gpu_bus_id()))
+        shared = _shared_gpus(where)
         if shared:
             raise UsageError(f"NCCL needs one GPU per rank, but {shared}: use --allreduce fused, "
                              "or at most as many ranks per node as GPUs", collective=True)
@@ -361,11 +588,13 @@ def _gpu_bus_id() -> str:
 
 
 def _shared_gpus(where: list) -> str | None:
-    """From each rank's (host, GPU bus id): 'ranks 0 and 1 share GPU <id> on <host>', or None."""
+    """From each rank's (group, host, GPU bus id): 'ranks 0 and 1 share GPU <id> on <host>' for
+    the first two ranks of one group on one GPU, or None. Ranks of different groups (different
+    NCCL communicators) may share a GPU."""
     first = {}
     for rank, key in enumerate(where):
         if key in first:
-            return f"ranks {first[key]} and {rank} share GPU {key[1]} on {key[0]}"
+            return f"ranks {first[key]} and {rank} share GPU {key[-1]} on {key[-2]}"
         first[key] = rank
     return None
 
@@ -376,11 +605,12 @@ def run_main(fn, *args) -> int:
     try:
         return fn(comm, *args) or 0
     except HpcflError as exc:
-        if exc.collective:
+        if exc.collective or comm.size == 1:
             if comm.rank == 0:
                 print(f"hpcfl: error: {exc}", file=sys.stderr, flush=True)
             return exc.exit_code
-        print(f"hpcfl: error on rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+        print(f"hpcfl: error on rank {comm.rank} ({host_name()}): {exc}; aborting all ranks",
+              file=sys.stderr, flush=True)
         comm.Abort(exc.exit_code)
     except BaseException as exc:  # a bug, or KeyboardInterrupt: take the whole job down now
         if os.environ.get("HPCFL_DEBUG"):
@@ -389,5 +619,7 @@ def run_main(fn, *args) -> int:
         where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
         print(f"hpcfl: rank {comm.rank} failed: {type(exc).__name__}: {exc}{where}; aborting all ranks"
               " (HPCFL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        if comm.size == 1:
+            return 1
         comm.Abort(1)
     return 1

@@ -1,78 +1,266 @@
-"""All settings of a run in one frozen dataclass: saved with every checkpoint and result."""
+"""All settings of a run in one frozen dataclass: saved with every checkpoint and result.
+
+Each field declares, next to its default, everything the rest of hpcfl needs to know about it:
+its one-line help, the check its value must pass (used alike by the command line and by
+`hpcfl.train`), and what `--resume` does when it differs from the checkpoint's value, per mode:
+MUST match (it fixes the shape of the saved state or which data a client holds), WARN (the run
+goes on but will not match an uninterrupted one) or IGNORE (no effect on the trajectory).
+tests/test_config.py walks every field, so a new setting cannot go unclassified.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import UsageError
+
+MUST, WARN, IGNORE = "must match", "may change (warning)", "ignored"
+MODES = ("dp", "fl")
+DP_ONLY = {"dp": WARN, "fl": IGNORE}
+FL_ONLY = {"dp": IGNORE, "fl": WARN}
+FL_MUST = {"dp": IGNORE, "fl": MUST}
+
+
+# ---------------------------------------------------------------- value checks
+# Each returns the value or raises ValueError with what is wrong (the caller names the option).
+
+def positive(v):
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+        raise ValueError(f"must be positive and finite, got {v}")
+    return v
+
+
+def non_negative(v):
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"must be >= 0 and finite, got {v}")
+    return v
+
+
+def fraction(v):
+    """(0, 1]: a share of clients, an accuracy."""
+    if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def below_one(v):
+    """[0, 1): momentum-like coefficients (1 or more never converges), rates."""
+    if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+        raise ValueError(f"must be in [0, 1), got {v}")
+    return v
+
+
+def open_unit(v):
+    """(0, 1): probabilities such as delta."""
+    if not (isinstance(v, (int, float)) and 0.0 < v < 1.0):
+        raise ValueError(f"must be in (0, 1), got {v}")
+    return v
+
+
+def layer_sizes(v):
+    if not (isinstance(v, tuple) and v and all(isinstance(s, int) and s > 0 for s in v)):
+        raise ValueError(f"layer sizes must be positive integers, got {v!r}")
+    return v
+
+
+def option(default, help: str, *, check=None, choices=None, resume=WARN, group="training",
+           metavar=None, cli=True, modes=None):
+    """A Config field with its help, check, resume rule (str, or {"dp": rule, "fl": rule}) and
+    the modes it applies to (default: fl for the federated group, dp for the dp-only training
+    settings, else both); config.json records only the settings of the run's mode."""
+    rules = resume if isinstance(resume, dict) else {m: resume for m in MODES}
+    if modes is None:
+        modes = ("fl",) if group == "federated" else ("dp",) if rules == DP_ONLY else MODES
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices,
+                                            "resume": rules, "group": group, "metavar": metavar,
+                                            "cli": cli, "modes": tuple(modes)})
+
+
+
+# --server-lr when not given: what worked for each server optimizer (benchmarks/FEDAVG.md);
+# FedAdam's adaptive steps diverge at 1.0 (58% after round 1, NaN in round 2).
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
 
 
 @dataclass(frozen=True)
 class Config:
-    mode: str = "dp"                      # dp | fl
-    # model and optimisation
-    hidden: tuple[int, ...] = (256, 128)
-    epochs: int = 12
-    batch_size: int = 128                 # the GLOBAL batch in dp mode
-    optimizer: str = "sgd"                # sgd | adam
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"              # cosine | constant
-    max_steps: int | None = None
-    # federated (fl mode)
-    rounds: int = 50
-    num_clients: int = 100
-    ranks_per_client: int = 1
-    client_fraction: float = 0.1
-    partition: str = "iid"                # iid | shards | dirichlet
-    alpha: float = 0.5
-    local_epochs: int = 1
-    local_batch_size: int = 10
-    local_lr: float = 0.1
-    mu: float = 0.0                       # FedProx proximal term
-    server_opt: str = "fedavg"            # fedavg | fedavgm | fedadam
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_eps: float = 1e-3
-    eval_every: int = 1
-    target_accuracy: float | None = None  # stop once the test accuracy reaches this
-    # machinery
-    backend: str = "auto"
-    threads: int = 1
-    allreduce: str = "fused"              # fused: one blocking Allreduce per step | overlap: one
-                                          # Iallreduce per layer during backward (benchmarks/RESULTS.md)
-                                          # | nccl: one NCCL allreduce per step (backend cupy)
-    seed: int = 0
-    data_dir: str | None = None
-    metrics: str | None = None
-    out: str | None = None
-    quiet: bool = False
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0             # 0: only at the end / on preemption
-    keep_checkpoints: int = 2
-    resume: bool = False
+    mode: str = option("dp", "dp: data parallel, one Allreduce per step; fl: federated (FedAvg)",
+                       choices=("dp", "fl"), resume=MUST, group="mode")
+    # ---- model and optimisation
+    hidden: tuple = option((256, 128), "hidden layer sizes, comma separated", check=layer_sizes,
+                           resume=MUST, metavar="N,N")
+    epochs: int = option(12, "training epochs (dp)", check=positive, resume=DP_ONLY)
+    batch_size: int = option(128, "global batch (dp): each of P ranks computes 1/P of it",
+                             check=positive, resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
+    optimizer: str = option("sgd", "optimizer (dp; fl clients use plain SGD)", choices=("sgd", "adam"),
+                            resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
+    lr: float = option(0.05, "learning rate (dp)", check=positive, resume=DP_ONLY)
+    momentum: float = option(0.9, "SGD momentum (dp)", check=below_one, resume=DP_ONLY)
+    weight_decay: float = option(1e-4, "L2 weight decay (dp)", check=non_negative, resume=DP_ONLY)
+    schedule: str = option("cosine", "learning-rate schedule (dp)", choices=("cosine", "constant"),
+                           resume=DP_ONLY)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (dp; smoke runs)",
+                                   check=positive, resume=DP_ONLY)
+    target_accuracy: float | None = option(None, "stop once the test accuracy reaches this",
+                                           check=fraction, resume=IGNORE)
+    # ---- federated
+    rounds: int = option(50, "federated rounds", check=positive, resume=FL_ONLY, group="federated")
+    num_clients: int = option(100, "number of clients", check=positive, resume=FL_MUST, group="federated")
+    ranks_per_client: int = option(1, "MPI ranks that train one client together (data parallel)",
+                                   check=positive, resume=FL_ONLY, group="federated")
+    client_fraction: float = option(0.1, "share C of the clients sampled each round",
+                                    check=fraction, resume=FL_MUST, group="federated")
+    partition: str = option("iid", "how the training set is split among clients",
+                            choices=("iid", "shards", "dirichlet"), resume=FL_MUST, group="federated")
+    alpha: float = option(0.5, "Dirichlet concentration (--partition dirichlet)", check=positive,
+                          resume=FL_MUST, group="federated")
+    local_epochs: int = option(1, "local epochs E per round", check=positive, resume=FL_ONLY,
+                               group="federated")
+    local_batch_size: int = option(10, "local batch B (larger than a client: full batch on it)",
+                                   check=positive, resume=FL_ONLY, group="federated")
+    local_lr: float = option(0.1, "client learning rate", check=positive, resume=FL_ONLY,
+                             group="federated")
+    mu: float = option(0.0, "FedProx proximal weight", check=non_negative, resume=FL_ONLY,
+                       group="federated")
+    server_opt: str = option("fedavg", "server optimizer", choices=("fedavg", "fedavgm", "fedadam"),
+                             resume=FL_MUST, group="federated")
+    server_lr: float | None = option(None, "server learning rate (default: 1.0 for fedavg and "
+                                     "fedavgm, 0.01 for fedadam)", check=positive, resume=FL_ONLY,
+                                     group="federated")
+    server_momentum: float = option(0.9, "server momentum (fedavgm)", check=below_one,
+                                    resume=FL_ONLY, group="federated")
+    server_beta1: float = option(0.9, "FedAdam beta1", check=below_one, resume=FL_ONLY, group="federated")
+    server_beta2: float = option(0.99, "FedAdam beta2", check=below_one, resume=FL_ONLY, group="federated")
+    server_eps: float = option(1e-3, "FedAdam tau (eps)", check=positive, resume=FL_ONLY, group="federated")
+    eval_every: int = option(1, "rounds between evaluations", check=positive, resume=IGNORE,
+                             group="federated")
+    # ---- data
+    dataset: str = option("mnist", "dataset: a catalogue name, or idx / npz with --data-dir",
+                          resume=MUST, group="data")
+    data_dir: str | None = option(None, "data folder (idx), .npz file (npz), or where a catalogue "
+                                  "dataset is (default: $HPCFL_DATA_DIR for mnist, else a user cache "
+                                  "folder)", resume=IGNORE, group="data", metavar="PATH")
+    seed: int = option(0, "seed of the initial model, batch orders, partitions and sampling",
+                       check=non_negative, resume={"dp": WARN, "fl": MUST}, group="data")
+    # ---- machinery
+    backend: str = option("auto", "compute backend (auto: cupy with a usable GPU, else numba)",
+                          choices=("auto", "numpy", "numba", "cupy"), resume=WARN, group="machinery")
+    threads: int = option(1, "BLAS/Numba threads per rank (capped at the rank's cores)",
+                          check=positive, resume=IGNORE, group="machinery")
+    allreduce: str = option("fused", "gradient sync: one blocking Allreduce of the flat buffer per "
+                            "step, a non-blocking Iallreduce per layer during backward, or NCCL "
+                            "(--backend cupy)", choices=("fused", "overlap", "nccl"), resume=WARN,
+                            group="machinery")
+    stall_timeout: float = option(600.0, "seconds without progress on a rank (a step, a round, a "
+                                  "collective completing) before it aborts the job; 0: never",
+                                  check=non_negative, resume=IGNORE, group="machinery", metavar="S")
+    metrics: str | None = option(None, "JSON Lines file, one record per epoch/round (rank 0)",
+                                 resume=IGNORE, group="output", metavar="FILE")
+    out: str | None = option(None, "folder for the final model.npz and config.json",
+                             resume=IGNORE, group="output", metavar="DIR")
+    quiet: bool = option(False, "print only warnings, errors and the final accuracy",
+                         resume=IGNORE, group="output")
+    checkpoint_dir: str | None = option(None, "folder for checkpoints (ckpt-<step>.npz); on "
+                                        "SIGTERM/SIGUSR1 one is saved there and the run exits 75",
+                                        resume=IGNORE, group="checkpoints", metavar="DIR")
+    checkpoint_every: int = option(0, "epochs (dp) or rounds (fl) between checkpoints; 0: only on "
+                                   "a stop signal and at the end", check=non_negative,
+                                   resume=IGNORE, group="checkpoints")
+    keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", check=positive,
+                                   resume=IGNORE, group="checkpoints")
+    resume: bool = option(False, "continue from the newest valid checkpoint in --checkpoint-dir",
+                          resume=IGNORE, group="checkpoints")
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def to_dict(self, this_mode_only: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if this_mode_only:
+            d = {k: v for k, v in d.items() if self.mode in FIELDS[k].metadata["modes"]}
+        return d
+
+    def to_json(self, this_mode_only: bool = False) -> str:
+        return json.dumps(self.to_dict(this_mode_only), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, *, strict: bool = True) -> "Config":
+        """A Config from a mapping of field names (dashes allowed: `batch-size`). Unknown keys are
+        refused by name when strict (a typo must not silently fall back to a default)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
+        values = {}
+        for key, value in d.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                if strict:
+                    raise UsageError(f"unknown setting {key!r}; see --help for the settings")
+                continue
+            values[name] = tuple(value) if name == "hidden" and isinstance(value, list) else value
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path) -> dict:
+        """The settings in a TOML file or in the config.json that --out writes, as a dict."""
+        path = Path(path)
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--config {path}: cannot read it ({exc.strerror or exc})")
+        try:
+            if path.suffix == ".json":
+                d = json.loads(text)
+            else:
+                try:
+                    import tomllib
+                except ImportError:                         # Python < 3.11
+                    import tomli as tomllib
+                d = tomllib.loads(text.decode())
+        except Exception as exc:
+            raise UsageError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
+                             f"({exc})")
+        if not isinstance(d, dict):
+            raise UsageError(f"--config {path}: expected a table of settings")
+        cls.from_dict(d)                                    # unknown keys refused here, by name
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(cfg: Config) -> None:
+    """Every field's own check and choices; raises UsageError naming the option."""
+    for name, f in FIELDS.items():
+        value, meta = getattr(cfg, name), f.metadata
+        if value is None:
+            continue
+        if meta["choices"] and value not in meta["choices"]:
+            raise UsageError(f"{flag(name)}: invalid choice {value!r} (choose from "
+                             f"{', '.join(map(str, meta['choices']))})")
+        if meta["check"] is not None:
+            try:
+                meta["check"](value)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"argument {flag(name)}: {exc}")
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Fill the defaults that depend on other settings, so that config.json records what ran."""
+    if cfg.server_lr is None:
+        cfg = cfg.replace(server_lr=DEFAULT_SERVER_LR[cfg.server_opt])
+    return cfg
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Checks that depend on the world size; raises UsageError (the same on every rank)."""
+    """All checks of the settings alone and against the world size; raises UsageError (the same
+    on every rank, since every rank computes it from the same inputs)."""
+    check_fields(cfg)
     if cfg.mode == "dp" and cfg.batch_size < world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is smaller than the number of ranks "
                          f"({world_size}): every rank needs at least one sample per step")
@@ -83,9 +271,11 @@ def validate(cfg: Config, world_size: int) -> None:
         if cfg.local_batch_size < cfg.ranks_per_client:
             raise UsageError(f"--local-batch-size {cfg.local_batch_size} is smaller than "
                              f"--ranks-per-client {cfg.ranks_per_client}")
-    if not 0.0 < cfg.client_fraction <= 1.0:
-        raise UsageError(f"--client-fraction must be in (0, 1], got {cfg.client_fraction}")
     if cfg.resume and not cfg.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if cfg.checkpoint_every and not cfg.checkpoint_dir:
         raise UsageError("--checkpoint-every needs --checkpoint-dir")
+    for name in ("metrics", "out", "checkpoint_dir"):
+        path = getattr(cfg, name)
+        if path is not None and not str(path).strip():
+            raise UsageError(f"{flag(name)}: empty path")

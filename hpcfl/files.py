@@ -17,7 +17,7 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -29,7 +29,7 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -47,3 +47,21 @@ def check_writable_dir(path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=path):
         pass
+
+
+def open_append(path: str | Path, truncate: bool = False) -> int:
+    """A file descriptor for appending records to `path`, which must not be a symbolic link (a
+    planted link must not redirect a job's output onto another file); created if missing."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    if truncate:
+        flags |= os.O_TRUNC
+    return os.open(path, flags, 0o666)
+
+
+def append_record(fd: int, line: str) -> None:
+    """Append one line and make it durable before going on (one metrics record per epoch or
+    round: the fsync costs nothing next to them)."""
+    data = line.encode()
+    while data:
+        data = data[os.write(fd, data):]
+    os.fsync(fd)

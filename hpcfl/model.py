@@ -50,8 +50,9 @@ class Layout:
         return out
 
 
-def layout(hidden: tuple[int, ...]) -> Layout:
-    return Layout((N_INPUT, *hidden, N_CLASSES))
+def layout(hidden: tuple[int, ...], n_input: int = N_INPUT, n_classes: int = N_CLASSES) -> Layout:
+    """input -> hidden... -> classes; the input and class counts follow the data (MNIST's by default)."""
+    return Layout((n_input, *hidden, n_classes))
 
 
 def init_params(lay: Layout, seed: int) -> np.ndarray:

@@ -7,9 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from .files import atomic_write
+from .errors import StopTraining
+from .files import append_record, atomic_write, open_append
 
 
 def on_terminal(levels: int = 3) -> bool:
@@ -35,30 +34,53 @@ def on_terminal(levels: int = 3) -> bool:
 
 
 class Reporter:
-    """Only rank 0 reports; other ranks get a Reporter that does nothing."""
+    """Only rank 0 reports; other ranks get a Reporter that does nothing.
 
-    def __init__(self, cfg, rank: int):
+    Nothing is written before `begin()`, which the trainer calls once the run is known to start
+    (every check passed, the checkpoint restored): a refused run leaves the metrics file as it
+    was. Each record is appended durably (flush and fsync) to a file that must not be a
+    symbolic link, then handed to the callbacks (hpcfl.train(..., callbacks=...)).
+    """
+
+    def __init__(self, cfg, rank: int, callbacks=(), dataset=None):
         self.cfg, self.active = cfg, rank == 0
+        self.dataset = dataset                 # the data's name, shape, classes, normalisation
+        self.callbacks = list(callbacks) if self.active else []
         self.bar = None
         self.use_bar = self.active and not cfg.quiet and on_terminal()
-        if self.active and cfg.metrics:
-            Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume:  # a fresh file per run; one line is appended per epoch
-                open(cfg.metrics, "w").close()
+        self._fd = None
 
-    def resume_metrics(self, position: int, key: str = "step") -> None:
-        """--resume: keep the records up to the checkpoint's position (a step, or a round in fl
-        mode), drop the ones the resumed run will write again."""
-        if not (self.active and self.cfg.metrics):
+    def begin(self, position: int | None = None, key: str = "step") -> None:
+        """Open the metrics file: a fresh run truncates it; a resumed run (position = the
+        checkpoint's step, or round in fl mode) keeps the records up to it and drops the ones
+        it will write again."""
+        if not (self.active and self.cfg.metrics) or self._fd is not None:
             return
         path = Path(self.cfg.metrics)
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get(key, 0) <= position]
-        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if position is not None and path.exists() and not path.is_symlink():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line).get(key, 0) <= position]
+            atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        self._fd = open_append(path, truncate=position is None)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def info(self, msg: str) -> None:
         if self.active and not self.cfg.quiet:
             print(msg, flush=True)
+
+    def result(self, msg: str) -> None:
+        """The run's outcome (the final accuracy): printed even with --quiet."""
+        if self.active:
+            print(msg, flush=True)
+
+    def warn(self, msg: str) -> None:
+        if self.active:
+            print(f"hpcfl: warning: {msg}", file=sys.stderr, flush=True)
 
     def start_progress(self, total: int, desc: str) -> None:
         if self.use_bar:
@@ -73,24 +95,36 @@ class Reporter:
             if loss is not None and self.bar.n % 20 == 0:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    def record(self, rec: dict, line: str) -> None:
-        """One epoch/round: close the bar, print the line, append the metrics record."""
+    def record(self, rec: dict, line: str) -> bool:
+        """One epoch/round: close the bar, print the line, append the metrics record, run the
+        callbacks. Returns True (rank 0 only) when a callback raised StopTraining."""
         if not self.active:
-            return
+            return False
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         self.info(line)
         if self.cfg.metrics:
-            with open(self.cfg.metrics, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+            self.begin()
+            append_record(self._fd, json.dumps(rec) + "\n")
+        for callback in self.callbacks:
+            try:
+                callback(dict(rec))
+            except StopTraining as exc:
+                self.info(f"stopped by a callback{': ' + str(exc) if str(exc) else ''}")
+                return True
+        return False
 
-    def save_model(self, params: np.ndarray, sizes) -> None:
+    def save_model(self, params, sizes) -> None:
+        """--out: model.npz (inference.py documents the format) and config.json, atomically."""
         if not (self.active and self.cfg.out):
             return
+        from .inference import Model
+
+        d = self.dataset
+        meta = {} if d is None else {"dataset": d.name, "image_shape": tuple(d.image_shape),
+                                     "num_classes": d.num_classes, "mean": d.mean, "std": d.std}
         out = Path(self.cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "model.npz", lambda f: np.savez(f, params=params, sizes=np.array(sizes)))
-        atomic_write(out / "config.json", lambda f: f.write(self.cfg.to_json().encode()))
-        self.info(f"saved model to {out / 'model.npz'}")
+        path = Model(tuple(sizes), params, **meta).save(out)
+        atomic_write(out / "config.json", lambda f: f.write(self.cfg.to_json(this_mode_only=True).encode()))
+        self.info(f"saved model to {path}")

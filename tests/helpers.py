@@ -32,6 +32,8 @@ def mpirun() -> str:
 def run_hpcfl(n: int, *args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
     """`mpirun -n n python -m hpcfl *args`, captured."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if "HPCFL_FAULT" in (env or {}):
+        full_env["HPCFL_TESTING"] = "1"     # fault injection is off without the test switch
     cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "hpcfl", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 

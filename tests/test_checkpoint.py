@@ -276,7 +276,8 @@ def seconds_from_fault_to_exit(n, fault, limit):
     """Run until the job ends; seconds from the fault injection line to the exit of mpirun."""
     cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "hpcfl", "--epochs", "5", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HPCFL_FAULT": fault})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HPCFL_FAULT": fault,
+                                 "HPCFL_TESTING": "1"})
     fired, err = [], []
 
     def read():                              # a thread, so that a hang cannot block the test
@@ -322,8 +323,10 @@ def test_fl_sigterm_then_resume_gives_bitwise_the_uninterrupted_model(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = run_hpcfl(3, *FL, "--checkpoint-dir", tmp_path / "ck", "--metrics", tmp_path / "m.jsonl",
                      env={"HPCFL_FAULT": "term:2:3"}, timeout=120)   # SIGTERM on rank 2 in round 3
-    assert_clean_failure(proc, 75, "after round 3", "--resume")
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == ["ckpt-000000003.npz"]
+    # agreed within one local step: round 3 is abandoned, the checkpoint holds the state after
+    # round 2, and the resumed run redoes round 3 from its start
+    assert_clean_failure(proc, 75, "during round 3", "--resume")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == ["ckpt-000000002.npz"]
     proc = run_hpcfl(3, *FL, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "out",
                      "--metrics", tmp_path / "m.jsonl")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -344,12 +347,13 @@ def test_fl_checkpoint_is_refused_by_a_dp_run_and_another_server_optimizer(tmp_p
 
 
 @needs_mnist
-@pytest.mark.parametrize("mode_args, after", [([], "after step 1"), (FL, "after round 1")])
-def test_sigterm_during_startup_stops_every_rank_with_a_checkpoint(tmp_path, mode_args, after):
+@pytest.mark.parametrize("mode_args, after, saved", [([], "after step 1", "ckpt-000000001.npz"),
+                                                     (FL, "during round 1", "ckpt-000000000.npz")])
+def test_sigterm_during_startup_stops_every_rank_with_a_checkpoint(tmp_path, mode_args, after, saved):
     # "step 0" is start-up: after the data loaded, before training. The default SIGTERM action
     # would kill that rank there; the handlers are in place from argument parsing on instead.
     args = mode_args or RUN
     proc = run_hpcfl(2, *args, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:0"},
                      timeout=120)
     assert_clean_failure(proc, 75, after, "--resume")
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == ["ckpt-000000001.npz"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "ck")] == [saved]

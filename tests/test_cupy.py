@@ -399,8 +399,11 @@ def test_cli_allreduce_nccl_without_the_cupy_backend_exits_2():
                          "--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's backend is numba)")
 
 
-RAW_SOURCES = [("softmax", cb._SOFTMAX_SRC % {"nc": 10}), ("colsum", cb._COLSUM_SRC)]
-RAW_KERNELS = ["hpcfl_softmax_xent", "hpcfl_eval_counts", "hpcfl_relu_bwd_colsum", "hpcfl_colsum_finish"]
+RAW_SOURCES = [("softmax", cb._SOFTMAX_SRC % {"nc": 10}), ("colsum", cb._COLSUM_SRC),
+               ("clip", cb._CLIP_SRC % {"nc": 10})]
+RAW_KERNELS = ["hpcfl_softmax_xent", "hpcfl_eval_counts", "hpcfl_relu_bwd_colsum", "hpcfl_colsum_finish",
+               "hpcfl_clip_row_sumsq", "hpcfl_clip_bias_relu", "hpcfl_clip_softmax_xent", "hpcfl_clip_relu_bwd",
+               "hpcfl_clip_factors", "hpcfl_clip_scale_colsum"]      # the clip ones: tests/test_clipping.py
 
 
 def test_cuda_sources_compile_with_nvrtc():
@@ -987,7 +990,7 @@ def test_emulated_cli_runs_dp_and_fl_on_the_cupy_path(emu, monkeypatch, tmp_path
     """`python -m hpcfl --backend cupy` in one process on the CPU emulation, on real MNIST: the
     CLI's GPU branch (device selection, data uploaded once), the trainers with device-resident
     data and batch orders, evaluation, and the saved model; compared with the numpy backend."""
-    from hpcfl import cli
+    from hpcfl import api, cli
 
     monkeypatch.setattr(cb, "unavailable_reason", lambda: None)
     chosen = []
@@ -997,7 +1000,7 @@ def test_emulated_cli_runs_dp_and_fl_on_the_cupy_path(emu, monkeypatch, tmp_path
         out = tmp_path / backend
         argv = [*map(str, mode_args), "--backend", backend, "--hidden", "16,12", "--quiet", "--out", str(out),
                 "--data-dir", str(DATA_DIR)]
-        assert cli._train(comm.Comm.self_(), cli.parse_config(argv, 1)) == 0
+        api.train(cli.parse_config(argv, 1), comm=comm.Comm.self_())   # the CLI's composition root
         with np.load(out / "model.npz") as f:
             models[backend] = f["params"]
     assert chosen == [0]

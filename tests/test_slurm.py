@@ -95,7 +95,8 @@ def jobs(tmp_path_factory):
         "fl": Job(folder, "fl.sbatch", "-n", "2", HPCFL_ARGS="--rounds 2 --num-clients 20 --local-epochs 1"),
         "scaling": Job(folder, "scaling.sbatch", "-n", "2", HPCFL_SCALING_STEPS="10"),
         "preempted": Job(folder, "dp-cpu.sbatch", "-n", "2", HPCFL_ARGS="--epochs 4"),
-        "killed": Job(folder, "dp-cpu.sbatch", "-n", "2", HPCFL_ARGS=small, HPCFL_FAULT="kill:1:5"),
+        "killed": Job(folder, "dp-cpu.sbatch", "-n", "2", HPCFL_ARGS=small, HPCFL_FAULT="kill:1:5",
+                      HPCFL_TESTING="1"),
         "cancelled": Job(folder, "dp-cpu.sbatch", "-n", "2", HPCFL_ARGS="--epochs 4"),
     }
     preempted, cancelled = submitted["preempted"], submitted["cancelled"]

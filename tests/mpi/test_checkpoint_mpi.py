@@ -20,7 +20,8 @@ def shared_dir(comm, tmp_path):
 
 
 def train(cfg, comm, mnist):
-    return dp.train(cfg, comm, mnist, backends.get(cfg.backend), Reporter(cfg, rank=1))["params"]
+    with preempt.handling():    # as hpcfl.train(..., handle_signals=True) and the CLI do
+        return dp.train(cfg, comm, mnist, backends.get(cfg.backend), Reporter(cfg, rank=1))["params"]
 
 
 @pytest.mark.mpi
@@ -48,7 +49,7 @@ def test_a_refused_checkpoint_is_an_error_on_every_rank(comm, shared_dir):
 
 @pytest.fixture
 def keep_signal_handlers():
-    """A preempted run leaves its SIGTERM/SIGUSR1 handlers in place (preempt.watch): undo that."""
+    """A preempted run leaves its SIGTERM/SIGUSR1 handlers in place (preempt.handling): undo that."""
     saved = {s: signal.getsignal(s) for s in preempt.SIGNALS}
     yield
     for s, h in saved.items():

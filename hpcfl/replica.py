@@ -1,0 +1,169 @@
+"""One copy of the model on this rank, and one synchronous training step over a communicator.
+
+A Replica composes three concerns:
+- ModelState: the flat parameters, the optimizer and the preallocated workspaces (the
+  gradient buffer belongs to the sync strategy, whose collective carries it);
+- a gradient synchronisation strategy (sync.py: fused, overlap, NCCL);
+- hooks: `pre_reduce(gradbuf)` before the collective (a fault test's NaN, DP noise), and
+  `post_reduce(params, grads, denominator)` on the summed gradient before the update
+  (FedProx's proximal term, SCAFFOLD's correction).
+Each rank computes the rows shard_range gives it of every global batch, so P ranks follow the
+trajectory of one process on the same global batch (up to float summation order).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from . import model, optim, sync, watchdog
+from .data import MEAN, STD, shard_range
+from .errors import TrainingError
+
+EVAL_BATCH = 1000
+
+
+class ModelState:
+    """Parameters, optimizer state and workspaces of one replica (no communication)."""
+
+    def __init__(self, cfg, backend, layout, max_local_batch: int, grads, norm=None):
+        self.cfg, self.backend, self.layout = cfg, backend, layout
+        self.norm = tuple(norm) if norm is not None else (MEAN, STD)   # the data's pixel mean, std
+        self.params = backend.to_device(model.init_params(layout, cfg.seed))
+        self.grads = grads
+        self.pviews, self.gviews = layout.views(self.params), layout.views(grads)
+        self.opt = optim.make(cfg.optimizer, backend, layout.n_params, cfg.momentum, cfg.weight_decay)
+        n_in = layout.sizes[0]
+        self.ws = backend.Workspace(layout, max_local_batch)
+        self.xbuf = backend.xp.empty((max_local_batch, n_in), np.float32)
+        self.ybuf = backend.xp.empty(max_local_batch, np.int32)
+        self.eval_ws = backend.Workspace(layout, EVAL_BATCH)
+        self.eval_x = backend.xp.empty((EVAL_BATCH, n_in), np.float32)
+        self.eval_y = backend.xp.empty(EVAL_BATCH, np.int32)
+
+    def local_gradient(self, images, labels, idx, on_layer_ready=None) -> float:
+        """Summed loss and gradients of rows `idx` (into grads)."""
+        n, be = len(idx), self.backend
+        if n == 0:                              # a rank with no rows in a tiny last batch (fl)
+            self.grads[...] = 0
+            return 0.0
+        be.gather(images, idx, self.xbuf, *self.norm)
+        be.gather_labels(labels, idx, self.ybuf)
+        if on_layer_ready is None:
+            return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
+        return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws,
+                                   on_layer_ready=on_layer_ready)
+
+    def evaluate(self, comm, images, labels) -> tuple[float, float]:
+        """(accuracy, mean loss) on the whole set; each rank scores its slice, counts are summed."""
+        lo, hi = shard_range(len(labels), comm.rank, comm.size)
+        counts = np.zeros(2, np.float64)
+        for start in range(lo, hi, EVAL_BATCH):
+            idx = np.arange(start, min(start + EVAL_BATCH, hi))
+            self.backend.gather(images, idx, self.eval_x, *self.norm)
+            self.backend.gather_labels(labels, idx, self.eval_y)
+            correct, loss = self.backend.evaluate(self.pviews, self.eval_x[: len(idx)],
+                                                  self.eval_y[: len(idx)], self.eval_ws)
+            counts += (correct, loss)
+        comm.Allreduce_sum(counts)
+        return counts[0] / len(labels), counts[1] / len(labels)
+
+    def reset_optimizer(self) -> None:
+        self.opt = optim.make(self.cfg.optimizer, self.backend, self.layout.n_params,
+                              self.cfg.momentum, self.cfg.weight_decay)
+
+
+class FedProx:
+    """post_reduce hook: + mu (w - w_global) on the mean gradient (Li et al. 2020)."""
+
+    def __init__(self, backend, mu: float, anchor):
+        self.xp, self.mu, self.anchor = backend.xp, mu, anchor
+        self._tmp = backend.xp.empty_like(anchor)
+
+    def __call__(self, params, grads, denominator: float) -> None:
+        self.xp.subtract(params, self.anchor, out=self._tmp)
+        self._tmp *= np.float32(self.mu * denominator)   # the optimizer scales the sum by 1/denominator
+        grads += self._tmp
+
+
+def buffer_bytes(cfg, layout, max_local_batch: int) -> dict[str, int]:
+    """What a Replica allocates, by what it grows with (for the memory check before a run):
+    the model (parameters, gradients, optimizer state) and the batch (activations and deltas of
+    every layer, the gathered input rows), plus evaluation's fixed 1000-row workspace."""
+    n, f = layout.n_params, 4
+    opt = {"sgd": 1, "adam": 2}[cfg.optimizer]
+    rows = sum(layout.sizes[1:]) * 2 + layout.sizes[0] + 1
+    return {"model": f * n * (2 + opt), "batch": f * max_local_batch * rows, "eval": f * EVAL_BATCH * rows}
+
+
+class Replica:
+    def __init__(self, cfg, backend, max_local_batch: int, reducer=None, layout=None, norm=None):
+        self.cfg, self.backend = cfg, backend
+        self.layout = layout or model.layout(cfg.hidden)
+        self.sync = sync.make(cfg, backend, self.layout, reducer)
+        self.model = ModelState(cfg, backend, self.layout, max_local_batch, self.sync.grads, norm)
+        self.pre_reduce: list = []
+        self.post_reduce: list = []
+        self.stop_agreed = False               # set by step(): some rank voted to stop
+
+    # the parts tests and benchmarks look at
+    params = property(lambda self: self.model.params)
+    grads = property(lambda self: self.sync.grads)
+    gradbuf = property(lambda self: self.sync.gradbuf)
+    pviews = property(lambda self: self.model.pviews)
+    gviews = property(lambda self: self.model.gviews)
+    opt = property(lambda self: self.model.opt)
+    ws = property(lambda self: self.model.ws)
+    xbuf = property(lambda self: self.model.xbuf)
+    ybuf = property(lambda self: self.model.ybuf)
+
+    def step(self, comm, images, labels, global_idx, lr: float, stop: bool = False,
+             denominator: float | None = None) -> float:
+        """One synchronous step on this rank's slice of the global batch; returns the mean loss.
+
+        `stop` is this rank's vote to stop after this step; afterwards self.stop_agreed is the
+        same on every rank: True when any rank voted. `denominator` turns the gradient sum into
+        the update's mean (default: the batch size; DP-SGD uses the expected batch)."""
+        n = len(global_idx)
+        lo, hi = shard_range(n, comm.rank, comm.size)
+        self.sync.run(comm, self.model, images, labels, global_idx[lo:hi], stop, self.pre_reduce)
+        denominator = float(n) if denominator is None else denominator
+        for hook in self.post_reduce:
+            hook(self.model.params, self.sync.grads, denominator)
+        self.model.opt.step(self.model.params, self.sync.grads, lr, 1.0 / denominator)
+        votes, loss = self.sync.totals()
+        self.stop_agreed = votes > 0
+        watchdog.progress()
+        return loss / n if n else 0.0
+
+    def evaluate(self, comm, images, labels) -> tuple[float, float]:
+        return self.model.evaluate(comm, images, labels)
+
+    def load_params(self, flat_host: np.ndarray) -> None:
+        self.model.params[...] = self.backend.to_device(flat_host)
+
+    def host_params(self) -> np.ndarray:
+        return self.backend.to_host(self.model.params)
+
+    def reset_optimizer(self) -> None:
+        self.model.reset_optimizer()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Host copies of what a checkpoint holds: the parameters and the optimizer state."""
+        out = {"params": self.host_params()}
+        for name, value in self.model.opt.state().items():
+            out[f"opt.{name}"] = np.array(value, np.int64) if isinstance(value, int) else self.backend.to_host(value)
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.load_params(arrays["params"])
+        self.model.opt.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
+
+    def check_replicas(self, comm) -> None:
+        """Replicas must stay bitwise identical; compare a cheap checksum across ranks."""
+        sums = comm.allgather(zlib.adler32(self.host_params().tobytes()))
+        if len(set(sums)) > 1:
+            raise TrainingError(f"model replicas diverged (checksums by rank: {sums})", collective=True)
+
+    def free(self) -> None:
+        self.sync.free()
