@@ -146,6 +146,9 @@ def _check_outputs(cfg: Config, comm: Comm) -> None:
     from .files import check_writable_dir
 
     def check():
+        if cfg.metrics and Path(cfg.metrics).is_symlink():
+            raise UsageError(f"--metrics {cfg.metrics}: is a symbolic link; refusing to write through "
+                             "it (give the path of a regular file)")
         if cfg.metrics and Path(cfg.metrics).is_dir():
             raise UsageError(f"--metrics {cfg.metrics}: is a folder; give the path of a file (e.g. run.jsonl)")
         for what, path in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir),

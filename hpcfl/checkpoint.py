@@ -16,6 +16,7 @@ rotation and which settings a checkpoint must share with the run that resumes fr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sys
@@ -90,26 +91,45 @@ def save(directory, cfg, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
     path = path_for(directory, int(meta["step"]))
     try:
         atomic_write(path, lambda f: np.savez(f, **entries))
-        _rotate(directory, path, cfg.keep_checkpoints)
     except OSError as exc:
         raise HpcflError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from exc
+    try:
+        _rotate(directory, path, cfg.keep_checkpoints)
+    except OSError as exc:     # the new checkpoint is durable: an old one left over is no failure
+        print(f"hpcfl: warning: {path} is saved, but an older checkpoint could not be removed "
+              f"({exc.strerror or exc})", file=sys.stderr, flush=True)
     return path
 
 
 def _rotate(directory, newest: Path, keep: int) -> None:
-    """Keep `newest` and the keep-1 checkpoints before it. Later ones can only be leftovers that
-    --resume skipped as corrupt (it always takes the newest valid one): they go too."""
-    older = [p for p in list_checkpoints(directory) if p.name < newest.name]   # names sort by step
-    later = [p for p in list_checkpoints(directory) if p.name > newest.name]
-    for p in older[:max(0, len(older) - (keep - 1))] + later:
+    """Keep `newest` and the keep-1 checkpoints before it. A checkpoint of a later step goes
+    only when it is corrupt (a leftover that --resume skipped): a valid later one may be a
+    newer run's work, and is never deleted."""
+    found = list_checkpoints(directory)
+    older = [p for p in found if p.name < newest.name]   # names sort by step
+    for p in older[:max(0, len(older) - (keep - 1))]:
         p.unlink()
+    for p in (p for p in found if p.name > newest.name):
+        try:
+            load(p)
+        except CorruptCheckpoint:
+            p.unlink()
+        except HpcflError:            # unreadable now: not ours to judge
+            pass
 
 
 def load(path) -> Checkpoint:
-    """Read and verify one checkpoint; raises CorruptCheckpoint with the reason."""
+    """Read and verify one checkpoint; raises CorruptCheckpoint with the reason when its content
+    is bad, and HpcflError when it cannot be read at all (EACCES, EIO, ESTALE...): resuming from
+    an older checkpoint because of a passing I/O error would silently lose work."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise HpcflError(f"cannot read the checkpoint {path} ({exc.strerror or exc}); fix its "
+                         "permissions or the file system, or move it away to resume from an older one") from exc
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             entries = {name: z[name] for name in z.files}
         stored = entries.pop("sha256").tobytes().decode()
         if _digest(entries) != stored:
@@ -124,7 +144,7 @@ def load(path) -> Checkpoint:
     return Checkpoint(path, meta, config, entries)
 
 
-def load_latest(directory, cfg) -> Checkpoint | None:
+def load_latest(directory, cfg, data_id: str | None = None) -> Checkpoint | None:
     """The newest checkpoint that reads back intact (older ones are fallbacks), or None.
 
     Skipped files are reported on stderr; this runs on rank 0 only, so each warning prints once.
@@ -137,35 +157,41 @@ def load_latest(directory, cfg) -> Checkpoint | None:
             print(f"hpcfl: warning: skipping checkpoint {path}: corrupt or truncated ({exc})",
                   file=sys.stderr, flush=True)
             continue
-        check_compatible(ckpt, cfg)
+        check_compatible(ckpt, cfg, data_id)
         return ckpt
     return None
-
-
-# Settings that must match to resume: they fix the shapes of the saved state or what a saved
-# position (step -> epoch, batch) means. Others may change, with a warning.
-_MUST_MATCH = {"mode": "--mode", "hidden": "--hidden", "optimizer": "--optimizer"}
-_MUST_MATCH_DP = {"batch_size": "--batch-size"}
-# fl: the server optimizer's state, and which clients exist and what data they hold
-_MUST_MATCH_FL = {"server_opt": "--server-opt", "num_clients": "--num-clients", "partition": "--partition"}
-_MAY_CHANGE = ("epochs", "max_steps", "lr", "schedule", "momentum", "weight_decay", "seed",
-               "rounds", "local_epochs", "local_lr", "server_opt", "server_lr")
 
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def check_compatible(ckpt: Checkpoint, cfg) -> None:
+def check_compatible(ckpt: Checkpoint, cfg, data_id: str | None = None) -> None:
+    """What each setting may do on resume is declared next to it (config.py: MUST match, WARN,
+    IGNORE, per mode). Refuses a checkpoint of other data (its fingerprint) or of a MUST
+    setting; warns once about the WARN settings that changed."""
+    from .config import FIELDS, MUST, WARN, flag
+
     saved, now = ckpt.config, json.loads(cfg.to_json())
-    must = {**_MUST_MATCH, **(_MUST_MATCH_DP if cfg.mode == "dp" else _MUST_MATCH_FL)}
-    for key, flag in must.items():
-        if saved.get(key) != now[key]:
+    if saved.get("mode", "dp") != now["mode"]:
+        raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was written by a run "
+                         f"with --mode {saved.get('mode', 'dp')}, this run has --mode {now['mode']}; use the "
+                         "same settings or another --checkpoint-dir")
+    changed = []
+    for name, f in FIELDS.items():
+        rule = f.metadata["resume"][cfg.mode]
+        if name not in saved or rule not in (MUST, WARN) or saved[name] == now[name]:
+            continue
+        if rule == MUST:
             raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was written by "
-                             f"a run with {flag} {_show(saved.get(key))}, this run has {flag} "
-                             f"{_show(now[key])}; use the same settings or another --checkpoint-dir")
-    changed = [f"--{k.replace('_', '-')} {_show(saved.get(k))} -> {_show(now[k])}"
-               for k in _MAY_CHANGE if saved.get(k) != now[k]]
+                             f"a run with {flag(name)} {_show(saved[name])}, this run has {flag(name)} "
+                             f"{_show(now[name])}; use the same settings or another --checkpoint-dir")
+        changed.append(f"{flag(name)} {_show(saved[name])} -> {_show(now[name])}")
+    theirs = ckpt.meta.get("data")
+    if data_id and theirs and theirs != data_id:
+        raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was trained on other "
+                         f"data ({cfg.dataset} here, with another content); use the same data or another "
+                         "--checkpoint-dir")
     if changed:
         print(f"hpcfl: warning: resuming {ckpt.path.name} with changed settings ({', '.join(changed)}); "
               "the run will not match an uninterrupted one", file=sys.stderr, flush=True)
@@ -179,7 +205,7 @@ def save_on_root(comm, cfg, meta: dict, arrays) -> Path:
     return Path(comm.agree(lambda: str(save(cfg.checkpoint_dir, cfg, meta, arrays()))))
 
 
-def restore(comm, cfg) -> Checkpoint | None:
+def restore(comm, cfg, data_id: str | None = None) -> Checkpoint | None:
     """The checkpoint to resume from on every rank, or None to start from scratch.
 
     Rank 0 reads and verifies the file; the arrays reach the other ranks by Bcast. Without
@@ -198,7 +224,7 @@ def restore(comm, cfg) -> Checkpoint | None:
                                  f"({existing[-1].name}); pass --resume to continue from them, "
                                  "or use an empty folder")
             return None
-        found = load_latest(cfg.checkpoint_dir, cfg)
+        found = load_latest(cfg.checkpoint_dir, cfg, data_id)
         if found is None:
             return None
         specs = [(name, a.shape, a.dtype.str) for name, a in found.arrays.items()]

@@ -590,6 +590,7 @@ class Dataset:
     num_classes: int = 10
     mean: float = MEAN
     std: float = STD
+    fingerprint: str = ""   # SHA-256 over the cached arrays' hashes: which data, whatever its path
 
     @property
     def n_train(self) -> int:
@@ -651,8 +652,10 @@ def open_cache(cache_dir: str | os.PathLike) -> Dataset:
             raise DataError(f"{x_path}: cached {split} split has shapes {x.shape}/{y.shape} "
                             f"and dtypes {x.dtype}/{y.dtype}; expected (N,{d})/(N,) uint8")
         arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
+    digests = "".join(m["arrays"][f"{k}.npy"]["sha256"] for k in ("train_x", "train_y", "test_x", "test_y"))
     return Dataset(**arrays, name=m["dataset"], image_shape=tuple(m["image_shape"]),
-                   num_classes=int(m["num_classes"]), mean=float(m["mean"]), std=float(m["std"]))
+                   num_classes=int(m["num_classes"]), mean=float(m["mean"]), std=float(m["std"]),
+                   fingerprint=hashlib.sha256(digests.encode()).hexdigest()[:32])
 
 
 # ---------------------------------------------------------------- sharding

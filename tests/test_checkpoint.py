@@ -17,7 +17,7 @@ from hpcfl import checkpoint
 from hpcfl.config import Config
 from hpcfl.errors import TrainingError, UsageError
 
-from helpers import mpirun, needs_mnist, run_hpcfl
+from helpers import mpirun_cmd, needs_mnist, open_mpi, run_hpcfl
 from test_cli import assert_clean_failure
 
 N = 1000  # a tiny fake "model" for the file-level tests
@@ -195,8 +195,11 @@ def test_resume_on_another_rank_count_follows_the_same_trajectory(tmp_path):
 
 @needs_mnist
 def test_sigterm_to_mpirun_checkpoints_and_exits_75(tmp_path):
-    """The real path: a scheduler signals the launcher, which forwards it to every rank."""
-    cmd = [mpirun(), "-n", "2", sys.executable, "-m", "hpcfl", "--epochs", "20",
+    """The real path: a scheduler signals the launcher, which forwards it to every rank. Open
+    MPI's mpirun ends the job itself on SIGTERM (exit 1, after the ranks saved the checkpoint),
+    so with it the signal to send is SIGUSR1 (as jobs/lib.sh does); MPICH's forwards both."""
+    sig = signal.SIGUSR1 if open_mpi() else signal.SIGTERM
+    cmd = [*mpirun_cmd(2), sys.executable, "-m", "hpcfl", "--epochs", "20",
            "--checkpoint-dir", str(tmp_path / "ck"), "--resume"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -205,11 +208,11 @@ def test_sigterm_to_mpirun_checkpoints_and_exits_75(tmp_path):
         lines.append(line)
         if "epoch   1" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)
     out = "".join(lines) + rest
     assert proc.returncode == 75, out
-    assert out.count("hpcfl: error: stopped by SIGTERM") == 1, out
+    assert out.count(f"hpcfl: error: stopped by {sig.name}") == 1, out
     saved = checkpoint.list_checkpoints(tmp_path / "ck")
     assert len(saved) == 1 and 0 < checkpoint.load(saved[0]).step < 20 * 468
 
@@ -274,7 +277,7 @@ def test_unwritable_checkpoint_folder_exits_2(tmp_path):
 
 def seconds_from_fault_to_exit(n, fault, limit):
     """Run until the job ends; seconds from the fault injection line to the exit of mpirun."""
-    cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "hpcfl", "--epochs", "5", "--quiet"]
+    cmd = [*mpirun_cmd(n), sys.executable, "-m", "hpcfl", "--epochs", "5", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "HPCFL_FAULT": fault,
                                  "HPCFL_TESTING": "1"})

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimizer_matches_reference, mpirun,
+from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimizer_matches_reference, mpirun_cmd,
                      needs_mnist, run_hpcfl)
 from hpcfl import backends, comm, dp, model
 from hpcfl.backends import cupy_backend as cb
@@ -895,7 +895,7 @@ if c.rank == 0:
 @pytest.mark.parametrize("aware", ["0", "auto"])
 def test_gpu_collectives_on_device_buffers_at_two_ranks(aware):
     env = {"HPCFL_CUDA_AWARE_MPI": "0"} if aware == "0" else {}
-    proc = subprocess.run([mpirun(), "-n", "2", sys.executable, "-c", GPU_MPI], capture_output=True, text=True,
+    proc = subprocess.run([*mpirun_cmd(2), sys.executable, "-c", GPU_MPI], capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env={**os.environ, **env})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
