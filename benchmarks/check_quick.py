@@ -4,6 +4,9 @@
 
 runs `python benchmarks/run_all.py --quick` into a temporary folder and checks that it exits 0
 and writes every CSV, every plot and a RESULTS.md with the targets table. Takes 2-3 minutes.
+Needs the bench extra (matplotlib: pip install -e ".[bench]"). Targets that need what this
+machine lacks (PyTorch, a GPU) are "not measured here", which is no failure; any other target
+left unmeasured is.
 """
 from __future__ import annotations
 
@@ -20,6 +23,11 @@ PNGS = ["single", "parallel", "allreduce", "scaling", "scaling_model", "profile"
 
 
 def main() -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('check_quick: the benchmarks need matplotlib: pip install -e ".[bench]"', file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results"
         proc = subprocess.run([sys.executable, str(HERE / "run_all.py"), "--quick", "--out", str(out)])
@@ -30,7 +38,7 @@ def main() -> int:
         text = md.read_text() if md.is_file() else ""
         if "| target | goal | measured | ratio | status |" not in text:
             problems.append("RESULTS.md has no targets table")
-        if "not measured" in text:
+        if text.replace("not measured here", "").count("not measured"):
             problems.append("RESULTS.md has targets that were not measured")
     for p in problems:
         print(f"check_quick: {p}", file=sys.stderr)

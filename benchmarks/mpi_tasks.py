@@ -6,7 +6,8 @@
     mpirun -n 2 python benchmarks/mpi_tasks.py osu
         OSU-style MPI_Allreduce latency/bandwidth over 4 B..4 MiB, and point-to-point bandwidth
     mpirun -n 1 python benchmarks/mpi_tasks.py profile
-        where the time of one dp step goes (GEMMs, elementwise, gather, optimizer, comm, Python)
+        where the time of one dp step goes (GEMMs, elementwise, gather, optimizer, comm, Python):
+        timers around the parts of the real Replica.step
     mpirun -n 1 python benchmarks/mpi_tasks.py compute
         step time at local batch 1..1024 (the compute term of the scaling model)
 
@@ -15,6 +16,7 @@ Each prints one RESULT line (rank 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -200,59 +202,64 @@ PHASES = ["gather", "gemm_forward", "gemm_weight_grad", "gemm_input_grad", "elem
           "allreduce", "optimizer", "python_overhead"]
 
 
-def instrumented_step(rep, comm, images, labels, global_idx, lr, T):
-    """Replica.step with the numba backend's forward_backward inlined, a timer around each part.
-    Mirrors hpcfl/dp.py and hpcfl/backends/numba_backend.py (fused allreduce)."""
-    from hpcfl.backends import numba_backend as nb
-    from hpcfl.data import shard_range
+class Instrumented:
+    """Timers around the parts of the REAL step (dp.Replica.step with the numba backend), not a
+    copy of it: inside the block, the backend's np.matmul and its fused kernels, the gather, the
+    communicator's Allreduce and the optimizer are wrapped by timers that add to T. A GEMM is told
+    apart by its operands: a.T @ dz (weight gradient: a transposed first operand), dz @ W.T (input
+    gradient: a transposed second operand), else a @ W (forward)."""
 
-    lo, hi = shard_range(len(global_idx), comm.rank, comm.size)
-    idx = global_idx[lo:hi]
-    n = len(idx)
-    t0 = perf()
-    nb.gather(images, idx, rep.xbuf)
-    nb.gather_labels(labels, idx, rep.ybuf)
-    t1 = perf()
-    T["gather"] += t1 - t0
-    params, grads, ws = rep.pviews, rep.gviews, rep.ws
-    x, y = rep.xbuf[:n], rep.ybuf[:n]
-    last, a = len(params) - 1, x
-    for i, (w, b) in enumerate(params):
-        z = ws.acts[i][:n]
-        t0 = perf()
-        np.matmul(a, w, out=z)
-        t1 = perf()
-        nb._bias_act(z, b, i < last)
-        t2 = perf()
-        T["gemm_forward"] += t1 - t0
-        T["elementwise"] += t2 - t1
-        a = z
-    t0 = perf()
-    dz = ws.deltas[last][:n]
-    loss = nb._softmax_xent_grad(a, y, dz, grads[last][1])
-    T["elementwise"] += perf() - t0
-    for i in range(last, -1, -1):
-        a_prev = ws.acts[i - 1][:n] if i > 0 else x
-        t0 = perf()
-        np.matmul(a_prev.T, dz, out=grads[i][0])
-        T["gemm_weight_grad"] += perf() - t0
-        if i > 0:
-            da = ws.deltas[i - 1][:n]
+    KERNELS = ("_bias_act", "_softmax_xent_grad", "_relu_backward_bias")
+
+    def __init__(self, rep, comm, T):
+        self.rep, self.comm, self.T = rep, comm, T
+
+    def _timed(self, fn, phase):
+        T = self.T
+
+        def wrapper(*args, **kwargs):
             t0 = perf()
-            np.matmul(dz, params[i][0].T, out=da)
-            t1 = perf()
-            nb._relu_backward_bias(da, a_prev, grads[i - 1][1])
-            T["gemm_input_grad"] += t1 - t0
-            T["elementwise"] += perf() - t1
-            dz = da
-    rep.gradbuf[-1] = loss
-    t0 = perf()
-    comm.Allreduce_sum(rep.gradbuf)
-    t1 = perf()
-    rep.opt.step(rep.params, rep.grads, lr, 1.0 / len(global_idx))
-    T["allreduce"] += t1 - t0
-    T["optimizer"] += perf() - t1
-    return float(rep.gradbuf[-1]) / len(global_idx)
+            out = fn(*args, **kwargs)
+            T[phase] += perf() - t0
+            return out
+        return wrapper
+
+    def _matmul(self, a, b, out=None):
+        phase = ("gemm_weight_grad" if not a.flags.c_contiguous else
+                 "gemm_input_grad" if not b.flags.c_contiguous else "gemm_forward")
+        t0 = perf()
+        np.matmul(a, b, out=out)
+        self.T[phase] += perf() - t0
+        return out
+
+    def __enter__(self):
+        import types
+
+        from hpcfl.backends import numba_backend as nb
+
+        self.saved = {name: getattr(nb, name) for name in (*self.KERNELS, "np", "gather", "gather_labels")}
+        nb.np = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+        nb.np.matmul = self._matmul
+        for name in self.KERNELS:
+            setattr(nb, name, self._timed(self.saved[name], "elementwise"))
+        be = self.rep.backend
+        self.be_saved = (be.gather, be.gather_labels)
+        be.gather, be.gather_labels = self._timed(be.gather, "gather"), self._timed(be.gather_labels, "gather")
+        self.comm_saved = self.comm.Allreduce_sum
+        self.comm.Allreduce_sum = self._timed(self.comm.Allreduce_sum, "allreduce")
+        self.opt_saved = self.rep.opt.step
+        self.rep.opt.step = self._timed(self.rep.opt.step, "optimizer")
+        return self
+
+    def __exit__(self, *exc):
+        from hpcfl.backends import numba_backend as nb
+
+        for name, value in self.saved.items():
+            setattr(nb, name, value)
+        self.rep.backend.gather, self.rep.backend.gather_labels = self.be_saved
+        self.comm.Allreduce_sum = self.comm_saved
+        del self.rep.opt.step                                  # back to the class's method
+        del self.comm.Allreduce_sum
 
 
 def allocations_per_step(rep, comm, data, perm, B, steps=50):
@@ -288,13 +295,12 @@ def task_profile(args):
         for kind in ("plain", "timed"):
             comm.Barrier()
             t0 = perf()
-            for _ in range(args.block_steps):
-                idx = perm[(s % steps) * B:(s % steps + 1) * B]
-                if kind == "plain":
+            timers = Instrumented(rep, comm, T) if kind == "timed" else contextlib.nullcontext()
+            with timers:
+                for _ in range(args.block_steps):
+                    idx = perm[(s % steps) * B:(s % steps + 1) * B]
                     rep.step(comm, data.train_x, data.train_y, idx, lr)
-                else:
-                    instrumented_step(rep, comm, data.train_x, data.train_y, idx, lr, T)
-                s += 1
+                    s += 1
             dt = perf() - t0
             if kind == "plain":
                 plain, n_plain = plain + dt, n_plain + args.block_steps

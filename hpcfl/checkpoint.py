@@ -20,7 +20,7 @@ import io
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,14 @@ class Checkpoint:
     meta: dict
     config: dict
     arrays: dict[str, np.ndarray]
+    changed: list = field(default_factory=list)    # settings that changed since (WARN rules)
+
+    def warning(self) -> str | None:
+        """The warning a resumed run prints once it goes on (after its own checks)."""
+        if not self.changed:
+            return None
+        return (f"resuming {self.path.name} with changed settings ({', '.join(self.changed)}); "
+                "the run will not match an uninterrupted one")
 
     @property
     def step(self) -> int:
@@ -169,7 +177,7 @@ def _show(value) -> str:
 def check_compatible(ckpt: Checkpoint, cfg, data_id: str | None = None) -> None:
     """What each setting may do on resume is declared next to it (config.py: MUST match, WARN,
     IGNORE, per mode). Refuses a checkpoint of other data (its fingerprint) or of a MUST
-    setting; warns once about the WARN settings that changed."""
+    setting; records the WARN settings that changed in ckpt.changed."""
     from .config import FIELDS, MUST, WARN, flag
 
     saved, now = ckpt.config, json.loads(cfg.to_json())
@@ -192,9 +200,7 @@ def check_compatible(ckpt: Checkpoint, cfg, data_id: str | None = None) -> None:
         raise UsageError(f"--checkpoint-dir {ckpt.path.parent}: {ckpt.path.name} was trained on other "
                          f"data ({cfg.dataset} here, with another content); use the same data or another "
                          "--checkpoint-dir")
-    if changed:
-        print(f"hpcfl: warning: resuming {ckpt.path.name} with changed settings ({', '.join(changed)}); "
-              "the run will not match an uninterrupted one", file=sys.stderr, flush=True)
+    ckpt.changed = changed
 
 
 # ---------------------------------------------------------------- collective entry points
@@ -228,15 +234,15 @@ def restore(comm, cfg, data_id: str | None = None) -> Checkpoint | None:
         if found is None:
             return None
         specs = [(name, a.shape, a.dtype.str) for name, a in found.arrays.items()]
-        return str(found.path), found.meta, found.config, specs
+        return str(found.path), found.meta, found.config, specs, found.changed
 
     header = comm.agree(find)
     if header is None:
         return None
-    path, meta, config, specs = header
+    path, meta, config, specs, changed = header
     arrays = {}
     for name, shape, dtype in specs:
         buf = found.arrays[name] if comm.rank == 0 else np.empty(shape, dtype)
         comm.Bcast(buf)
         arrays[name] = buf
-    return Checkpoint(Path(path), meta, config, arrays)
+    return Checkpoint(Path(path), meta, config, arrays, changed)

@@ -203,17 +203,27 @@ def fetch(data_dir: str | os.PathLike, urls: list[str] | None = None, timeout: f
     mirrors, e.g. with a site mirror. HTTPS only (and file: for local mirrors): the checksums
     would catch a tampered file anyway, but an eavesdropper need not learn what a job reads.
     """
-    import http.client
-
     data_dir = Path(data_dir)
     if spec.format != "idx" or not (spec.urls or spec.archive or urls):
         raise DataError(f"--dataset {spec.name}: nothing to download; point --data-dir at the files")
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{data_dir}: cannot create the data folder: {e.strerror or e}") from e
-    if spec.archive is not None:
-        return _fetch_archive(data_dir, spec, urls, timeout)
+    try:
+        if spec.archive is not None:
+            return _fetch_archive(data_dir, spec, urls, timeout)
+        _fetch_files(data_dir, spec, urls, timeout)
+    except BaseException:
+        if created and not any(data_dir.iterdir()):   # a failed offline run leaves no empty folder
+            data_dir.rmdir()
+        raise
+
+
+def _fetch_files(data_dir: Path, spec: Spec, urls, timeout) -> None:
+    import http.client
+
     for name in spec.file_names:
         fname = f"{name}.gz"
         final = data_dir / fname
@@ -382,7 +392,7 @@ def load_arrays(source: Path, spec: Spec) -> tuple[dict, int, dict]:
     for split in ("train", "test"):   # only reached unchecked where no content hash is published
         n = len(arrays[f"{split}_y"])
         if spec.counts is not None and n != spec.counts[split]:
-            raise DataError(f"{where[split]}: {n} {split} samples, but {spec.title} has "
+            raise DataError(f"{where[split]}: {n} {split} samples, but {spec.title.split(' (')[0]} has "
                             f"{spec.counts[split]}: not this data set, or a subset of it")
     arrays = {k_: (a.astype(np.uint8) if k_.endswith("_y") else a) for k_, a in arrays.items()}
     return arrays, k, {name: digest for name, (_, digest) in hashes.items()}

@@ -54,6 +54,8 @@ def _resume(cfg, comm, rep, reporter, data, total_steps: int) -> tuple[int, floa
                          f"{ckpt.step}, past this run's last step {total_steps} (--max-steps / "
                          "--epochs): raise them to go on, or use another folder", collective=True)
     reporter.begin(ckpt.step if ckpt else (0 if cfg.resume else None))
+    if ckpt is not None and ckpt.warning():
+        reporter.warn(ckpt.warning())
     if ckpt is None:
         if cfg.resume:
             reporter.info(f"no checkpoint in {cfg.checkpoint_dir} yet: starting from scratch")
@@ -92,9 +94,9 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
     """train()'s loop over epochs and steps, with the replica built."""
     B = cfg.batch_size
     flops = rep.layout.flops_per_sample()
-    reporter.info(f"dp: {comm.size} rank{'s' if comm.size > 1 else ''}, global batch {B}, "
-                  f"{steps_per_epoch} steps/epoch, backend {cfg.backend}, allreduce {cfg.allreduce}, "
-                  f"model {'-'.join(map(str, rep.layout.sizes))} ({rep.layout.n_params:,} parameters)")
+    reporter.info(f"dp: {comm.size} rank{'s' if comm.size > 1 else ''}, global batch {B} ({steps_per_epoch} "
+                  f"steps/epoch), backend {cfg.backend}, allreduce {cfg.allreduce}, "
+                  f"model {'-'.join(map(str, rep.layout.sizes))} ({rep.layout.n_params:,} params)")
     step, loss_sum = _resume(cfg, comm, rep, reporter, data, total_steps)
     if step >= total_steps > 0:
         reporter.info(f"the checkpoint is at the last step ({total_steps}): nothing left to train")

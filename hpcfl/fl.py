@@ -85,6 +85,7 @@ class Federation:
         self.n = n = self.rep.layout.n_params
         self.global_w = backend.to_host(self.rep.params).copy()  # identical on every rank (seeded)
         self.init_norm = float(np.linalg.norm(self.global_w))
+        self.server_ratio = 0.0          # the last server step's length / the clients' (bcast)
         self.server = aggregate.make(cfg, n) if comm.rank == 0 else None
         # [sum_k n_k w_k | sum_k n_k | loss sum | samples seen]; float64 so big sums stay exact
         self.sendbuf = np.zeros(n + 3, np.float64)
@@ -134,15 +135,22 @@ class Federation:
             return None
         if self.leader:
             self.leaders.Reduce_sum(self.sendbuf, self.recvbuf, root=0)
-        stats = np.zeros(4)
+        stats = np.zeros(5)
         if comm.rank == 0:
             stats[:3] = self.recvbuf[n:]
             if math.isfinite(stats[1]):
-                self.server.step(self.global_w, (self.recvbuf[:n] / self.recvbuf[n]).astype(np.float32))
+                average = (self.recvbuf[:n] / self.recvbuf[n]).astype(np.float32)
+                before = self.global_w.copy()
+                self.server.step(self.global_w, average)
+                # how far the server moved against how far the clients did: about 1 for FedAvg,
+                # up to 1/(1-momentum) for FedAvgM; far more means the server step is too large
+                stats[4] = float(np.linalg.norm(self.global_w - before) /
+                                 max(float(np.linalg.norm(before - average)), 1e-30))
             stats[3] = float(np.linalg.norm(self.global_w))    # nan/inf when the update broke it
         comm.Bcast(self.global_w)
         comm.Bcast(stats)
         self._check(server_round, stats)
+        self.server_ratio = stats[4]
         seconds = time.perf_counter() - t0
         return {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
                 "train_loss": stats[1] / stats[2], "test_accuracy": None, "round_seconds": seconds,
@@ -154,9 +162,11 @@ class Federation:
         cfg, norm = self.cfg, stats[3]
         server = f"try a smaller --server-lr (now {cfg.server_lr} with --server-opt {cfg.server_opt})"
         if not math.isfinite(stats[1]):
-            blame = server if norm > 10 * self.init_norm else f"try a smaller --local-lr (now {cfg.local_lr})"
-            if norm > 10 * self.init_norm:
-                blame += f": the global model's norm grew from {self.init_norm:.3g} to {norm:.3g}"
+            if self.server_ratio > 20 or norm > 10 * self.init_norm:
+                blame = (f"{server}: the last server step moved the model {self.server_ratio:.0f}x as far "
+                         f"as the clients did")
+            else:
+                blame = f"try a smaller --local-lr (now {cfg.local_lr})"
             raise TrainingError(f"a client's training loss became {stats[1]} in round {server_round}; "
                                 f"{blame}", collective=True)
         if not math.isfinite(norm):
@@ -189,6 +199,8 @@ class Federation:
                              f"round {ckpt.step}, past this run's --rounds {self.cfg.rounds}: raise "
                              "--rounds to go on, or use another folder", collective=True)
         reporter.begin(ckpt.step if ckpt else (0 if self.cfg.resume else None), key="round")
+        if ckpt is not None and ckpt.warning():
+            reporter.warn(ckpt.warning())
         if ckpt is None:
             return 0, 0.0
         self.global_w[...] = ckpt.arrays["params"]

@@ -55,7 +55,7 @@ def test_unavailable_reason_is_one_clear_line():
     if REASON is None:
         pytest.skip("a GPU is usable here")
     assert "\n" not in REASON
-    assert REASON.startswith(("cupy is not installed (pip install cupy-cuda12x)", "no usable CUDA GPU: ",
+    assert REASON.startswith(("cupy is not installed (pip install -e '.[gpu]'", "no usable CUDA GPU: ",
                               "cupy cannot be imported")), REASON
     assert cb.describe_gpu() is None
     assert backends.gpu_description() is None
@@ -102,8 +102,9 @@ def test_without_cupy_installed():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines == ["cupy is not installed (pip install cupy-cuda12x)", "None", "numba",
-                     "backend 'cupy' is not usable here: cupy is not installed (pip install cupy-cuda12x)",
+    hint = "pip install -e '.[gpu]' for CUDA 12 drivers, '.[gpu13]' for CUDA 13"   # the README's extras
+    assert lines == [f"cupy is not installed ({hint})", "None", "numba",
+                     f"backend 'cupy' is not usable here: cupy is not installed ({hint})",
                      "NCCL is not usable on every rank: cupy.cuda.nccl cannot be imported "
                      "(No module named 'cupy')"], proc.stdout
 

@@ -40,7 +40,7 @@ cp = None                    # the cupy module, once _cupy() has imported it
 _REASON = "not checked"      # cached unavailable_reason(); "not checked" before the first call
 _DEVICE = None               # the device id select_device() chose
 
-INSTALL_HINT = "pip install cupy-cuda12x"
+INSTALL_HINT = "pip install -e '.[gpu]' for CUDA 12 drivers, '.[gpu13]' for CUDA 13"
 LIBS_HINT = ("CUDA libraries missing: pip install 'cupy-cuda12x[ctk]' (or load the site's CUDA "
              "module)")
 
