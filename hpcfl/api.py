@@ -237,6 +237,37 @@ def _client_sizes(cfg, data):
     return np.array([len(p) for p in parts])
 
 
+def plan_privacy(cfg: Config, comm: Comm, data):
+    """The run's DP plan (privacy.DpPlan), or None without DP: the sampling rate, the expected
+    count, the noise multiplier (calibrated on rank 0 for --dp-epsilon: a second or two) and
+    the secret seed of the noise and of the sampling (rank 0 draws it, unless given)."""
+    import secrets
+
+    from . import privacy
+
+    if not config_mod.dp_on(cfg):
+        return None
+    if cfg.mode == "fl":
+        q, steps, expected = cfg.client_fraction, cfg.rounds, cfg.client_fraction * cfg.num_clients
+    else:
+        q = cfg.batch_size / data.n_train
+        steps = cfg.epochs * (data.n_train // cfg.batch_size)
+        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        expected = float(cfg.batch_size)
+    if cfg.dp_noise is not None:
+        z = cfg.dp_noise
+    else:
+        def calibrate():
+            try:
+                return privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
+            except ValueError as exc:
+                raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
+        z = comm.agree(calibrate)
+    seed = cfg.dp_noise_seed if cfg.dp_noise_seed is not None else comm.bcast(
+        secrets.randbits(63) if comm.rank == 0 else None)
+    return privacy.DpPlan(clip=cfg.dp_clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta)
+
+
 def _train(config: Config, comm: Comm, callbacks) -> Result:
     from . import model
 
@@ -267,6 +298,7 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
     data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
     layout = model.layout(cfg.hidden, data.input_size, data.num_classes)
     _check_memory(cfg, comm, layout, data)
+    dp_plan = plan_privacy(cfg, comm, data)
     lock = RunLock()
     try:
         def take_locks():
@@ -297,7 +329,7 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
                 else:
                     from . import fl
 
-                    summary = fl.train(cfg, comm, data, backend, reporter, layout)
+                    summary = fl.train(cfg, comm, data, backend, reporter, layout, dp_plan)
         finally:
             reporter.close()
         if summary["test_accuracy"] is not None:

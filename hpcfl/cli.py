@@ -17,7 +17,8 @@ from .config import FIELDS, Config, flag
 from .errors import HpcflError, UsageError
 
 GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": "federated (--mode fl)",
-          "data": "data", "machinery": "machinery", "output": "output", "checkpoints": "checkpoints and preemption"}
+          "privacy": "privacy and security", "data": "data", "machinery": "machinery", "output": "output",
+          "checkpoints": "checkpoints and preemption"}
 
 
 class _Parser(argparse.ArgumentParser):

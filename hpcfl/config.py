@@ -137,6 +137,42 @@ class Config:
     server_eps: float = option(1e-3, "FedAdam tau (eps)", check=positive, resume=FL_ONLY, group="federated")
     eval_every: int = option(1, "rounds between evaluations", check=positive, resume=IGNORE,
                              group="federated")
+    # ---- privacy and security (fl: secure aggregation, client-level DP; dp: DP-SGD)
+    secure_agg: bool = option(False, "fl: secure aggregation, the server learns only the sum of the "
+                              "clients' updates (Bonawitz et al. 2017, SecAgg+ of Bell et al. 2020)",
+                              resume=FL_ONLY, group="privacy", modes=("fl",))
+    secagg_neighbors: int | None = option(None, "SecAgg+: each client shares its secrets with K random "
+                                          "neighbours instead of every sampled client (about "
+                                          "2 log2(clients per round) is enough)", check=positive,
+                                          resume=FL_ONLY, group="privacy", modes=("fl",), metavar="K")
+    secagg_threshold: int | None = option(None, "shares needed to rebuild a client's secrets (default: "
+                                          "the smallest majority of its share holders); a round "
+                                          "completes while each secret keeps that many", check=positive,
+                                          resume=FL_ONLY, group="privacy", modes=("fl",), metavar="T")
+    secagg_range: float = option(1.0, "secure aggregation without DP: each coordinate of a client's "
+                                 "update (its model minus the global one) is clipped to +-R before "
+                                 "quantisation", check=positive, resume=FL_ONLY, group="privacy",
+                                 modes=("fl",), metavar="R")
+    dropout_rate: float = option(0.0, "fl: share of the sampled clients that drop out of each round "
+                                 "(after the key exchange under --secure-agg), seeded by the round",
+                                 check=below_one, resume=FL_ONLY, group="privacy", modes=("fl",), metavar="P")
+    dp_sgd: bool = option(False, "dp: DP-SGD (Abadi et al. 2016): Poisson batches, per-sample clipping to "
+                          "--dp-clip, Gaussian noise", resume={"dp": MUST, "fl": IGNORE}, group="privacy",
+                          modes=("dp",))
+    dp_clip: float | None = option(None, "DP: L2 norm each client's update (fl) or each sample's gradient "
+                                   "(dp, --dp-sgd) is clipped to (default with DP: see README)",
+                                   check=positive, resume=MUST, group="privacy", metavar="S")
+    dp_noise: float | None = option(None, "DP: noise multiplier z (noise std = z x clip); or give --dp-epsilon",
+                                    check=non_negative, resume=MUST, group="privacy", metavar="Z")
+    dp_epsilon: float | None = option(None, "DP: the noise is calibrated so that the planned rounds "
+                                      "(fl) or steps (dp) end at epsilon <= E", check=positive,
+                                      resume=MUST, group="privacy", metavar="E")
+    dp_delta: float = option(1e-5, "DP: delta of the (epsilon, delta) guarantee", check=open_unit,
+                             resume=MUST, group="privacy", metavar="D")
+    dp_noise_seed: int | None = option(None, "DP: seed of the noise and of the private sampling (default: "
+                                       "a secret one, kept in the checkpoints). Only to reproduce a run: "
+                                       "who knows it can remove the noise", check=non_negative,
+                                       resume=IGNORE, group="privacy", metavar="N")
     # ---- data
     dataset: str = option("mnist", "dataset: a catalogue name, or idx / npz with --data-dir",
                           resume=MUST, group="data")
@@ -250,10 +286,23 @@ def check_fields(cfg: Config) -> None:
                 raise UsageError(f"argument {flag(name)}: {exc}")
 
 
+def dp_on(cfg: Config) -> bool:
+    """Differential privacy is asked for: DP-SGD in dp mode, client-level DP in fl mode."""
+    if cfg.mode == "dp":
+        return cfg.dp_sgd
+    return cfg.dp_clip is not None or cfg.dp_noise is not None or cfg.dp_epsilon is not None
+
+
+# With DP, the clip norm when --dp-clip is not given (benchmarks/PRIVACY.md: what did best).
+DEFAULT_DP_CLIP = {"fl": 1.0, "dp": 1.0}
+
+
 def resolve_defaults(cfg: Config) -> Config:
     """Fill the defaults that depend on other settings, so that config.json records what ran."""
     if cfg.server_lr is None:
         cfg = cfg.replace(server_lr=DEFAULT_SERVER_LR[cfg.server_opt])
+    if dp_on(cfg) and cfg.dp_clip is None:
+        cfg = cfg.replace(dp_clip=DEFAULT_DP_CLIP[cfg.mode])
     return cfg
 
 
@@ -271,6 +320,7 @@ def validate(cfg: Config, world_size: int) -> None:
         if cfg.local_batch_size < cfg.ranks_per_client:
             raise UsageError(f"--local-batch-size {cfg.local_batch_size} is smaller than "
                              f"--ranks-per-client {cfg.ranks_per_client}")
+    _validate_privacy(cfg)
     if cfg.resume and not cfg.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if cfg.checkpoint_every and not cfg.checkpoint_dir:
@@ -279,3 +329,21 @@ def validate(cfg: Config, world_size: int) -> None:
         path = getattr(cfg, name)
         if path is not None and not str(path).strip():
             raise UsageError(f"{flag(name)}: empty path")
+
+
+def _validate_privacy(cfg: Config) -> None:
+    """Combinations of the privacy settings that cannot work (every rank alike)."""
+    if cfg.mode == "dp" and cfg.secure_agg:
+        raise UsageError("--secure-agg is for --mode fl (in dp mode there is no server to hide the "
+                         "updates from)")
+    if cfg.mode == "fl" and cfg.dp_sgd:
+        raise UsageError("--dp-sgd is for --mode dp; in fl mode privacy is per client: --dp-clip with "
+                         "--dp-noise or --dp-epsilon (DP-FedAvg)")
+    asked = [flag(n) for n in ("dp_clip", "dp_noise", "dp_epsilon") if getattr(cfg, n) is not None]
+    if cfg.mode == "dp" and asked and not cfg.dp_sgd:
+        raise UsageError(f"{asked[0]} needs --dp-sgd in dp mode")
+    if cfg.dp_noise is not None and cfg.dp_epsilon is not None:
+        raise UsageError("give --dp-noise or --dp-epsilon, not both: the noise is calibrated from the epsilon")
+    if dp_on(cfg) and cfg.dp_noise is None and cfg.dp_epsilon is None:
+        raise UsageError(f"{asked[0] if asked else '--dp-sgd'} needs --dp-noise Z or --dp-epsilon E "
+                         "(the noise, or the privacy budget it is calibrated for)")

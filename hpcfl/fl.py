@@ -15,11 +15,12 @@ checkpoints the state at its start, so a resumed run redoes it bitwise.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
 
-from . import aggregate, checkpoint, faults, partition, preempt, watchdog
+from . import aggregate, checkpoint, collect, faults, partition, preempt, watchdog
 from .comm import StopNotice
 from .dp import finish, gradient_reducer
 from .errors import Preempted, TrainingError, UsageError
@@ -60,9 +61,10 @@ def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: 
 
 class Federation:
     """The state of a federated run on this rank: its client group, the partition, a model
-    replica for local training, the global model (on every rank) and the server (rank 0)."""
+    replica for local training, the global model (on every rank), the server (rank 0), how the
+    server collects the clients' contributions (collect.py) and the privacy accountant."""
 
-    def __init__(self, cfg, comm, data, backend, layout=None):
+    def __init__(self, cfg, comm, data, backend, layout=None, dp=None):
         self.cfg, self.comm, self.data, self.backend = cfg, comm, data, backend
         R = cfg.ranks_per_client
         self.n_groups, self.group = comm.size // R, comm.rank // R
@@ -87,37 +89,56 @@ class Federation:
         self.init_norm = float(np.linalg.norm(self.global_w))
         self.server_ratio = 0.0          # the last server step's length / the clients' (bcast)
         self.server = aggregate.make(cfg, n) if comm.rank == 0 else None
-        # [sum_k n_k w_k | sum_k n_k | loss sum | samples seen]; float64 so big sums stay exact
-        self.sendbuf = np.zeros(n + 3, np.float64)
-        self.recvbuf = np.zeros(n + 3, np.float64) if comm.rank == 0 else None
         self.anchor = backend.to_device(self.global_w) if cfg.mu > 0 else None
         if self.anchor is not None:
             self.rep.post_reduce.append(FedProx(backend, cfg.mu, self.anchor))
-        self.notice = StopNotice(comm)
+        self.dp = dp                     # privacy.DpPlan (z, noise seed, accountant) or None
+        if cfg.secure_agg:
+            collect.check_secure(cfg, dp.expected if dp else partition.per_round(cfg.num_clients,
+                                                                               cfg.client_fraction))
+        self.collector = collect.make(self, cfg, dp)
+        self.notice = StopNotice(comm)   # last: it posts a receive that must be withdrawn on any error
 
     def describe(self) -> str:
         c = self.cfg
-        per_round = max(1, int(round(c.client_fraction * c.num_clients)))
+        per_round = (f"{c.client_fraction:g} x {c.num_clients} per round (Poisson)" if self.dp else
+                     f"{partition.per_round(c.num_clients, c.client_fraction)} per round")
+        extra = "".join([", secure aggregation" if c.secure_agg else "",
+                         f", DP clip {self.dp.clip:g} z {self.dp.z:.4g}" if self.dp else ""])
         return (f"fl: {self.comm.size} rank{'s' if self.comm.size > 1 else ''} in {self.n_groups} "
                 f"client group{'s' if self.n_groups > 1 else ''} of {c.ranks_per_client}, "
-                f"{c.num_clients} clients ({c.partition}), {per_round} per round, E={c.local_epochs} "
-                f"B={c.local_batch_size} lr={c.local_lr}, server {c.server_opt} lr={c.server_lr}, "
+                f"{c.num_clients} clients ({c.partition}), {per_round}, E={c.local_epochs} "
+                f"B={c.local_batch_size} lr={c.local_lr}, server {c.server_opt} lr={c.server_lr}{extra}, "
                 f"model {'-'.join(map(str, self.rep.layout.sizes))}")
+
+    def sample(self, server_round: int) -> np.ndarray:
+        """The round's clients: a fixed share C (McMahan et al. 2017), or under DP each client
+        independently with probability C, from the secret noise seed (McMahan et al. 2018:
+        the accounting's amplification by sampling needs a sample nobody can predict)."""
+        cfg = self.cfg
+        if self.dp is not None:
+            return partition.poisson_clients(cfg.num_clients, cfg.client_fraction, server_round,
+                                             self.dp.noise_seed)
+        return partition.sample_clients(cfg.num_clients, cfg.client_fraction, server_round, cfg.seed)
 
     def round(self, server_round: int) -> dict | None:
         """One round (module docstring, steps 1-4); returns its record, without accuracy, or
         None when a stop signal was agreed (the global model is then that of the round's start)."""
-        cfg, comm, be, n, t0 = self.cfg, self.comm, self.backend, self.n, time.perf_counter()
+        cfg, comm, be, t0 = self.cfg, self.comm, self.backend, time.perf_counter()
         watchdog.progress(f"fl round {server_round}")
-        sampled = partition.sample_clients(cfg.num_clients, cfg.client_fraction, server_round, cfg.seed)
-        mine = partition.assign_to_groups(sampled, self.sizes, self.n_groups)[self.group]
-        self.sendbuf[...] = 0
+        sampled = self.sample(server_round)
+        dropped = partition.dropouts(sampled, cfg.dropout_rate, server_round, cfg.seed)
+        groups = partition.assign_to_groups(sampled, self.sizes, self.n_groups)
+        self.owners_by_leader = groups                         # leaders' rank g = client group g
+        self.collector.begin(server_round, sampled, dropped)
         if self.anchor is not None:
             self.anchor[...] = be.to_device(self.global_w)
         if faults.at_step(comm.rank, server_round):           # tests only; in fl mode STEP is the round
             self.rep.pre_reduce.append(faults.poison_loss_once(self.rep.pre_reduce))
         stopped = False
-        for k in mine:
+        for k in groups[self.group]:
+            if k in dropped:                  # it never reports: its training would be lost anyway
+                continue
             self.rep.load_params(self.global_w)
             self.rep.reset_optimizer()
             loss_sum, seen, stopped = client_update(self.rep, self.client_comm, self.data, self.parts[k],
@@ -125,49 +146,60 @@ class Federation:
             if stopped:
                 break
             if self.leader:                                    # one copy per client, not one per rank
-                self.sendbuf[:n] += self.sizes[k] * be.to_host(self.rep.params)
-                self.sendbuf[n:] += (self.sizes[k], loss_sum, seen)
+                self.collector.add(k, be.to_host(self.rep.params), int(self.sizes[k]), loss_sum, seen)
         # Does anyone stop? (one tiny Allreduce per round; a rank that got the signal while it
         # had no client to train votes here)
         flags = np.array([stopped or preempt.requested() is not None, self.notice.sent], np.int64)
         comm.Allreduce_sum(flags)
         if flags[0]:
             return None
-        if self.leader:
-            self.leaders.Reduce_sum(self.sendbuf, self.recvbuf, root=0)
-        stats = np.zeros(5)
+        average, stats = self.collector.finish(server_round, self.global_w, len(sampled))
         if comm.rank == 0:
-            stats[:3] = self.recvbuf[n:]
-            if math.isfinite(stats[1]):
-                average = (self.recvbuf[:n] / self.recvbuf[n]).astype(np.float32)
+            if average is not None and math.isfinite(stats.get("loss_sum", 0.0)):
                 before = self.global_w.copy()
                 self.server.step(self.global_w, average)
                 # how far the server moved against how far the clients did: about 1 for FedAvg,
                 # up to 1/(1-momentum) for FedAvgM; far more means the server step is too large
-                stats[4] = float(np.linalg.norm(self.global_w - before) /
-                                 max(float(np.linalg.norm(before - average)), 1e-30))
-            stats[3] = float(np.linalg.norm(self.global_w))    # nan/inf when the update broke it
+                stats["server_ratio"] = float(np.linalg.norm(self.global_w - before) /
+                                              max(float(np.linalg.norm(before - average)), 1e-30))
+            stats["norm"] = float(np.linalg.norm(self.global_w))    # nan/inf when the update broke it
+            # what a real server sends: the global model, to every sampled client
+            stats["bytes_from_server"] = stats.get("bytes_from_server", 0) + 4 * self.n * len(sampled)
         comm.Bcast(self.global_w)
-        comm.Bcast(stats)
+        stats = comm.bcast(stats)
         self._check(server_round, stats)
-        self.server_ratio = stats[4]
+        self.server_ratio = stats.get("server_ratio", self.server_ratio)
+        if stats.get("skipped"):
+            reporter_warn(comm, f"round {server_round} skipped, the global model is unchanged: {stats['skipped']}")
         seconds = time.perf_counter() - t0
-        return {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
-                "train_loss": stats[1] / stats[2], "test_accuracy": None, "round_seconds": seconds,
-                "samples_per_second": stats[2] / seconds,
-                "bytes_to_server": min(self.n_groups, len(sampled)) * self.sendbuf.nbytes}
+        rec = {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
+               "dropped": len(dropped), "train_loss": stats["loss_sum"] / stats["seen"] if stats["seen"] else None,
+               "test_accuracy": None, "round_seconds": seconds,
+               "samples_per_second": stats["seen"] / seconds,
+               "bytes_to_server": int(stats.get("bytes_to_server", 0)),
+               "bytes_from_server": int(stats["bytes_from_server"])}
+        if cfg.secure_agg:
+            rec["secagg_seconds"] = stats.get("secagg_seconds", 0.0)
+            rec["secagg_stages"] = stats.get("secagg_stages", {})
+        if self.dp is not None:
+            z = stats.get("dp_noise", self.dp.z) if not stats.get("skipped") else self.dp.z
+            self.dp.accountant.compose(cfg.client_fraction, z)
+            rec.update(dp_epsilon=self.dp.accountant.epsilon(), dp_noise=z, dp_delta=cfg.dp_delta)
+        return rec
 
-    def _check(self, server_round: int, stats) -> None:
+    def _check(self, server_round: int, stats: dict) -> None:
         """Stop every rank (they all see the same stats) with the option that matters."""
-        cfg, norm = self.cfg, stats[3]
+        cfg, norm = self.cfg, stats["norm"]
+        if stats.get("error"):
+            raise TrainingError(f"round {server_round}: {stats['error']}", collective=True)
         server = f"try a smaller --server-lr (now {cfg.server_lr} with --server-opt {cfg.server_opt})"
-        if not math.isfinite(stats[1]):
+        if not math.isfinite(stats["loss_sum"]):
             if self.server_ratio > 20 or norm > 10 * self.init_norm:
                 blame = (f"{server}: the last server step moved the model {self.server_ratio:.0f}x as far "
                          f"as the clients did")
             else:
                 blame = f"try a smaller --local-lr (now {cfg.local_lr})"
-            raise TrainingError(f"a client's training loss became {stats[1]} in round {server_round}; "
+            raise TrainingError(f"a client's training loss became {stats['loss_sum']} in round {server_round}; "
                                 f"{blame}", collective=True)
         if not math.isfinite(norm):
             raise TrainingError(f"the server update made the global model non-finite in round "
@@ -187,6 +219,8 @@ class Federation:
             return None
         meta = {"step": server_round, "round": server_round, "ranks": self.comm.size, "best_accuracy": best,
                 "data": self.data.fingerprint}
+        if self.dp is not None:
+            meta["dp"] = self.dp.state()
         return checkpoint.save_on_root(self.comm, self.cfg, meta, lambda: {
             "params": self.global_w, **{f"server.{k}": v for k, v in self.server.state().items()}})
 
@@ -204,6 +238,8 @@ class Federation:
         if ckpt is None:
             return 0, 0.0
         self.global_w[...] = ckpt.arrays["params"]
+        if self.dp is not None and "dp" in ckpt.meta:
+            self.dp.load_state(ckpt.meta["dp"])     # the same secret noise seed, the budget spent
         if self.server is not None:
             self.server.load_state({k[7:]: v for k, v in ckpt.arrays.items() if k.startswith("server.")})
         reporter.info(f"resuming from {ckpt.path} after round {ckpt.meta['round']}")
@@ -214,6 +250,11 @@ class Federation:
         self.rep.free()
         self.client_comm.Free()
         self.leaders.Free()
+
+
+def reporter_warn(comm, message: str) -> None:
+    if comm.rank == 0:
+        print(f"hpcfl: warning: {message}", file=sys.stderr, flush=True)
 
 
 def buffer_bytes(cfg, layout, server: bool) -> int:
@@ -232,14 +273,14 @@ def max_local_batch(cfg, sizes) -> int:
     return math.ceil(min(cfg.local_batch_size, int(sizes.max())) / cfg.ranks_per_client)
 
 
-def train(cfg, comm, data, backend, reporter, layout=None) -> dict:
+def train(cfg, comm, data, backend, reporter, layout=None, dp=None) -> dict:
     """Run federated training; returns a summary (final and best accuracy, history).
 
     With --checkpoint-dir, rank 0 checkpoints every --checkpoint-every rounds, at the end, and
     when a stop signal arrives; then every rank raises Preempted. --resume goes on after the
     saved round: bitwise the uninterrupted run on as many ranks.
     """
-    fed = Federation(cfg, comm, data, backend, layout)
+    fed = Federation(cfg, comm, data, backend, layout, dp)
     try:
         return _run(cfg, comm, reporter, fed)
     except BaseException:
@@ -264,8 +305,11 @@ def _run(cfg, comm, reporter, fed) -> dict:
             rec.update(test_accuracy=acc, test_loss=test_loss)
         history.append(rec)
         acc_txt = f"test acc {100 * rec['test_accuracy']:6.2f}%" if rec["test_accuracy"] is not None else ""
-        asked = reporter.record(rec, f"round {server_round:4d}  loss {rec['train_loss']:.4f}  {acc_txt}  "
-                                     f"{rec['round_seconds']:6.3f} s  {rec['bytes_to_server'] / 1e6:.1f} MB to server")
+        loss_txt = f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "   n/a"
+        eps_txt = f"  eps {rec['dp_epsilon']:.3g}" if "dp_epsilon" in rec else ""
+        asked = reporter.record(rec, f"round {server_round:4d}  loss {loss_txt}  {acc_txt}  "
+                                     f"{rec['round_seconds']:6.3f} s  {rec['bytes_to_server'] / 1e6:.1f} MB to server"
+                                     f"{eps_txt}")
         if comm.bcast(asked):                  # a callback on rank 0 said StopTraining
             break
         if cfg.target_accuracy is not None and best >= cfg.target_accuracy:
@@ -285,5 +329,8 @@ def _run(cfg, comm, reporter, fed) -> dict:
     finish(reporter, fed.global_w, fed.rep.layout.sizes,
            lambda: fed.save(last_round, best) if history else None)
     last = next((r["test_accuracy"] for r in reversed(history) if r["test_accuracy"] is not None), None)
-    return {"history": history, "test_accuracy": last, "best_accuracy": best, "params": fed.global_w,
-            "rounds": len(history)}
+    out = {"history": history, "test_accuracy": last, "best_accuracy": best, "params": fed.global_w,
+           "rounds": len(history)}
+    if fed.dp is not None:
+        out.update(dp_epsilon=fed.dp.accountant.epsilon(), dp_noise=fed.dp.z, dp_delta=fed.dp.delta)
+    return out

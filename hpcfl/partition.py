@@ -65,10 +65,15 @@ def make(scheme: str, labels: np.ndarray, num_clients: int, seed: int, alpha: fl
     return parts
 
 
+def per_round(num_clients: int, fraction: float) -> int:
+    """m = max(1, round(C*K)) (McMahan et al. 2017: m = max(C*K, 1))."""
+    return max(1, int(round(fraction * num_clients)))
+
+
 def sample_clients(num_clients: int, fraction: float, server_round: int, seed: int) -> np.ndarray:
     """The clients taking part in a round: max(1, round(C*K)) of them, seeded by the round, so
     every rank draws the same set without communicating (McMahan et al.: m = max(C*K, 1))."""
-    m = max(1, int(round(fraction * num_clients)))
+    m = per_round(num_clients, fraction)
     rng = np.random.default_rng([seed, server_round, 0xC11])
     return np.sort(rng.choice(num_clients, m, replace=False))
 
@@ -83,3 +88,21 @@ def assign_to_groups(clients: np.ndarray, sizes: np.ndarray, n_groups: int) -> l
         groups[g].append(k)
         load[g] += sizes[k]
     return groups
+
+
+def dropouts(clients, rate: float, server_round: int, seed: int) -> set[int]:
+    """The sampled clients that drop out of a round (--dropout-rate): each independently with
+    probability `rate`, seeded by the round, so every rank knows without communicating (a
+    simulation: in a real deployment only their silence tells)."""
+    clients = np.asarray(clients)
+    if rate <= 0 or len(clients) == 0:
+        return set()
+    rng = np.random.default_rng([seed, server_round, 0xD0])
+    return set(clients[rng.random(len(clients)) < rate].tolist())
+
+
+def poisson_clients(num_clients: int, rate: float, server_round: int, seed: int) -> np.ndarray:
+    """DP-FedAvg's sampling: each client joins the round independently with probability `rate`
+    (McMahan et al. 2018), seeded by (seed, round); a round may have no client at all."""
+    rng = np.random.default_rng([seed, server_round, 0xC12])
+    return np.flatnonzero(rng.random(num_clients) < rate)

@@ -1,0 +1,363 @@
+"""How the server (world rank 0) collects a round's client contributions.
+
+Three collectors, one interface: the group leaders `add` each trained client's model, then every
+rank calls `finish`, which returns on rank 0 the round's average model (None: the round is
+skipped) and the round's statistics.
+
+- PlainCollector: FedAvg in the clear. Leaders Reduce [sum_k n_k w_k | sum_k n_k | loss | seen]
+  in float64 to rank 0 (McMahan et al. 2017).
+- DpCollector: DP-FedAvg with a trusted server (McMahan et al. 2018). Each client's delta
+  w_k - w is clipped to L2 norm S; leaders Reduce the sum; rank 0 adds N(0, z^2 S^2) to every
+  coordinate and divides by the expected number of clients q N (clients count equally).
+- SecureCollector: the server learns only the sum (secagg.py: Bonawitz et al. 2017, SecAgg+).
+  Each client's contribution is quantised to uint32 (fixed point), masked, and relayed through
+  rank 0 with Gatherv/Scatterv, as a real server would relay it: keys, encrypted shares, masked
+  inputs, unmask responses. Without DP a contribution is n_k * clip(w_k - w, +-R) with its
+  weight n_k; with DP it is clip_L2(w_k - w, S) plus the client's share of the noise,
+  N(0, z^2 S^2 / (q N)), drawn from a secret seed, so that the server never sees an un-noised sum.
+
+Only comm.py talks MPI: this module calls Comm's methods.
+"""
+from __future__ import annotations
+
+import math
+import secrets as _secrets
+import time
+
+import numpy as np
+
+from . import privacy, secagg
+from .errors import UsageError
+
+# Test hooks (rank 0 only): observers(server_round, {client: uploaded masked vector}) see what
+# the server receives; tamper(server_round, {receiver: routed ciphertext map}) may alter what it
+# relays. Both empty outside the tests.
+observers: list = []
+tamper = None
+
+TAIL = 4        # words after the model: weight, samples seen, loss sum (fixed point), diverged
+
+
+class PlainCollector:
+    def __init__(self, fed):
+        self.fed, n = fed, fed.n
+        self.sendbuf = np.zeros(n + 3, np.float64)
+        self.recvbuf = np.zeros(n + 3, np.float64) if fed.comm.rank == 0 else None
+
+    def begin(self, server_round: int, sampled, dropped) -> None:
+        self.sendbuf[...] = 0
+        self.reported = 0
+
+    def add(self, k: int, w_k: np.ndarray, n_k: int, loss_sum: float, seen: int) -> None:
+        n = self.fed.n
+        self.sendbuf[:n] += n_k * w_k
+        self.sendbuf[n:] += (n_k, loss_sum, seen)
+        self.reported += 1
+
+    def _reduce(self):
+        fed = self.fed
+        if fed.leader:
+            fed.leaders.Reduce_sum(self.sendbuf, self.recvbuf, root=0)
+        return self.recvbuf
+
+    def finish(self, server_round: int, global_w: np.ndarray, clients: int):
+        total = self._reduce()
+        if self.fed.comm.rank != 0:
+            return None, {}
+        n = self.fed.n
+        stats = {"loss_sum": total[n + 1], "seen": total[n + 2], "bytes_to_server":
+                 min(self.fed.n_groups, clients) * self.sendbuf.nbytes}
+        if total[n] == 0:
+            return None, {**stats, "skipped": "no client reported"}
+        return (total[:n] / total[n]).astype(np.float32), stats
+
+
+class DpCollector(PlainCollector):
+    """Central DP: clip on the clients, noise on the (trusted) server, from a generator seeded by
+    (the secret noise seed, the round): a resumed run draws the same noise."""
+
+    def __init__(self, fed, dp):
+        super().__init__(fed)
+        self.clip, self.z, self.expected, self.noise_seed = dp.clip, dp.z, dp.expected, dp.noise_seed
+        self.clipped = 0
+
+    def begin(self, server_round, sampled, dropped) -> None:
+        super().begin(server_round, sampled, dropped)
+        self.clipped = 0
+        self.noise_rng = np.random.default_rng([self.noise_seed, server_round, 0xD9])
+
+    def add(self, k, w_k, n_k, loss_sum, seen) -> None:
+        n = self.fed.n
+        delta, norm = privacy.clip_l2(w_k.astype(np.float64) - self.fed.global_w, self.clip)
+        self.clipped += norm > self.clip     # reported: how often the clip bites (not private)
+        self.sendbuf[:n] += delta
+        self.sendbuf[n + 1:] += (loss_sum, seen)
+
+    def finish(self, server_round, global_w, clients):
+        n = self.fed.n
+        self.sendbuf[n] = self.clipped           # the count slot carries how many were clipped
+        total = self._reduce()
+        if self.fed.comm.rank != 0:
+            return None, {}
+        stats = {"loss_sum": total[n + 1], "seen": total[n + 2], "dp_noise": self.z,
+                 "clipped": int(total[n]),
+                 "bytes_to_server": min(self.fed.n_groups, clients) * self.sendbuf.nbytes}
+        if clients == 0:                         # Poisson sampling drew nobody: the model stays
+            return None, {**stats, "skipped": "no client was sampled"}
+        if not math.isfinite(total[n + 1]):
+            return None, stats
+        noise = self.noise_rng.standard_normal(n) * (self.z * self.clip)
+        # the fixed denominator q N (not the count): the average's sensitivity stays S / (q N)
+        return (global_w + (total[:n] + noise) / self.expected).astype(np.float32), stats
+
+
+class SecureCollector:
+    """Secure aggregation over the group leaders; rank 0 is the server and a leader too."""
+
+    def __init__(self, fed, cfg, dp=None):
+        self.fed, self.cfg, self.dp = fed, cfg, dp          # dp: (clip, z, expected) or None
+        self.n = fed.n
+        self.max_client = int(fed.sizes.max())
+        self.noise_rng = np.random.default_rng(_secrets.randbits(128)) if dp else None
+
+    def begin(self, server_round: int, sampled, dropped) -> None:
+        self.server_round, self.sampled, self.dropped = server_round, list(sampled), set(dropped)
+        m = len(self.sampled)
+        cfg = self.cfg
+        self.params, self.skip = None, None
+        holders = share_holders(cfg, m)
+        if m < 2:
+            self.skip = f"{m} client(s) sampled: secure aggregation needs 2 or more"
+        elif cfg.secagg_threshold is not None and cfg.secagg_threshold > holders:
+            self.skip = (f"{m} clients sampled: each has {holders} share holders, fewer than "
+                         f"--secagg-threshold {cfg.secagg_threshold}")
+        else:
+            self.params = secagg.RoundParams.make(server_round, self.sampled, self.n + TAIL,
+                                                  k=cfg.secagg_neighbors, threshold=cfg.secagg_threshold,
+                                                  round_seed=f"{cfg.seed}:{server_round}".encode())
+        # The sum of m contributions must not wrap mod 2^32 (FixedPoint raises if it could).
+        if self.dp is None:
+            self.model_fp = secagg.FixedPoint(self.max_client * cfg.secagg_range, max(m, 1))
+        else:
+            clip, z, expected = self.dp
+            share_std = z * clip / math.sqrt(expected)
+            # 10 standard deviations: a noise share is clipped with probability ~1e-23 per coordinate
+            self.model_fp = secagg.FixedPoint(clip + 10 * share_std, max(m, 1))
+        loss_bound = 100.0 * self.max_client * cfg.local_epochs    # a mean loss above 100 has diverged
+        self.loss_fp = secagg.FixedPoint(loss_bound, max(m, 1))
+        self.inputs: dict[int, np.ndarray] = {}
+
+    def add(self, k, w_k, n_k, loss_sum, seen) -> None:
+        x = np.zeros(self.n + TAIL, np.uint32)
+        delta = w_k.astype(np.float64) - self.fed.global_w
+        if not (np.isfinite(delta).all() and math.isfinite(loss_sum)):
+            x[-1] = 1                                   # diverged: only the count reaches the server
+            self.inputs[k] = x
+            return
+        if self.dp is None:
+            x[:self.n] = self.model_fp.encode(n_k * np.clip(delta, -self.cfg.secagg_range, self.cfg.secagg_range))
+            x[self.n] = n_k
+        else:
+            clip, z, expected = self.dp
+            clipped, _ = privacy.clip_l2(delta, clip)
+            share = self.noise_rng.standard_normal(self.n) * (z * clip / math.sqrt(expected))
+            x[:self.n] = self.model_fp.encode(clipped + share)
+            x[self.n] = 1
+        x[self.n + 1] = seen
+        x[self.n + 2] = self.loss_fp.encode(np.array([loss_sum]))[0]
+        self.inputs[k] = x
+
+    # ---- the protocol's message flow, through rank 0
+    def _up(self, payload: dict[int, bytes], error: str | None = None) -> dict[int, bytes] | None:
+        """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
+        or raises the first leader's error (then every leader learns it in the next _down)."""
+        blob = b"\x02" + error.encode() if error else b"\x00" + secagg.encode_map(payload)
+        parts = self.fed.leaders.gather_bytes(blob)
+        if parts is None:
+            return None
+        merged, errors = {}, []
+        for part in parts:
+            if part[:1] == b"\x02":
+                errors.append(part[1:].decode())
+            else:
+                merged.update(secagg.decode_map(part[1:]))
+        self.traffic_up += sum(len(p) for p in parts)
+        if errors:
+            raise secagg.SecAggError(errors[0])
+        return merged
+
+    def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
+        """Server -> leaders: each leader gets the replies for its own clients, or the status
+        (1: the round is skipped, 2: an error) that ends the protocol everywhere."""
+        leaders = self.fed.leaders
+        payloads = None
+        if leaders.rank == 0:
+            code, text = status
+            payloads = []
+            for g in range(leaders.size):
+                if code:
+                    payloads.append(bytes([code]) + text.encode())
+                else:
+                    mine = {c: replies[c] for c in self.owned_by[g] if c in replies}
+                    payloads.append(b"\x00" + secagg.encode_map(mine))
+            self.traffic_down += sum(len(p) for p in payloads)
+        got = leaders.scatter_bytes(payloads)
+        if got[:1] == b"\x01":
+            raise secagg.SecAggAbort(got[1:].decode())
+        if got[:1] == b"\x02":
+            raise secagg.SecAggError(got[1:].decode())
+        return secagg.decode_map(got[1:])
+
+    def _stage(self, server_step, client_step):
+        """One exchange: clients -> server (server_step turns the merged messages into replies),
+        server -> clients. A protocol error anywhere reaches every leader, then is raised."""
+        error = None
+        try:
+            payload = client_step()
+        except secagg.SecAggError as exc:
+            payload, error = {}, str(exc)
+        merged = None
+        status, replies = (0, ""), None
+        try:
+            merged = self._up(payload, error)
+            if merged is not None:
+                replies = server_step(merged)
+        except secagg.SecAggAbort as exc:
+            status = (1, str(exc))
+        except secagg.SecAggError as exc:
+            status = (2, str(exc))
+        return self._down(replies, status)
+
+    def _protocol(self, my_clients: list[int]):
+        """Run the four stages; on rank 0 return the unmasked sum of the survivors' inputs."""
+        p = self.params
+        clients = {c: secagg.Client(c, p) for c in my_clients}
+        server = secagg.Server(p) if self.fed.comm.rank == 0 else None
+        out = {}
+
+        def keep(fn):
+            def step(merged):
+                out["last"] = fn(merged)
+                return out["last"]
+            return step
+
+        clock = time.perf_counter
+        t = clock()
+        keys = self._stage(keep(lambda m: server.collect_keys(m)),
+                           lambda: {c: cl.advertise_keys() for c, cl in clients.items()})
+        self.stages["keys"], t = clock() - t, clock()
+        routed = self._stage(keep(lambda m: self._route(server, m)),
+                             lambda: {c: clients[c].share_keys(keys[c]) for c in clients})
+        self.stages["shares"], t = clock() - t, clock()
+        # dropouts: these clients go silent after the key exchange (simulated, seeded by the round)
+        alive = [c for c in clients if c not in self.dropped]
+
+        def upload():
+            return {c: clients[c].masked_input(self.inputs[c], routed[c]).tobytes() for c in alive}
+
+        def unmask_request(merged):
+            ys = {c: np.frombuffer(v, np.uint32) for c, v in merged.items()}
+            for observe in observers:
+                observe(self.server_round, ys)
+            out["sum"] = np.zeros(p.n, np.uint32)
+            for y in ys.values():
+                out["sum"] += y                            # uint32 wraps: the sum is mod 2^32
+            out["survivors"] = len(ys)
+            return server.unmask_request(ys)
+
+        requests = self._stage(unmask_request, upload)
+        self.stages["masking"], t = clock() - t, clock()
+
+        def aggregate(merged):
+            out["total"] = server.aggregate(out["sum"], merged)
+            return {}
+
+        self._stage(aggregate, lambda: {c: clients[c].unmask(requests[c]) for c in alive if c in requests})
+        self.stages["unmasking"] = clock() - t
+        if server is not None:
+            self.traffic_up, self.traffic_down = server.bytes_to_server, server.bytes_from_server
+        return out
+
+    def _route(self, server, merged):
+        routed = server.route_shares(merged)
+        if tamper is not None:
+            routed = tamper(self.server_round, routed)
+        return routed
+
+    def finish(self, server_round: int, global_w: np.ndarray, clients: int):
+        fed, n = self.fed, self.n
+        t0 = time.perf_counter()
+        self.traffic_up = self.traffic_down = 0
+        # wall seconds of each stage on rank 0 (key agreement, share generation and encryption,
+        # mask expansion and upload, unmasking): each includes the other leaders' work
+        self.stages = dict.fromkeys(("keys", "shares", "masking", "unmasking"), 0.0)
+        # which leader trains which client: the Federation's assignment (the same on every rank)
+        self.owned_by = fed.owners_by_leader
+        stats = {"dropped": len(self.dropped & set(self.sampled))}
+        result = None
+        if self.params is None:
+            result = {"skip": self.skip}
+        elif fed.leader:
+            mine = [c for c in self.owned_by[fed.leaders.rank]]
+            try:
+                out = self._protocol(mine)
+                if fed.comm.rank == 0:
+                    result = out
+            except secagg.SecAggAbort as exc:
+                result = {"skip": str(exc)}
+            except secagg.SecAggError as exc:
+                result = {"error": str(exc)}
+        if fed.comm.rank != 0:
+            return None, {}
+        stats.update(secagg_seconds=time.perf_counter() - t0, bytes_to_server=self.traffic_up,
+                     bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages))
+        if "error" in result:      # every rank raises it, once the Federation has broadcast it
+            return None, {**stats, "error": f"secure aggregation failed: {result['error']}; no model "
+                                            "was built from it", "loss_sum": 0.0, "seen": 0}
+        if "skip" in result:
+            return None, {**stats, "skipped": result["skip"], "loss_sum": 0.0, "seen": 0}
+        total = result["total"]
+        diverged = int(total[n + 3])
+        stats.update(loss_sum=float(self.loss_fp.decode(total[n + 2:n + 3], result["survivors"])[0])
+                     if not diverged else math.nan, seen=int(total[n + 1]), survivors=result["survivors"])
+        if diverged:
+            return None, stats
+        summed = self.model_fp.decode(total[:n], len(self.sampled))
+        if self.dp is None:
+            return (global_w + summed / int(total[n])).astype(np.float32), stats
+        clip, z, expected = self.dp
+        stats["dp_noise"] = privacy.secure_noise_multiplier(z, expected, result["survivors"])
+        return (global_w + summed / expected).astype(np.float32), stats
+
+
+def share_holders(cfg, m: int) -> int:
+    """How many clients hold shares of each client's secrets in a round of m: itself and its
+    neighbours (all others, or --secagg-neighbors K; secagg.neighbor_graph makes odd K even
+    when m is odd)."""
+    k = cfg.secagg_neighbors
+    if k is None or k >= m - 1:
+        return m
+    return k + 1 + (k % 2 and m % 2)
+
+
+def check_secure(cfg, per_round: float) -> None:
+    """Settings secure aggregation cannot work with (the same on every rank)."""
+    if per_round < 2:
+        raise UsageError(f"--secure-agg needs at least 2 clients per round (this run samples "
+                         f"{per_round:g}): with one, the sum the server learns is that client's update",
+                         collective=True)
+    holders = share_holders(cfg, round(per_round))
+    if cfg.secagg_threshold is not None and not 2 <= cfg.secagg_threshold <= holders:
+        raise UsageError(f"--secagg-threshold {cfg.secagg_threshold} must be between 2 and the "
+                         f"{holders} share holders of each client (the client and its "
+                         f"{'neighbours' if cfg.secagg_neighbors else 'fellow sampled clients'})",
+                         collective=True)
+
+
+def make(fed, cfg, dp):
+    """The collector for this run's settings."""
+    if cfg.secure_agg:
+        return SecureCollector(fed, cfg, None if dp is None else (dp.clip, dp.z, dp.expected))
+    if dp is not None:
+        return DpCollector(fed, dp)
+    return PlainCollector(fed)

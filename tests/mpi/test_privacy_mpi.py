@@ -1,0 +1,207 @@
+"""Secure aggregation and client-level DP under MPI, at 1, 2, 3 and 4 ranks (test_mpi_suite.py),
+with client groups of 1 and (where the rank count allows) 2 ranks. Every check compares with an
+independent computation: the plain sum mod 2^32 of what the clients put in, plain FedAvg,
+dp-accounting called directly, the noise's stated standard deviation."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from hpcfl import api, backends, collect, fl, partition, privacy, secagg
+from hpcfl.comm import Comm
+from hpcfl.config import Config, resolve_defaults
+from hpcfl.errors import TrainingError
+from hpcfl.report import Reporter
+
+BASE = dict(num_clients=20, client_fraction=0.5, rounds=1, local_epochs=1, local_batch_size=20, local_lr=0.05)
+
+
+def subset(mnist, n):
+    return dataclasses.replace(mnist, train_x=mnist.train_x[:n], train_y=mnist.train_y[:n])
+
+
+def run(comm, data, **kw):
+    cfg = resolve_defaults(Config(mode="fl", backend="numba", quiet=True, **{**BASE, **kw}))
+    plan = api.plan_privacy(cfg, comm, data)
+    return fl.train(cfg, comm, data, backends.get("numba"), Reporter(cfg, rank=1), dp=plan)
+
+
+def group_sizes(comm):
+    return [1] + ([2] if comm.size % 2 == 0 and comm.size > 1 else [])
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """What the leaders put in (each client's uint32 vector) and what the server unmasks."""
+    seen = {"inputs": {}, "totals": [], "uploads": {}}
+    add, aggregate = collect.SecureCollector.add, secagg.Server.aggregate
+
+    def recording_add(self, k, *args):
+        add(self, k, *args)
+        seen["inputs"][k] = self.inputs[k].copy()
+
+    def recording_aggregate(self, *args):
+        total = aggregate(self, *args)
+        seen["totals"].append(total.copy())
+        return total
+
+    monkeypatch.setattr(collect.SecureCollector, "add", recording_add)
+    monkeypatch.setattr(secagg.Server, "aggregate", recording_aggregate)
+    monkeypatch.setattr(collect, "observers", [lambda r, ys: seen["uploads"].update({k: v.copy() for k, v in ys.items()})])
+    return seen
+
+
+def all_inputs(comm, seen) -> dict:
+    merged = {}
+    for part in comm.allgather(seen["inputs"]):
+        merged.update(part)
+    return merged
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("neighbors", [None, 4])
+def test_the_unmasked_sum_is_the_plain_sum_exactly(comm, mnist, record, neighbors):
+    for R in group_sizes(comm):
+        record["inputs"].clear(), record["totals"].clear()
+        run(comm, subset(mnist, 2000), secure_agg=True, secagg_neighbors=neighbors, ranks_per_client=R)
+        inputs = all_inputs(comm, record)
+        if comm.rank == 0:
+            assert len(inputs) == 10
+            expected = np.zeros_like(next(iter(inputs.values())))
+            for x in inputs.values():
+                expected += x                      # uint32: the sum mod 2^32
+            (total,) = record["totals"]
+            assert np.array_equal(total, expected)
+
+
+@pytest.mark.mpi
+def test_the_model_is_plain_fedavg_within_the_quantisation_bound(comm, mnist):
+    data = subset(mnist, 2000)
+    for R in group_sizes(comm):
+        plain = run(comm, data, rounds=3, ranks_per_client=R)["params"]
+        secure = run(comm, data, rounds=3, secure_agg=True, ranks_per_client=R)["params"]
+        rel = np.linalg.norm(secure - plain) / np.linalg.norm(plain)
+        assert rel < 1e-4, rel                    # measured: ~1e-7 (issue: within 1e-4 after 3 rounds)
+        assert not np.array_equal(secure, plain)  # quantised: not the same bits (the test can tell)
+
+
+@pytest.mark.mpi
+def test_every_upload_looks_uniform_and_uncorrelated_with_the_update(comm, mnist, record):
+    run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
+    inputs = all_inputs(comm, record)
+    if comm.rank == 0:
+        assert set(record["uploads"]) == set(inputs)
+        for k, y in record["uploads"].items():
+            counts = np.bincount(y >> 24, minlength=256)            # the top 8 bits of each word
+            chi2 = ((counts - len(y) / 256) ** 2 / (len(y) / 256)).sum()
+            assert stats.chi2.sf(chi2, 255) > 1e-6, (k, chi2)
+            x = inputs[k][:-collect.TAIL].view(np.int32).astype(np.float64)
+            r = np.corrcoef(x, y[:-collect.TAIL].astype(np.float64))[0, 1]
+            assert abs(r) < 6 / np.sqrt(len(y)), (k, r)             # ~0 within 6 standard errors
+            assert abs(np.corrcoef(x, inputs[k][:-collect.TAIL].view(np.int32))[0, 1] - 1) < 1e-9
+
+
+def drop_the_first(monkeypatch, count):
+    def first(clients, rate, server_round, seed):
+        return set(np.asarray(clients)[:count].tolist())
+    monkeypatch.setattr(partition, "dropouts", first)
+
+
+@pytest.mark.mpi
+def test_up_to_n_minus_t_dropouts_still_give_the_survivors_exact_sum(comm, mnist, record, monkeypatch):
+    m, t = 10, 6                                   # default threshold: the smallest majority of 10
+    drop_the_first(monkeypatch, m - t)
+    out = run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
+    inputs = all_inputs(comm, record)
+    assert len(inputs) == t                        # the dropped never trained nor reported
+    assert out["history"][0]["dropped"] == m - t
+    if comm.rank == 0:
+        expected = sum((x.astype(np.uint64) for x in inputs.values()), np.zeros(1, np.uint64)).astype(np.uint32)
+        assert np.array_equal(record["totals"][0], expected)
+
+
+@pytest.mark.mpi
+def test_one_dropout_more_skips_the_round_and_keeps_the_model(comm, mnist, monkeypatch, capfd):
+    data = subset(mnist, 2000)
+    drop_the_first(monkeypatch, 5)                 # 5 survivors < threshold 6
+    out = run(comm, data, secure_agg=True, ranks_per_client=1, rounds=2)
+    init = fl.Federation(resolve_defaults(Config(mode="fl", **BASE)), Comm.self_(), data,
+                         backends.get("numba")).global_w
+    assert np.array_equal(out["params"], init)     # both rounds skipped: the initial model
+    assert [r["train_loss"] for r in out["history"]] == [None, None]
+    err = capfd.readouterr().err
+    if comm.rank == 0:
+        assert err.count("skipped, the global model is unchanged") == 2 and "threshold is 6" in err
+
+
+@pytest.mark.mpi
+def test_a_tampered_ciphertext_fails_authentication_naming_the_clients(comm, mnist, monkeypatch):
+    def flip_one(server_round, routed):
+        receiver = min(routed)
+        held = secagg.decode_map(routed[receiver])
+        sender = min(held)
+        bad = bytearray(held[sender])
+        bad[-1] ^= 1
+        held[sender] = bytes(bad)
+        return {**routed, receiver: secagg.encode_map(held)}
+
+    monkeypatch.setattr(collect, "tamper", flip_one)
+    with pytest.raises(TrainingError, match=r"share ciphertext from client \d+ to client \d+ failed authentication") as info:
+        run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
+    assert info.value.collective and "no model was built" in str(info.value)
+
+
+# ------------------------------------------------------------------ client-level DP
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_dp_noise_has_the_stated_standard_deviation(comm, mnist, secure):
+    # no learning (a tiny local lr): the global model moves by the noise alone, divided by q N
+    z, S, q, N = 2.0, 0.5, 0.5, 20
+    out = run(comm, subset(mnist, 2000), local_lr=1e-12, dp_noise=z, dp_clip=S, secure_agg=secure,
+              dp_noise_seed=3)
+    init = fl.Federation(resolve_defaults(Config(mode="fl", **BASE)), Comm.self_(), subset(mnist, 2000),
+                         backends.get("numba")).global_w
+    step = out["params"].astype(np.float64) - init
+    m = out["history"][0]["clients"]
+    # central: N(0, z^2 S^2) once; secure: m shares of N(0, z^2 S^2 / (q N)) each
+    want = z * S / (q * N) * (np.sqrt(m / (q * N)) if secure else 1.0)
+    assert abs(step.mean()) < 5 * want / np.sqrt(step.size)
+    assert step.std() == pytest.approx(want, rel=0.01)   # 235,146 coordinates: ~0.15% standard error
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("secure", [False, True])
+def test_dp_epsilon_is_what_dp_accounting_computes_directly(comm, mnist, secure, monkeypatch):
+    import dp_accounting
+
+    if secure:
+        drop_the_first(monkeypatch, 1)             # a dropout: that round counts fewer noise shares
+    out = run(comm, subset(mnist, 2000), rounds=3, dp_noise=1.3, secure_agg=secure, dp_noise_seed=1)
+    accountant = dp_accounting.rdp.RdpAccountant(privacy.ORDERS)
+    for rec in out["history"]:
+        z = rec["dp_noise"]
+        if secure and rec["clients"] >= 2:
+            assert z == pytest.approx(privacy.secure_noise_multiplier(1.3, 10.0, rec["clients"] - rec["dropped"]))
+        else:
+            assert z == 1.3
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)))
+        assert rec["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+@pytest.mark.mpi
+def test_central_dp_p_ranks_give_the_single_process_model(comm, mnist):
+    data = subset(mnist, 2000)
+    kw = dict(rounds=2, dp_noise=0.8, dp_clip=1.0, dp_noise_seed=11,
+              ranks_per_client=2 if comm.size % 2 == 0 else 1)
+    out = run(comm, data, **kw)
+    diff = None
+    if comm.rank == 0:
+        single = run(Comm.self_(), data, **{**kw, "ranks_per_client": 1})
+        diff = float(np.linalg.norm(out["params"] - single["params"]) / np.linalg.norm(single["params"]))
+        other = run(Comm.self_(), data, **{**kw, "ranks_per_client": 1, "dp_noise_seed": 12})
+        assert np.linalg.norm(other["params"] - single["params"]) > 100 * 1e-5 * np.linalg.norm(single["params"])
+    assert comm.bcast(diff) < 1e-5
