@@ -82,3 +82,19 @@ def make(cfg, n: int):
     if cfg.server_opt == "fedadam":
         return FedAdam(n, lr, cfg.server_beta1, cfg.server_beta2, cfg.server_eps)
     raise ValueError(f"unknown server optimizer {cfg.server_opt!r}")
+
+
+# ---- SCAFFOLD (Karimireddy et al. 2020, Algorithm 1 with option II control variates)
+
+def scaffold_client_variate(c_i: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray,
+                            steps: int, local_lr: float) -> tuple[np.ndarray, np.ndarray]:
+    """c_i+ = c_i - c + (x - y) / (K eta_l), from the global model x, the client's model y after
+    its K local steps at learning rate eta_l (option II: no extra gradient pass); returns
+    (c_i+, delta c_i = c_i+ - c_i)."""
+    new = c_i - c + (x - y) / (steps * local_lr)
+    return new, new - c_i
+
+
+def scaffold_server_variate(c: np.ndarray, dc_sum: np.ndarray, count: int, num_clients: int) -> np.ndarray:
+    """c <- c + (|S| / N) * mean over the round's clients S of delta c_i = c + sum / N."""
+    return c + dc_sum / num_clients if count else c

@@ -212,7 +212,7 @@ def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
     else:
         batch_opt = "--local-batch-size"
         plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout, fl.max_local_batch(cfg, _client_sizes(cfg, data)))
-        plan["model"] += fl.buffer_bytes(cfg, layout, comm.rank == 0)
+        plan["model"] += fl.buffer_bytes(cfg, layout, comm.rank == 0, comm.size // cfg.ranks_per_client)
     need = sum(plan.values())
     avail = _available_memory()
 

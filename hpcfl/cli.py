@@ -17,7 +17,8 @@ from .config import FIELDS, Config, flag
 from .errors import HpcflError, UsageError
 
 GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": "federated (--mode fl)",
-          "privacy": "privacy and security", "data": "data", "machinery": "machinery", "output": "output",
+          "privacy": "privacy and security", "robustness": "robustness and heterogeneity (--mode fl)",
+          "data": "data", "machinery": "machinery", "output": "output",
           "checkpoints": "checkpoints and preemption"}
 
 

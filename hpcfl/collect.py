@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import privacy, secagg
+from . import privacy, robust, secagg
 from .errors import UsageError
 
 # Test hooks (rank 0 only): observers(server_round, {client: uploaded masked vector}) see what
@@ -35,24 +35,54 @@ from .errors import UsageError
 observers: list = []
 tamper = None
 
-TAIL = 4        # words after the model: weight, samples seen, loss sum (fixed point), diverged
+TAIL = 5        # words after the model: weight, weight x steps, samples seen, loss sum (fixed point), diverged
+
+
+def _reason(delta: np.ndarray, loss_sum: float, n: int, max_norm) -> str | None:
+    """Why the server rejects a client's contribution (robust.validate, and a NaN/Inf training
+    loss: a client whose local training diverged), or None."""
+    if not math.isfinite(loss_sum):
+        return f"its training loss is {loss_sum}"
+    return robust.validate(delta, n, max_norm)
 
 
 class PlainCollector:
-    def __init__(self, fed):
-        self.fed, n = fed, fed.n
-        self.sendbuf = np.zeros(n + 3, np.float64)
-        self.recvbuf = np.zeros(n + 3, np.float64) if fed.comm.rank == 0 else None
+    """The weighted mean in the clear (FedAvg), through one Reduce of float64 sums:
+    [sum n_k d_k | sum n_k | sum n_k tau_k | loss | seen | rejected non-finite] where d_k is the
+    client's delta w_k - w (clipped to --max-update-norm with --aggregator norm-bounded), divided
+    by its local steps tau_k with stragglers (FedNova, Wang et al. 2020: the mean is then scaled by
+    tau_eff = sum n_k tau_k / sum n_k). Each update is validated before it enters the sum: the
+    server's check, run on the rank that relays the update (the Reduce is only transport)."""
+
+    def __init__(self, fed, cfg=None):
+        self.fed, self.cfg, n = fed, cfg, fed.n
+        self.fednova = bool(cfg and cfg.straggler_rate > 0)
+        self.clip = cfg.max_update_norm if cfg and cfg.aggregator == "norm-bounded" else None
+        self.max_norm = cfg.max_update_norm if cfg and cfg.aggregator != "norm-bounded" else None
+        self.extra = n + 1 if cfg and cfg.scaffold else 0         # SCAFFOLD: sum of dc_k, count
+        self.sendbuf = np.zeros(n + 5 + self.extra, np.float64)
+        self.recvbuf = np.zeros_like(self.sendbuf) if fed.comm.rank == 0 else None
 
     def begin(self, server_round: int, sampled, dropped) -> None:
         self.sendbuf[...] = 0
-        self.reported = 0
+        self.rejected = []
 
-    def add(self, k: int, w_k: np.ndarray, n_k: int, loss_sum: float, seen: int) -> None:
-        n = self.fed.n
-        self.sendbuf[:n] += n_k * w_k
-        self.sendbuf[n:] += (n_k, loss_sum, seen)
-        self.reported += 1
+    def add(self, k: int, w_k: np.ndarray, n_k: int, loss_sum: float, seen: int, steps: int = 1,
+            dc: np.ndarray | None = None) -> None:
+        n, buf = self.fed.n, self.sendbuf
+        delta = w_k.astype(np.float64) - self.fed.global_w
+        why = _reason(delta, loss_sum, n, self.max_norm)
+        if why is not None:
+            self.rejected.append((k, why))
+            buf[n + 4] += not (np.isfinite(delta).all() and math.isfinite(loss_sum))
+            return
+        if self.clip is not None:
+            delta, _ = privacy.clip_l2(delta, self.clip)
+        buf[:n] += (n_k / steps if self.fednova else n_k) * delta
+        buf[n:n + 4] += (n_k, n_k * steps, loss_sum, seen)
+        if dc is not None:
+            buf[n + 5:-1] += dc
+            buf[-1] += 1
 
     def _reduce(self):
         fed = self.fed
@@ -60,52 +90,129 @@ class PlainCollector:
             fed.leaders.Reduce_sum(self.sendbuf, self.recvbuf, root=0)
         return self.recvbuf
 
+    def _rejections(self) -> list:
+        """Every leader's rejected clients, on rank 0 (one small gather of pickled lists)."""
+        fed = self.fed
+        if not fed.leader:
+            return []
+        lists = fed.leaders.gather(self.rejected)
+        return sorted(r for part in lists for r in part) if lists is not None else []
+
     def finish(self, server_round: int, global_w: np.ndarray, clients: int):
+        rejected = self._rejections()
         total = self._reduce()
         if self.fed.comm.rank != 0:
             return None, {}
         n = self.fed.n
-        stats = {"loss_sum": total[n + 1], "seen": total[n + 2], "bytes_to_server":
-                 min(self.fed.n_groups, clients) * self.sendbuf.nbytes}
+        stats = {"loss_sum": total[n + 2], "seen": total[n + 3], "rejected": rejected,
+                 "nonfinite": int(total[n + 4]),
+                 "bytes_to_server": min(self.fed.n_groups, clients) * self.sendbuf[:n + 5].nbytes}
+        if self.extra:
+            stats["scaffold"] = (total[n + 5:-1].copy(), int(total[-1]))
+            stats["bytes_to_server"] *= 2
         if total[n] == 0:
-            return None, {**stats, "skipped": "no client reported"}
-        return (total[:n] / total[n]).astype(np.float32), stats
+            return None, {**stats, "skipped": "every update was rejected" if rejected else "no client reported"}
+        mean = total[:n] / total[n]
+        if self.fednova:
+            mean *= total[n + 1] / total[n]        # tau_eff
+        return (global_w + mean).astype(np.float32), stats
+
+
+class GatheredCollector(PlainCollector):
+    """The robust rules (median, trimmed mean, Krum, Multi-Krum) need every update at the server:
+    the leaders Gatherv their clients' deltas (float32) to rank 0, which validates each one, stacks
+    them (m, n) and applies robust.aggregate. The cost (memory of the stack, gather and
+    aggregation time) is in the round's record."""
+
+    def begin(self, server_round, sampled, dropped) -> None:
+        self.parts = {}
+
+    def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
+        delta = (w_k.astype(np.float64) - self.fed.global_w).astype(np.float32)
+        head = np.array([n_k, steps, loss_sum, seen], np.float64).tobytes()
+        self.parts[k] = head + delta.tobytes()
+
+    def finish(self, server_round, global_w, clients):
+        fed, n, cfg = self.fed, self.fed.n, self.cfg
+        t0 = time.perf_counter()
+        got = fed.leaders.gather_bytes(secagg.encode_map(self.parts)) if fed.leader else None
+        if fed.comm.rank != 0:
+            return None, {}
+        gather_s = time.perf_counter() - t0
+        merged = {}
+        for part in got:
+            merged.update(secagg.decode_map(part))
+        rows, weights, steps, rejected, loss, seen, nonfinite = [], [], [], [], 0.0, 0, 0
+        for k in sorted(merged):
+            head = np.frombuffer(merged[k][:32], np.float64)
+            delta = np.frombuffer(merged[k][32:], np.float32)
+            why = _reason(delta, float(head[2]), n, cfg.max_update_norm)
+            if why is not None:
+                rejected.append((k, why))
+                nonfinite += not (np.isfinite(delta).all() and math.isfinite(head[2]))
+                continue
+            rows.append(delta)
+            weights.append(head[0])
+            steps.append(head[1])
+            loss, seen = loss + head[2], seen + int(head[3])
+        stats = {"loss_sum": loss, "seen": seen, "rejected": rejected, "nonfinite": nonfinite,
+                 "bytes_to_server": sum(map(len, got)), "gather_seconds": gather_s,
+                 "aggregate_memory_bytes": robust.memory_bytes(len(rows), n)}
+        if not rows:
+            return None, {**stats, "skipped": "every update was rejected" if rejected else "no client reported"}
+        deltas = np.stack(rows)
+        if self.cfg.straggler_rate > 0:           # FedNova's normalisation, then the robust rule
+            tau = np.array(steps)
+            deltas = deltas / tau[:, None].astype(np.float32) * np.float32(tau.mean())
+        t1 = time.perf_counter()
+        try:
+            agg = robust.aggregate(cfg.aggregator, deltas, np.array(weights), f=cfg.byzantine,
+                                   beta=cfg.trim_fraction, m_select=cfg.krum_m, max_norm=cfg.max_update_norm)
+        except ValueError as exc:                 # e.g. too few valid updates left for Krum's f
+            return None, {**stats, "skipped": f"--aggregator {cfg.aggregator}: {exc}"}
+        stats["aggregate_seconds"] = time.perf_counter() - t1
+        return (global_w + agg.astype(np.float64)).astype(np.float32), stats
 
 
 class DpCollector(PlainCollector):
     """Central DP: clip on the clients, noise on the (trusted) server, from a generator seeded by
-    (the secret noise seed, the round): a resumed run draws the same noise."""
+    (the secret noise seed, the round): a resumed run draws the same noise. The Reduce carries
+    [sum clip(d_k) | count | clipped | loss | seen | rejected non-finite]; non-finite updates
+    are rejected like any other (their clipped delta would be NaN)."""
 
-    def __init__(self, fed, dp):
-        super().__init__(fed)
+    def __init__(self, fed, dp, cfg=None):
+        super().__init__(fed, None)
         self.clip, self.z, self.expected, self.noise_seed = dp.clip, dp.z, dp.expected, dp.noise_seed
-        self.clipped = 0
 
     def begin(self, server_round, sampled, dropped) -> None:
         super().begin(server_round, sampled, dropped)
-        self.clipped = 0
         self.noise_rng = np.random.default_rng([self.noise_seed, server_round, 0xD9])
 
-    def add(self, k, w_k, n_k, loss_sum, seen) -> None:
-        n = self.fed.n
-        delta, norm = privacy.clip_l2(w_k.astype(np.float64) - self.fed.global_w, self.clip)
-        self.clipped += norm > self.clip     # reported: how often the clip bites (not private)
-        self.sendbuf[:n] += delta
-        self.sendbuf[n + 1:] += (loss_sum, seen)
+    def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
+        n, buf = self.fed.n, self.sendbuf
+        delta = w_k.astype(np.float64) - self.fed.global_w
+        why = _reason(delta, loss_sum, n, None)
+        if why is not None:
+            self.rejected.append((k, why))
+            buf[n + 4] += 1
+            return
+        delta, norm = privacy.clip_l2(delta, self.clip)
+        buf[:n] += delta
+        buf[n:n + 4] += (1, norm > self.clip, loss_sum, seen)   # clipped: how often the clip bites
 
     def finish(self, server_round, global_w, clients):
-        n = self.fed.n
-        self.sendbuf[n] = self.clipped           # the count slot carries how many were clipped
+        rejected = self._rejections()
         total = self._reduce()
         if self.fed.comm.rank != 0:
             return None, {}
-        stats = {"loss_sum": total[n + 1], "seen": total[n + 2], "dp_noise": self.z,
-                 "clipped": int(total[n]),
+        n = self.fed.n
+        stats = {"loss_sum": total[n + 2], "seen": total[n + 3], "dp_noise": self.z, "clipped": int(total[n + 1]),
+                 "rejected": rejected, "nonfinite": int(total[n + 4]),
                  "bytes_to_server": min(self.fed.n_groups, clients) * self.sendbuf.nbytes}
         if clients == 0:                         # Poisson sampling drew nobody: the model stays
             return None, {**stats, "skipped": "no client was sampled"}
-        if not math.isfinite(total[n + 1]):
-            return None, stats
+        if total[n] == 0 and rejected:
+            return None, {**stats, "skipped": "every update was rejected"}
         noise = self.noise_rng.standard_normal(n) * (self.z * self.clip)
         # the fixed denominator q N (not the count): the average's sensitivity stays S / (q N)
         return (global_w + (total[:n] + noise) / self.expected).astype(np.float32), stats
@@ -147,24 +254,25 @@ class SecureCollector:
         self.loss_fp = secagg.FixedPoint(loss_bound, max(m, 1))
         self.inputs: dict[int, np.ndarray] = {}
 
-    def add(self, k, w_k, n_k, loss_sum, seen) -> None:
-        x = np.zeros(self.n + TAIL, np.uint32)
+    def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
+        n, x = self.n, np.zeros(self.n + TAIL, np.uint32)
         delta = w_k.astype(np.float64) - self.fed.global_w
         if not (np.isfinite(delta).all() and math.isfinite(loss_sum)):
-            x[-1] = 1                                   # diverged: only the count reaches the server
+            x[-1] = 1             # diverged: it adds nothing, and the server learns only how many did
             self.inputs[k] = x
             return
         if self.dp is None:
-            x[:self.n] = self.model_fp.encode(n_k * np.clip(delta, -self.cfg.secagg_range, self.cfg.secagg_range))
-            x[self.n] = n_k
+            weight = n_k / steps if self.cfg.straggler_rate > 0 else n_k      # FedNova, as in the clear
+            x[:n] = self.model_fp.encode(weight * np.clip(delta, -self.cfg.secagg_range, self.cfg.secagg_range))
+            x[n:n + 2] = (n_k, n_k * steps)
         else:
             clip, z, expected = self.dp
             clipped, _ = privacy.clip_l2(delta, clip)
-            share = self.noise_rng.standard_normal(self.n) * (z * clip / math.sqrt(expected))
-            x[:self.n] = self.model_fp.encode(clipped + share)
-            x[self.n] = 1
-        x[self.n + 1] = seen
-        x[self.n + 2] = self.loss_fp.encode(np.array([loss_sum]))[0]
+            share = self.noise_rng.standard_normal(n) * (z * clip / math.sqrt(expected))
+            x[:n] = self.model_fp.encode(clipped + share)
+            x[n:n + 2] = (1, steps)
+        x[n + 2] = seen
+        x[n + 3] = self.loss_fp.encode(np.array([loss_sum]))[0]
         self.inputs[k] = x
 
     # ---- the protocol's message flow, through rank 0
@@ -317,16 +425,22 @@ class SecureCollector:
         if "skip" in result:
             return None, {**stats, "skipped": result["skip"], "loss_sum": 0.0, "seen": 0}
         total = result["total"]
-        diverged = int(total[n + 3])
-        stats.update(loss_sum=float(self.loss_fp.decode(total[n + 2:n + 3], result["survivors"])[0])
-                     if not diverged else math.nan, seen=int(total[n + 1]), survivors=result["survivors"])
-        if diverged:
-            return None, stats
+        survivors = result["survivors"]
+        diverged = int(total[n + 4])
+        stats.update(loss_sum=float(self.loss_fp.decode(total[n + 3:n + 4], survivors)[0]),
+                     seen=int(total[n + 2]), survivors=survivors, nonfinite=diverged,
+                     rejected=[("?", "its training diverged (secure aggregation: who is not known)")] * diverged)
+        weight = int(total[n])
+        if weight == 0:
+            return None, {**stats, "skipped": "every client's training diverged"}
         summed = self.model_fp.decode(total[:n], len(self.sampled))
         if self.dp is None:
-            return (global_w + summed / int(total[n])).astype(np.float32), stats
+            mean = summed / weight
+            if self.cfg.straggler_rate > 0:
+                mean *= int(total[n + 1]) / weight                 # FedNova's tau_eff
+            return (global_w + mean).astype(np.float32), stats
         clip, z, expected = self.dp
-        stats["dp_noise"] = privacy.secure_noise_multiplier(z, expected, result["survivors"])
+        stats["dp_noise"] = privacy.secure_noise_multiplier(z, expected, survivors)
         return (global_w + summed / expected).astype(np.float32), stats
 
 
@@ -360,4 +474,6 @@ def make(fed, cfg, dp):
         return SecureCollector(fed, cfg, None if dp is None else (dp.clip, dp.z, dp.expected))
     if dp is not None:
         return DpCollector(fed, dp)
-    return PlainCollector(fed)
+    if cfg.aggregator in ("median", "trimmed-mean", "krum", "multi-krum"):
+        return GatheredCollector(fed, cfg)
+    return PlainCollector(fed, cfg)

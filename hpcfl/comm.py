@@ -182,6 +182,14 @@ class Comm:
         watchdog.done()
         return out
 
+    def gather(self, obj, root: int = 0) -> list | None:
+        if self.size == 1:
+            return [obj]
+        watchdog.waiting(f"MPI_Gather to rank {root} (metadata)")
+        out = self.mpicomm.gather(obj, root=root)
+        watchdog.done()
+        return out
+
     def allgather(self, obj) -> list:
         if self.size == 1:
             return [obj]

@@ -173,6 +173,34 @@ class Config:
                                        "a secret one, kept in the checkpoints). Only to reproduce a run: "
                                        "who knows it can remove the noise", check=non_negative,
                                        resume=IGNORE, group="privacy", metavar="N")
+    # ---- robustness and heterogeneity (fl)
+    aggregator: str = option("mean", "how the server combines the client updates: the weighted mean "
+                             "(FedAvg), or a Byzantine-robust rule", choices=("mean", "median", "trimmed-mean",
+                             "krum", "multi-krum", "norm-bounded"), resume=FL_ONLY, group="robustness")
+    trim_fraction: float = option(0.1, "trimmed-mean: share beta of the largest and of the smallest "
+                                  "values dropped per coordinate", check=below_one, resume=FL_ONLY,
+                                  group="robustness", metavar="BETA")
+    byzantine: int = option(0, "krum, multi-krum: how many Byzantine clients f to tolerate "
+                            "(needs more than 2f + 2 clients per round)", check=non_negative,
+                            resume=FL_ONLY, group="robustness", metavar="F")
+    krum_m: int | None = option(None, "multi-krum: how many of the best-scored updates to average "
+                                "(default: clients - f)", check=positive, resume=FL_ONLY,
+                                group="robustness", metavar="M")
+    max_update_norm: float | None = option(None, "reject (mean, robust rules) or clip (norm-bounded) "
+                                           "client updates of a larger L2 norm", check=positive,
+                                           resume=FL_ONLY, group="robustness", metavar="M")
+    attack: str | None = option(None, "simulated attack by the malicious clients (robustness "
+                                "experiments)", choices=("signflip", "scale", "gaussian", "labelflip", "nan"),
+                                resume=FL_MUST, group="robustness")
+    malicious_fraction: float = option(0.0, "share of the clients that attack (a seeded set)",
+                                       check=below_one, resume=FL_MUST, group="robustness", metavar="F")
+    attack_scale: float = option(10.0, "lambda of signflip (-lambda x delta) and scale (lambda x delta)",
+                                 check=positive, resume=FL_ONLY, group="robustness", metavar="LAMBDA")
+    straggler_rate: float = option(0.0, "share of the sampled clients that finish only a random "
+                                   "fraction of their local steps (weighted as FedNova does)",
+                                   check=below_one, resume=FL_ONLY, group="robustness", metavar="S")
+    scaffold: bool = option(False, "SCAFFOLD (Karimireddy et al. 2020, option II control variates) "
+                            "against client drift", resume=FL_MUST, group="robustness")
     # ---- data
     dataset: str = option("mnist", "dataset: a catalogue name, or idx / npz with --data-dir",
                           resume=MUST, group="data")
@@ -321,6 +349,7 @@ def validate(cfg: Config, world_size: int) -> None:
             raise UsageError(f"--local-batch-size {cfg.local_batch_size} is smaller than "
                              f"--ranks-per-client {cfg.ranks_per_client}")
     _validate_privacy(cfg)
+    _validate_robustness(cfg)
     if cfg.resume and not cfg.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if cfg.checkpoint_every and not cfg.checkpoint_dir:
@@ -347,3 +376,36 @@ def _validate_privacy(cfg: Config) -> None:
     if dp_on(cfg) and cfg.dp_noise is None and cfg.dp_epsilon is None:
         raise UsageError(f"{asked[0] if asked else '--dp-sgd'} needs --dp-noise Z or --dp-epsilon E "
                          "(the noise, or the privacy budget it is calibrated for)")
+
+
+def _validate_robustness(cfg: Config) -> None:
+    """Settings of the robust aggregators, attacks and SCAFFOLD that cannot work."""
+    if cfg.mode != "fl":
+        return
+    if cfg.secure_agg and cfg.aggregator != "mean":
+        raise UsageError(f"--aggregator {cfg.aggregator} needs the individual client updates, and "
+                         "--secure-agg hides them: use one or the other")
+    if cfg.secure_agg and cfg.max_update_norm is not None:
+        raise UsageError("--max-update-norm checks individual client updates, and --secure-agg hides them")
+    if cfg.attack is not None and cfg.malicious_fraction == 0:
+        raise UsageError(f"--attack {cfg.attack} needs --malicious-fraction F > 0 (which clients attack)")
+    if cfg.malicious_fraction > 0 and cfg.attack is None:
+        raise UsageError("--malicious-fraction needs --attack KIND")
+    if cfg.aggregator == "norm-bounded" and cfg.max_update_norm is None:
+        raise UsageError("--aggregator norm-bounded clips each update to --max-update-norm M: give M")
+    if cfg.aggregator == "trimmed-mean" and not cfg.trim_fraction < 0.5:
+        raise UsageError(f"--trim-fraction {cfg.trim_fraction} must be below 0.5: at least one value "
+                         "per coordinate must remain")
+    if cfg.scaffold and (cfg.aggregator != "mean" or cfg.secure_agg or dp_on(cfg)):
+        raise UsageError("--scaffold works with --aggregator mean only, without --secure-agg or DP")
+    if dp_on(cfg) and cfg.aggregator != "mean":
+        raise UsageError(f"--aggregator {cfg.aggregator} with DP: the noise calibration assumes the "
+                         "clipped mean (DP-FedAvg); use --aggregator mean")
+    if cfg.mode == "fl" and cfg.aggregator in ("krum", "multi-krum") and not dp_on(cfg):
+        m = max(1, int(round(cfg.client_fraction * cfg.num_clients)))
+        if m <= 2 * cfg.byzantine + 2:
+            raise UsageError(f"--aggregator {cfg.aggregator} needs more than 2f + 2 clients per round: "
+                             f"{m} clients with --byzantine {cfg.byzantine} (f = {cfg.byzantine} needs at "
+                             f"least {2 * cfg.byzantine + 3})")
+        if cfg.krum_m is not None and not cfg.krum_m <= m:
+            raise UsageError(f"--krum-m {cfg.krum_m} is more than the {m} clients per round")

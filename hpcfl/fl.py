@@ -20,43 +20,55 @@ import time
 
 import numpy as np
 
-from . import aggregate, checkpoint, collect, faults, partition, preempt, watchdog
+from . import aggregate, attacks, checkpoint, collect, faults, partition, preempt, watchdog
 from .comm import StopNotice
 from .dp import finish, gradient_reducer
 from .errors import Preempted, TrainingError, UsageError
 from .replica import FedProx, Replica
+from .scaffold import Scaffold
 
 
 def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: int, client: int,
-                  notice=None) -> tuple[float, int, bool]:
+                  notice=None, labels=None, max_steps: int | None = None) -> tuple[float, int, bool, int]:
     """Local training of one client from the weights in rep; returns (summed loss, samples
-    seen, stopped): stopped when the group agreed on a stop signal (then it ends at once).
+    seen, stopped, local steps): stopped when the group agreed on a stop signal (then it ends
+    at once). `labels` replaces the training labels (a label-flipping attacker); `max_steps`
+    cuts the training short (a straggler).
 
     The batch order is seeded by (seed, round, client, local epoch); the last batch of an
     epoch may be smaller (clients of a non-IID split can hold fewer samples than a batch, and
     a batch larger than the client is the whole client: full-batch gradient descent).
     """
-    B, loss_sum, seen = cfg.local_batch_size, 0.0, 0
+    B, loss_sum, seen, steps = cfg.local_batch_size, 0.0, 0, 0
+    labels = data.train_y if labels is None else labels
     for e in range(cfg.local_epochs):
         order = idx[np.random.default_rng([cfg.seed, server_round, client, e]).permutation(len(idx))]
         order = rep.backend.to_device(order)          # on a GPU: one upload per local epoch
         for start in range(0, len(order), B):
+            if max_steps is not None and steps >= max_steps:
+                return loss_sum, seen, False, steps
             batch = order[start:start + B]
             stop = preempt.requested() is not None
             if notice is not None:
                 if stop:
                     notice.notify()                   # the other client groups hear it
                 stop = stop or notice.heard()
-            loss = rep.step(comm, data.train_x, data.train_y, batch, cfg.local_lr, stop=stop)
+            loss = rep.step(comm, data.train_x, labels, batch, cfg.local_lr, stop=stop)
             loss_sum += loss * len(batch)
             seen += len(batch)
+            steps += 1
             if rep.stop_agreed:
-                return loss_sum, seen, True
+                return loss_sum, seen, True, steps
             if not math.isfinite(loss):
-                # Only this client's ranks know: stop here and let the NaN travel in the round's
-                # reduced statistics, so that every rank stops together after the Bcast.
-                return loss_sum, seen, False
-    return loss_sum, seen, False
+                # Only this client's ranks know: its update is rejected at the server (the
+                # NaN loss travels with it), and the round goes on without it.
+                return loss_sum, seen, False, steps
+    return loss_sum, seen, False, steps
+
+
+def local_steps(cfg, size: int) -> int:
+    """Local SGD steps of a client of `size` samples in one round."""
+    return cfg.local_epochs * math.ceil(size / cfg.local_batch_size)
 
 
 class Federation:
@@ -88,6 +100,15 @@ class Federation:
         self.global_w = backend.to_host(self.rep.params).copy()  # identical on every rank (seeded)
         self.init_norm = float(np.linalg.norm(self.global_w))
         self.server_ratio = 0.0          # the last server step's length / the clients' (bcast)
+        self.diverged_rounds = 0         # consecutive rounds in which every update was non-finite
+        # simulated attackers (robustness experiments): a seeded set, fixed for the run
+        self.malicious = set()
+        self.flipped = None
+        if cfg.attack is not None:
+            self.malicious = set(attacks.malicious_clients(cfg.num_clients, cfg.malicious_fraction, cfg.seed).tolist())
+            if cfg.attack == "labelflip":
+                self.flipped = backend.to_device(attacks.flip_labels(backend.to_host(data.train_y), data.num_classes))
+        self.scaffold = Scaffold(self, backend) if cfg.scaffold else None
         self.server = aggregate.make(cfg, n) if comm.rank == 0 else None
         self.anchor = backend.to_device(self.global_w) if cfg.mu > 0 else None
         if self.anchor is not None:
@@ -128,25 +149,40 @@ class Federation:
         watchdog.progress(f"fl round {server_round}")
         sampled = self.sample(server_round)
         dropped = partition.dropouts(sampled, cfg.dropout_rate, server_round, cfg.seed)
-        groups = partition.assign_to_groups(sampled, self.sizes, self.n_groups)
+        if self.scaffold is not None:          # a client always trains where its control variate lives
+            groups = [[k for k in owned if k in set(sampled.tolist())] for owned in self.scaffold.owned]
+        else:
+            groups = partition.assign_to_groups(sampled, self.sizes, self.n_groups)
         self.owners_by_leader = groups                         # leaders' rank g = client group g
         self.collector.begin(server_round, sampled, dropped)
         if self.anchor is not None:
             self.anchor[...] = be.to_device(self.global_w)
         if faults.at_step(comm.rank, server_round):           # tests only; in fl mode STEP is the round
             self.rep.pre_reduce.append(faults.poison_loss_once(self.rep.pre_reduce))
+        stragglers = partition.stragglers([k for k in sampled if k not in dropped], cfg.straggler_rate,
+                                          server_round, cfg.seed)
         stopped = False
         for k in groups[self.group]:
             if k in dropped:                  # it never reports: its training would be lost anyway
                 continue
             self.rep.load_params(self.global_w)
             self.rep.reset_optimizer()
-            loss_sum, seen, stopped = client_update(self.rep, self.client_comm, self.data, self.parts[k],
-                                                    cfg, server_round, k, self.notice)
+            if self.scaffold is not None:
+                self.scaffold.start(k)
+            cut = None
+            if k in stragglers:               # it finishes only this share of its local steps
+                cut = max(1, math.ceil(stragglers[k] * local_steps(cfg, int(self.sizes[k]))))
+            flip = self.flipped if k in self.malicious and cfg.attack == "labelflip" else None
+            loss_sum, seen, stopped, steps = client_update(self.rep, self.client_comm, self.data, self.parts[k],
+                                                           cfg, server_round, k, self.notice, flip, cut)
             if stopped:
                 break
+            w_k = be.to_host(self.rep.params)
+            dc = self.scaffold.finish(k, w_k, steps) if self.scaffold is not None else None
             if self.leader:                                    # one copy per client, not one per rank
-                self.collector.add(k, be.to_host(self.rep.params), int(self.sizes[k]), loss_sum, seen)
+                if k in self.malicious and cfg.attack in attacks.UPDATE_KINDS:
+                    w_k = self.poisoned(k, w_k, server_round)
+                self.collector.add(k, w_k, int(self.sizes[k]), loss_sum, seen, steps, dc)
         # Does anyone stop? (one tiny Allreduce per round; a rank that got the signal while it
         # had no client to train votes here)
         flags = np.array([stopped or preempt.requested() is not None, self.notice.sent], np.int64)
@@ -155,7 +191,7 @@ class Federation:
             return None
         average, stats = self.collector.finish(server_round, self.global_w, len(sampled))
         if comm.rank == 0:
-            if average is not None and math.isfinite(stats.get("loss_sum", 0.0)):
+            if average is not None:
                 before = self.global_w.copy()
                 self.server.step(self.global_w, average)
                 # how far the server moved against how far the clients did: about 1 for FedAvg,
@@ -165,19 +201,32 @@ class Federation:
             stats["norm"] = float(np.linalg.norm(self.global_w))    # nan/inf when the update broke it
             # what a real server sends: the global model, to every sampled client
             stats["bytes_from_server"] = stats.get("bytes_from_server", 0) + 4 * self.n * len(sampled)
+        if self.scaffold is not None:
+            self.scaffold.server_update(stats.pop("scaffold", None) if comm.rank == 0 else None)
         comm.Bcast(self.global_w)
         stats = comm.bcast(stats)
+        by_reason: dict[str, list] = {}
+        for k, why in stats.get("rejected", []):
+            by_reason.setdefault(why, []).append(str(k))
+        for why, ks in by_reason.items():          # once per round and reason, naming the clients
+            who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
+            reporter_warn(comm, f"round {server_round}: the update of {who} rejected: {why}")
         self._check(server_round, stats)
         self.server_ratio = stats.get("server_ratio", self.server_ratio)
         if stats.get("skipped"):
             reporter_warn(comm, f"round {server_round} skipped, the global model is unchanged: {stats['skipped']}")
         seconds = time.perf_counter() - t0
         rec = {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
-               "dropped": len(dropped), "train_loss": stats["loss_sum"] / stats["seen"] if stats["seen"] else None,
+               "dropped": len(dropped), "rejected": len(stats.get("rejected", [])),
+               "stragglers": len(stragglers),
+               "train_loss": stats["loss_sum"] / stats["seen"] if stats["seen"] else None,
                "test_accuracy": None, "round_seconds": seconds,
                "samples_per_second": stats["seen"] / seconds,
                "bytes_to_server": int(stats.get("bytes_to_server", 0)),
                "bytes_from_server": int(stats["bytes_from_server"])}
+        for key in ("gather_seconds", "aggregate_seconds", "aggregate_memory_bytes"):
+            if key in stats:
+                rec[key] = stats[key]
         if cfg.secure_agg:
             rec["secagg_seconds"] = stats.get("secagg_seconds", 0.0)
             rec["secagg_stages"] = stats.get("secagg_stages", {})
@@ -188,22 +237,33 @@ class Federation:
         return rec
 
     def _check(self, server_round: int, stats: dict) -> None:
-        """Stop every rank (they all see the same stats) with the option that matters."""
+        """Stop every rank (they all see the same stats) with the option that matters. A client
+        whose training diverged is only rejected; when every update of 3 rounds in a row was
+        rejected as non-finite, training itself is diverging."""
         cfg, norm = self.cfg, stats["norm"]
         if stats.get("error"):
             raise TrainingError(f"round {server_round}: {stats['error']}", collective=True)
         server = f"try a smaller --server-lr (now {cfg.server_lr} with --server-opt {cfg.server_opt})"
-        if not math.isfinite(stats["loss_sum"]):
+        all_diverged = stats.get("skipped") is not None and 0 < stats.get("nonfinite", 0) == len(stats.get("rejected", []))
+        self.diverged_rounds = self.diverged_rounds + 1 if all_diverged else 0
+        if self.diverged_rounds >= 3:
             if self.server_ratio > 20 or norm > 10 * self.init_norm:
                 blame = (f"{server}: the last server step moved the model {self.server_ratio:.0f}x as far "
                          f"as the clients did")
             else:
                 blame = f"try a smaller --local-lr (now {cfg.local_lr})"
-            raise TrainingError(f"a client's training loss became {stats['loss_sum']} in round {server_round}; "
-                                f"{blame}", collective=True)
+            raise TrainingError(f"every client's training loss became non-finite in rounds "
+                                f"{server_round - 2}-{server_round}; {blame}", collective=True)
         if not math.isfinite(norm):
             raise TrainingError(f"the server update made the global model non-finite in round "
                                 f"{server_round}; {server}", collective=True)
+
+    def poisoned(self, k: int, w_k: np.ndarray, server_round: int) -> np.ndarray:
+        """What malicious client k sends instead of its honest model (attacks.py)."""
+        rng = np.random.default_rng([self.cfg.seed, server_round, k, 0xA7])
+        delta = w_k.astype(np.float64) - self.global_w
+        bad = attacks.poison_update(self.cfg.attack, delta, self.cfg.attack_scale, rng)
+        return (self.global_w + bad).astype(np.float32)
 
     def evaluate(self) -> tuple[float, float]:
         """Global test accuracy and loss, each rank scoring its slice of the test set."""
@@ -221,8 +281,10 @@ class Federation:
                 "data": self.data.fingerprint}
         if self.dp is not None:
             meta["dp"] = self.dp.state()
+        extra = self.scaffold.gather() if self.scaffold is not None else None   # collective
         return checkpoint.save_on_root(self.comm, self.cfg, meta, lambda: {
-            "params": self.global_w, **{f"server.{k}": v for k, v in self.server.state().items()}})
+            "params": self.global_w, **{f"server.{k}": v for k, v in self.server.state().items()},
+            **(extra or {})})
 
     def resume(self, reporter) -> tuple[int, float]:
         """Load the newest checkpoint, if any: returns (last round done, best accuracy so far).
@@ -240,16 +302,22 @@ class Federation:
         self.global_w[...] = ckpt.arrays["params"]
         if self.dp is not None and "dp" in ckpt.meta:
             self.dp.load_state(ckpt.meta["dp"])     # the same secret noise seed, the budget spent
+        if self.scaffold is not None:
+            self.scaffold.restore(ckpt.arrays)
         if self.server is not None:
             self.server.load_state({k[7:]: v for k, v in ckpt.arrays.items() if k.startswith("server.")})
         reporter.info(f"resuming from {ckpt.path} after round {ckpt.meta['round']}")
         return int(ckpt.meta["round"]), float(ckpt.meta["best_accuracy"])
 
-    def free(self, stop_notices: int = 0) -> None:
-        self.notice.close(stop_notices)
+    def free(self) -> None:
+        """The communicators and the reducer (the stop notice is closed before, collectively);
+        once (an error path may come here again)."""
+        if self.rep is None:
+            return
         self.rep.free()
         self.client_comm.Free()
         self.leaders.Free()
+        self.rep = None
 
 
 def reporter_warn(comm, message: str) -> None:
@@ -257,14 +325,23 @@ def reporter_warn(comm, message: str) -> None:
         print(f"hpcfl: warning: {message}", file=sys.stderr, flush=True)
 
 
-def buffer_bytes(cfg, layout, server: bool) -> int:
+def buffer_bytes(cfg, layout, server: bool, groups: int = 1) -> int:
     """What a Federation allocates besides its Replica (for the memory check before a run): the
     global model, the float64 send (and, on the server, receive) buffer, the server optimizer's
-    state and FedProx's anchor."""
+    state, FedProx's anchor, SCAFFOLD's control variates (float64, every client of the group)
+    and, for the robust rules, the server's stack of the round's updates (and its sort copy)."""
     n = layout.n_params
+    per_round = partition.per_round(cfg.num_clients, cfg.client_fraction)
     server_state = {"fedavg": 0, "fedavgm": 1, "fedadam": 2}[cfg.server_opt] * 4 * n
-    return 4 * n + 8 * (n + 3) * (2 if server else 1) + (server_state if server else 0) \
+    total = 4 * n + 8 * (n + 5) * (2 if server else 1) + (server_state if server else 0) \
         + (8 * n if cfg.mu > 0 else 0)
+    if cfg.scaffold:
+        total += 8 * n * (math.ceil(cfg.num_clients / groups) + 2) + (16 * n if server else 0)
+    if server and cfg.aggregator in ("median", "trimmed-mean", "krum", "multi-krum"):
+        total += 3 * 4 * n * per_round      # the gathered bytes, the stack, median's sorted copy
+    if cfg.secure_agg:
+        total += 2 * 4 * (n + 5) * per_round * (2 if server else 1)   # inputs, masks; uploads on the server
+    return total
 
 
 def max_local_batch(cfg, sizes) -> int:
@@ -284,8 +361,8 @@ def train(cfg, comm, data, backend, reporter, layout=None, dp=None) -> dict:
     try:
         return _run(cfg, comm, reporter, fed)
     except BaseException:
-        fed.notice.abandon()
-        fed.rep.free()
+        fed.notice.abandon()          # (a no-op once closed)
+        fed.free()
         raise
 
 
@@ -319,15 +396,18 @@ def _run(cfg, comm, reporter, fed) -> dict:
             fed.save(server_round, best)
     senders = np.array([fed.notice.sent], np.int64)
     comm.Allreduce_sum(senders)                # how many stop notices are in flight
-    fed.free(int(senders[0]))
-    if stop is not None:
-        path = fed.save(last_round, best)
-        kept = f"saved {path}; run again with --resume to continue" if path else \
-            "progress is lost (no --checkpoint-dir)"
-        raise Preempted(f"stopped by {stop} during round {last_round + 1}, which a resumed run "
-                        f"redoes from its start: {kept}", collective=True)
-    finish(reporter, fed.global_w, fed.rep.layout.sizes,
-           lambda: fed.save(last_round, best) if history else None)
+    fed.notice.close(int(senders[0]))
+    try:
+        if stop is not None:
+            path = fed.save(last_round, best)
+            kept = f"saved {path}; run again with --resume to continue" if path else \
+                "progress is lost (no --checkpoint-dir)"
+            raise Preempted(f"stopped by {stop} during round {last_round + 1}, which a resumed run "
+                            f"redoes from its start: {kept}", collective=True)
+        finish(reporter, fed.global_w, fed.rep.layout.sizes,
+               lambda: fed.save(last_round, best) if history else None)
+    finally:
+        fed.free()
     last = next((r["test_accuracy"] for r in reversed(history) if r["test_accuracy"] is not None), None)
     out = {"history": history, "test_accuracy": last, "best_accuracy": best, "params": fed.global_w,
            "rounds": len(history)}

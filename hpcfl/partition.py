@@ -106,3 +106,15 @@ def poisson_clients(num_clients: int, rate: float, server_round: int, seed: int)
     (McMahan et al. 2018), seeded by (seed, round); a round may have no client at all."""
     rng = np.random.default_rng([seed, server_round, 0xC12])
     return np.flatnonzero(rng.random(num_clients) < rate)
+
+
+def stragglers(clients, rate: float, server_round: int, seed: int) -> dict[int, float]:
+    """The sampled clients that finish only part of their local work (--straggler-rate): each
+    independently with probability `rate`, and then a share of its steps uniform in (0, 1]."""
+    clients = np.asarray(clients, np.int64)
+    if rate <= 0 or len(clients) == 0:
+        return {}
+    rng = np.random.default_rng([seed, server_round, 0x57A])
+    slow = rng.random(len(clients)) < rate
+    share = 1.0 - rng.random(len(clients))                 # (0, 1]
+    return {int(k): float(u) for k, u, s in zip(clients, share, slow) if s}

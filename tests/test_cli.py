@@ -147,11 +147,20 @@ def test_nan_loss_stops_every_rank_naming_the_step():
     assert_clean_failure(proc, 1, "step 7", "nan")
 
 
-def test_federated_nan_in_one_client_group_stops_every_rank():
-    # Only rank 1's client group sees the NaN; the others must not wait for it in the Reduce.
+def test_federated_nan_in_one_client_group_is_rejected_and_the_run_goes_on():
+    # Only rank 1's client group sees the NaN; the others must not wait for it in the Reduce, and
+    # the server leaves that client out of the round (one warning) instead of stopping the run.
     proc = run_hpcfl(3, "--mode", "fl", "--num-clients", 6, "--client-fraction", 1.0, "--rounds", 5,
                      env={"HPCFL_FAULT": "nan:1:2"}, timeout=60)
-    assert_clean_failure(proc, 1, "round 2", "nan")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.count("rejected: its training loss is nan") == 1 and "round 2: the update of client" in out
+
+
+def test_federated_divergence_of_every_client_stops_every_rank_naming_the_option():
+    proc = run_hpcfl(2, "--mode", "fl", "--num-clients", 6, "--client-fraction", 1.0, "--rounds", 8,
+                     "--local-lr", 50, timeout=120)
+    assert_clean_failure(proc, 1, "every client's training loss became non-finite in rounds", "--local-lr")
 
 
 def test_info_and_help_print_once():

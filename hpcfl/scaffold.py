@@ -1,0 +1,74 @@
+"""SCAFFOLD's state on every rank (Karimireddy et al. 2020, option II): the server control
+variate c (on every rank, broadcast each round) and each client's variate c_i, kept on the rank
+group that always trains that client (clients are assigned to groups once, balanced by size,
+so c_i never moves). Each local step adds the correction c - c_i to the gradient (y <- y -
+eta_l (g_i(y) - c_i + c)); after the client's K steps c_i is updated (aggregate.py's formulas)
+and delta c_i travels to the server with the model. A checkpoint holds c and every c_i."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import aggregate, partition, secagg
+
+
+class Correction:
+    """post_reduce hook: + (c - c_i) on the mean gradient, for the client being trained."""
+
+    def __init__(self, backend, n: int):
+        self.diff = backend.xp.zeros(n, np.float32)
+        self._tmp = backend.xp.zeros(n, np.float32)
+
+    def __call__(self, params, grads, denominator: float) -> None:
+        self._tmp[...] = self.diff
+        self._tmp *= np.float32(denominator)     # the optimizer scales the gradient sum by 1/denominator
+        grads += self._tmp
+
+
+class Scaffold:
+    def __init__(self, fed, backend):
+        self.fed, self.backend, n = fed, backend, fed.n
+        self.owned = partition.assign_to_groups(np.arange(fed.cfg.num_clients), fed.sizes, fed.n_groups)
+        self.c = np.zeros(n, np.float64)
+        self.c_i: dict[int, np.ndarray] = {}         # this group's clients that took part so far
+        self.correction = Correction(backend, n)
+        fed.rep.post_reduce.append(self.correction)
+
+    def start(self, k: int) -> None:
+        c_i = self.c_i.get(k)
+        diff = self.c if c_i is None else self.c - c_i
+        self.correction.diff[...] = self.backend.to_device(diff.astype(np.float32))
+
+    def finish(self, k: int, y: np.ndarray, steps: int) -> np.ndarray:
+        c_i = self.c_i.get(k, np.zeros_like(self.c))
+        new, dc = aggregate.scaffold_client_variate(c_i, self.c, self.fed.global_w, y.astype(np.float64),
+                                                    steps, self.fed.cfg.local_lr)
+        self.c_i[k] = new
+        return dc
+
+    def server_update(self, summed) -> None:
+        """Rank 0: c <- c + sum delta c_i / N; then every rank gets the new c."""
+        if summed is not None:
+            dc_sum, count = summed
+            self.c = aggregate.scaffold_server_variate(self.c, dc_sum, count, self.fed.cfg.num_clients)
+        self.fed.comm.Bcast(self.c)
+
+    # ---- checkpoints: c and every c_i, gathered to rank 0 (a collective call on every rank)
+    def gather(self) -> dict[str, np.ndarray] | None:
+        fed = self.fed
+        blob = secagg.encode_map({k: v.tobytes() for k, v in self.c_i.items()}) if fed.leader else b""
+        parts = fed.leaders.gather_bytes(blob) if fed.leader else None
+        if fed.comm.rank != 0:
+            return None
+        out = {"scaffold.c": self.c.copy()}
+        for part in parts:
+            for k, raw in secagg.decode_map(part).items():
+                out[f"scaffold.c_{k}"] = np.frombuffer(raw, np.float64).copy()
+        return out
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Every rank: c from the checkpoint, and its group's own c_i."""
+        self.c[...] = arrays["scaffold.c"]
+        mine = set(self.owned[self.fed.group])
+        self.c_i = {int(name[len("scaffold.c_"):]): np.array(a, np.float64)
+                    for name, a in arrays.items() if name.startswith("scaffold.c_")
+                    and int(name[len("scaffold.c_"):]) in mine}
