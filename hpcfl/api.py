@@ -325,7 +325,7 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
                 if cfg.mode == "dp":
                     from . import dp
 
-                    summary = dp.train(cfg, comm, data, backend, reporter, layout)
+                    summary = dp.train(cfg, comm, data, backend, reporter, layout, dp_plan)
                 else:
                     from . import fl
 

@@ -371,6 +371,9 @@ def _validate_privacy(cfg: Config) -> None:
     asked = [flag(n) for n in ("dp_clip", "dp_noise", "dp_epsilon") if getattr(cfg, n) is not None]
     if cfg.mode == "dp" and asked and not cfg.dp_sgd:
         raise UsageError(f"{asked[0]} needs --dp-sgd in dp mode")
+    if cfg.dp_sgd and cfg.allreduce == "overlap":
+        raise UsageError("--dp-sgd needs every layer's per-sample norms before any weight gradient, so "
+                         "there is nothing to overlap: use --allreduce fused (or nccl)")
     if cfg.dp_noise is not None and cfg.dp_epsilon is not None:
         raise UsageError("give --dp-noise or --dp-epsilon, not both: the noise is calibrated from the epsilon")
     if dp_on(cfg) and cfg.dp_noise is None and cfg.dp_epsilon is None:

@@ -10,10 +10,40 @@ from __future__ import annotations
 import math
 import time
 
-from . import checkpoint, faults, optim, preempt, watchdog
-from .data import epoch_permutation
+import numpy as np
+
+from . import checkpoint, faults, optim, preempt, privacy, watchdog
+from .data import epoch_permutation, shard_range
 from .errors import HpcflError, Preempted, TrainingError, UsageError
 from .replica import Replica
+
+NOISE_BLOCK = 1 << 16        # coordinates per noise generator: the unit each rank draws
+
+
+class GaussianNoise:
+    """DP-SGD's noise as a pre_reduce hook: N(0, (z C)^2) added exactly once to every coordinate
+    of the summed gradient. The flat buffer is cut into blocks of 65,536 coordinates; each rank
+    adds the blocks shard_range gives it, each drawn from a generator seeded by (noise seed,
+    step, block), so the noise is the same for any number of ranks (P ranks give one process's
+    model), its cost is split across them, and a resumed run draws it again bitwise. The
+    generator is NumPy's PCG64 with a secret seed: statistical, not cryptographic (as Opacus
+    without its secure mode)."""
+
+    def __init__(self, plan, n: int, rank: int, size: int, backend):
+        blocks = math.ceil(n / NOISE_BLOCK)
+        lo, hi = shard_range(blocks, rank, size)
+        self.ranges = [(b, b * NOISE_BLOCK, min(n, (b + 1) * NOISE_BLOCK)) for b in range(lo, hi)]
+        self.plan, self.std, self.backend = plan, np.float32(plan.z * plan.clip), backend
+        self.buf = np.empty(NOISE_BLOCK, np.float32)
+        self.step = 0
+
+    def __call__(self, gradbuf) -> None:
+        for b, a, e in self.ranges:
+            noise = self.buf[:e - a]
+            # the plan's seed read now: a resumed run takes the checkpoint's
+            np.random.default_rng([self.plan.noise_seed, self.step, b, 0x5D]).standard_normal(e - a, np.float32, out=noise)
+            noise *= self.std
+            gradbuf[a:e] += self.backend.to_device(noise)
 
 
 def gradient_reducer(cfg, comm, world=None, group: int = 0):
@@ -32,7 +62,7 @@ def diverged_hint(cfg) -> str:
     return f"try a smaller --lr (now {cfg.lr} with --optimizer {cfg.optimizer}){extra}"
 
 
-def _save(cfg, comm, rep, data, step: int, steps_per_epoch: int, loss_sum: float = 0.0):
+def _save(cfg, comm, rep, data, step: int, steps_per_epoch: int, loss_sum: float = 0.0, dp=None):
     """Checkpoint on rank 0 (every rank waits until it is durable); None without --checkpoint-dir."""
     if not cfg.checkpoint_dir:
         return None
@@ -42,10 +72,12 @@ def _save(cfg, comm, rep, data, step: int, steps_per_epoch: int, loss_sum: float
             # All randomness is a pure function of the seed: the init, and epoch e's batch order
             # data.epoch_permutation(n_train, seed, e). The position above says where to go on.
             "rng": {"seed": cfg.seed, "epoch_permutation": "numpy default_rng([seed, epoch])"}}
+    if dp is not None:          # DP-SGD: the secret seed of batches and noise, the budget spent
+        meta["dp"] = dp.state()
     return checkpoint.save_on_root(comm, cfg, meta, rep.state)
 
 
-def _resume(cfg, comm, rep, reporter, data, total_steps: int) -> tuple[int, float]:
+def _resume(cfg, comm, rep, reporter, data, total_steps: int, dp=None) -> tuple[int, float]:
     """Load the checkpoint to resume from, if any; returns (step, loss sum so far in its epoch).
     Opens the metrics file (reporter.begin) once the run is known to go on."""
     ckpt = checkpoint.restore(comm, cfg, data.fingerprint or None)
@@ -61,12 +93,14 @@ def _resume(cfg, comm, rep, reporter, data, total_steps: int) -> tuple[int, floa
             reporter.info(f"no checkpoint in {cfg.checkpoint_dir} yet: starting from scratch")
         return 0, 0.0
     rep.load_state(ckpt.arrays)
+    if dp is not None and "dp" in ckpt.meta:
+        dp.load_state(ckpt.meta["dp"])
     reporter.info(f"resuming from {ckpt.path} at step {ckpt.step} (epoch {ckpt.meta['epoch'] + 1}, "
                   f"saved by {ckpt.meta['ranks']} rank{'s' if ckpt.meta['ranks'] != 1 else ''})")
     return ckpt.step, ckpt.meta["epoch_loss_sum"]
 
 
-def train(cfg, comm, data, backend, reporter, layout=None) -> dict:
+def train(cfg, comm, data, backend, reporter, layout=None, dp=None) -> dict:
     """Run dp training; returns a summary (final accuracy, history, parameters).
 
     With --checkpoint-dir, rank 0 checkpoints every --checkpoint-every epochs, at the end, and
@@ -82,22 +116,32 @@ def train(cfg, comm, data, backend, reporter, layout=None) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    rep = Replica(cfg, backend, max_local_batch=math.ceil(B / comm.size),
+    # DP-SGD's Poisson batches vary: the buffers hold a batch that is exceeded with probability
+    # below 1e-12 per step (privacy.poisson_capacity's Chernoff bound); a larger one goes in chunks
+    capacity = privacy.poisson_capacity(data.n_train, dp.q, 1e-12) if dp is not None else B
+    rep = Replica(cfg, backend, max_local_batch=math.ceil(capacity / comm.size),
                   reducer=gradient_reducer(cfg, comm), layout=layout, norm=(data.mean, data.std))
+    if dp is not None:
+        rep.model.clip = dp.clip
+        rep.noise = GaussianNoise(dp, rep.layout.n_params, comm.rank, comm.size, backend)
+        rep.pre_reduce.append(rep.noise)
     try:
-        return _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps)
+        return _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps, dp)
     finally:
         rep.free()
 
 
-def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) -> dict:
+def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps, dp=None) -> dict:
     """train()'s loop over epochs and steps, with the replica built."""
     B = cfg.batch_size
     flops = rep.layout.flops_per_sample()
     reporter.info(f"dp: {comm.size} rank{'s' if comm.size > 1 else ''}, global batch {B} ({steps_per_epoch} "
                   f"steps/epoch), backend {cfg.backend}, allreduce {cfg.allreduce}, "
                   f"model {'-'.join(map(str, rep.layout.sizes))} ({rep.layout.n_params:,} params)")
-    step, loss_sum = _resume(cfg, comm, rep, reporter, data, total_steps)
+    if dp is not None:
+        reporter.info(f"DP-SGD: Poisson batches of {B} expected (q = {dp.q:.3g}), per-sample clip "
+                      f"{dp.clip:g}, noise z = {dp.z:.4g}, delta {dp.delta:g}")
+    step, loss_sum = _resume(cfg, comm, rep, reporter, data, total_steps, dp)
     if step >= total_steps > 0:
         reporter.info(f"the checkpoint is at the last step ({total_steps}): nothing left to train")
     history, stop, finished_early = [], None, False
@@ -109,12 +153,20 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
         last = min(steps_per_epoch, first + total_steps - step)
         reporter.start_progress(last - first, f"epoch {epoch + 1}")
         t0 = time.perf_counter()
+        samples = 0
         for s in range(first, last):
             lr = optim.learning_rate(cfg.lr, cfg.schedule, step, total_steps)
             if faults.at_step(comm.rank, step + 1):     # tests only: a NaN loss on this rank
                 rep.pre_reduce.append(faults.poison_loss_once(rep.pre_reduce))
-            loss = rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr,
-                            stop=preempt.requested() is not None)
+            if dp is None:
+                batch, denominator = perm[s * B:(s + 1) * B], None
+            else:   # a Poisson batch from the secret seed; the mean over the expected size B
+                batch = backend.to_device(privacy.poisson_sample(data.n_train, dp.q, dp.noise_seed, step))
+                denominator, rep.noise.step = float(B), step
+                dp.accountant.compose(dp.q, dp.z)
+            samples += len(batch)
+            loss = rep.step(comm, data.train_x, data.train_y, batch, lr,
+                            stop=preempt.requested() is not None, denominator=denominator)
             if not math.isfinite(loss):        # the loss is reduced, so every rank sees it
                 raise TrainingError(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
                                     f"{diverged_hint(cfg)}", collective=True)
@@ -134,13 +186,19 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
         acc, test_loss = rep.evaluate(comm, data.test_x, data.test_y)
         rec = {"mode": "dp", "epoch": epoch + 1, "step": step, "ranks": comm.size,
                "train_loss": loss_sum / last, "test_loss": test_loss, "test_accuracy": acc,
-               "epoch_seconds": seconds, "samples_per_second": n_steps * B / seconds,
-               "gflops_per_rank": flops * n_steps * B / seconds / comm.size / 1e9}
+               "epoch_seconds": seconds, "samples_per_second": samples / seconds,
+               "gflops_per_rank": flops * samples / seconds / comm.size / 1e9}
+        if dp is not None:
+            clipped = comm.allreduce(rep.model.clipped)
+            rep.model.clipped = 0
+            rec.update(dp_epsilon=dp.accountant.epsilon(), dp_noise=dp.z, dp_delta=dp.delta,
+                       dp_clipped_fraction=clipped / max(samples, 1))
         history.append(rec)
         asked = reporter.record(rec, f"epoch {epoch + 1:3d}  loss {rec['train_loss']:.4f}  "
                                      f"test acc {100 * acc:6.2f}%  {seconds:6.2f} s  "
                                      f"{rec['samples_per_second']:9.0f} samples/s  "
-                                     f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank")
+                                     f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank"
+                                     + (f"  eps {rec['dp_epsilon']:.3g}" if dp is not None else ""))
         finished_early = comm.bcast(asked)     # a callback on rank 0 said StopTraining
         loss_sum = 0.0
         if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
@@ -148,18 +206,21 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps) 
             finished_early = True
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and step < total_steps \
                 and not finished_early:
-            _save(cfg, comm, rep, data, step, steps_per_epoch)
+            _save(cfg, comm, rep, data, step, steps_per_epoch, dp=dp)
     if stop is not None and step < total_steps:
-        path = _save(cfg, comm, rep, data, step, steps_per_epoch, loss_sum)
+        path = _save(cfg, comm, rep, data, step, steps_per_epoch, loss_sum, dp)
         epoch, in_epoch = divmod(step, steps_per_epoch)
         kept = (f"saved {path}; run again with --resume to continue" if path else
                 "progress is lost (no --checkpoint-dir)")
         raise Preempted(f"stopped by {stop} after step {step} (epoch {epoch + 1}, batch {in_epoch} "
                         f"of {steps_per_epoch}): {kept}", collective=True)
     params = rep.host_params()
-    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, data, step, steps_per_epoch))
-    return {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
-            "params": params, "steps": step}
+    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, data, step, steps_per_epoch, dp=dp))
+    out = {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
+           "params": params, "steps": step}
+    if dp is not None:
+        out.update(dp_epsilon=dp.accountant.epsilon(), dp_noise=dp.z, dp_delta=dp.delta)
+    return out
 
 
 def finish(reporter, params, sizes, save_checkpoint) -> None:

@@ -40,6 +40,9 @@ class ModelState:
         self.eval_ws = backend.Workspace(layout, EVAL_BATCH)
         self.eval_x = backend.xp.empty((EVAL_BATCH, n_in), np.float32)
         self.eval_y = backend.xp.empty(EVAL_BATCH, np.int32)
+        self.clip = None                       # DP-SGD: per-sample gradients clipped to this norm
+        self.clipped = 0                       # how many samples the clip cut (a statistic, not private)
+        self._chunk_grads = None               # DP-SGD's rare oversized batch: partial sums
 
     def local_gradient(self, images, labels, idx, on_layer_ready=None) -> float:
         """Summed loss and gradients of rows `idx` (into grads)."""
@@ -47,12 +50,41 @@ class ModelState:
         if n == 0:                              # a rank with no rows in a tiny last batch (fl)
             self.grads[...] = 0
             return 0.0
+        if self.clip is not None:
+            return self._clipped_gradient(images, labels, idx)
         be.gather(images, idx, self.xbuf, *self.norm)
         be.gather_labels(labels, idx, self.ybuf)
         if on_layer_ready is None:
             return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
         return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws,
                                    on_layer_ready=on_layer_ready)
+
+    def _clipped_gradient(self, images, labels, idx) -> float:
+        """DP-SGD: the sum of the rows' gradients, each clipped to self.clip (the backends'
+        forward_backward_clipped). A Poisson batch larger than the buffers (probability below
+        1e-12 per step by their size) is processed in chunks and summed: never resampled, which
+        would change the sampling the privacy accounting assumes."""
+        be, cap, loss = self.backend, self.ws.max_batch, 0.0
+        for start in range(0, len(idx), cap):
+            rows = idx[start:start + cap]
+            n = len(rows)
+            be.gather(images, rows, self.xbuf, *self.norm)
+            be.gather_labels(labels, rows, self.ybuf)
+            out = self.grads if start == 0 else self._spare_grads()
+            views = self.gviews if start == 0 else self._chunk_views
+            part, cut = be.forward_backward_clipped(self.pviews, self.xbuf[:n], self.ybuf[:n], views,
+                                                    self.ws, self.clip)
+            if start:
+                self.grads += out
+            loss += part
+            self.clipped += cut
+        return loss
+
+    def _spare_grads(self):
+        if self._chunk_grads is None:
+            self._chunk_grads = self.backend.xp.zeros_like(self.grads)
+            self._chunk_views = self.layout.views(self._chunk_grads)
+        return self._chunk_grads
 
     def evaluate(self, comm, images, labels) -> tuple[float, float]:
         """(accuracy, mean loss) on the whole set; each rank scores its slice, counts are summed."""

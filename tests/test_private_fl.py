@@ -63,3 +63,27 @@ def test_dp_fedavg_end_to_end_reports_epsilon_and_calibrates_to_the_budget(tmp_p
 ])
 def test_privacy_settings_that_cannot_work_exit_2_with_one_message(args, words):
     assert_clean_failure(run_hpcfl(2, *args), 2, *words)
+
+
+DPSGD = ["--dp-sgd", "--dp-noise", 1.0, "--dp-noise-seed", 3, "--epochs", 2, "--batch-size", 512, "--lr", 0.5,
+         "--quiet"]
+
+
+def test_dp_sgd_resumes_bitwise_with_its_secret_seed_from_the_checkpoint(tmp_path):
+    proc = run_hpcfl(2, *DPSGD, "--out", tmp_path / "plain")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(2, *DPSGD, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:150"})
+    assert_clean_failure(proc, 75, "after step 150")
+    # resumed without --dp-noise-seed: the checkpoint's seed is used, so the batches and noise match
+    resumed = [a for a in DPSGD if a not in ("--dp-noise-seed", 3)]
+    proc = run_hpcfl(2, *resumed, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed",
+                     "--metrics", tmp_path / "m.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain", "resumed"))
+    assert np.array_equal(a, b)
+    assert records(tmp_path / "m.jsonl")[-1]["dp_epsilon"] > 0
+
+
+def test_dp_sgd_refuses_the_overlapped_allreduce():
+    assert_clean_failure(run_hpcfl(2, "--dp-sgd", "--dp-noise", 1, "--allreduce", "overlap"), 2,
+                         "--dp-sgd needs every layer's per-sample norms")
