@@ -286,6 +286,9 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
     if cfg.allreduce == "overlap" and cfg.backend == "cupy":   # device collectives are blocking (comm.py)
         raise UsageError("--allreduce overlap works on host buffers only: with --backend cupy use "
                          "fused (MPI) or nccl", collective=True)
+    if cfg.allreduce == "shm" and cfg.backend == "cupy":
+        raise UsageError("--allreduce shm sums host memory: with --backend cupy use fused or nccl",
+                         collective=True)
     if cfg.allreduce == "nccl" and cfg.backend != "cupy":
         raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
                          f"backend is {cfg.backend})", collective=True)

@@ -252,6 +252,51 @@ class Comm:
         """The ranks of this communicator on this node (MPI_COMM_TYPE_SHARED); collective."""
         return Comm(self.mpicomm.Split_type(_MPI().COMM_TYPE_SHARED, key=self.rank))
 
+    def shm_node_comm(self) -> "Comm":
+        """The ranks that share a node for --allreduce shm. HPCFL_EMULATE_NODES=N (tests, one
+        machine) splits each real node further into N pretend nodes by rank % N, so that the
+        inter-node path runs without a cluster; the memory is still truly shared."""
+        node = self.node_comm()
+        pretend = os.environ.get("HPCFL_EMULATE_NODES", "").strip()
+        if not pretend:
+            return node
+        if not pretend.isdigit() or int(pretend) < 1:
+            raise UsageError(f"HPCFL_EMULATE_NODES={pretend!r}: expected a positive integer")
+        split = node.Split(self.rank % int(pretend), self.rank)
+        node.Free()
+        return split
+
+    def allocate_shared(self, count: int, dtype=np.float32):
+        """One shared-memory window of `count` elements for the ranks of this (node)
+        communicator, held by its rank 0 (MPI_Win_allocate_shared); every rank gets a NumPy
+        view of the whole of it. Collective; free with SharedWindow.Free()."""
+        mpi = _MPI()
+        itemsize = np.dtype(dtype).itemsize
+        win = mpi.Win.Allocate_shared(count * itemsize if self.rank == 0 else 0, itemsize, comm=self.mpicomm)
+        buf, _ = win.Shared_query(0)
+        # one passive-target epoch for the window's whole life: loads and stores are then
+        # ordered with Win_sync (a memory fence) around the node barriers
+        win.Lock_all(mpi.MODE_NOCHECK)
+        return SharedWindow(win, np.frombuffer(buf, dtype=dtype, count=count))
+
+
+class SharedWindow:
+    """A node's shared buffer (Comm.allocate_shared) and its MPI window."""
+
+    def __init__(self, win, array: np.ndarray):
+        self.win, self.array = win, array
+
+    def Sync(self) -> None:
+        """MPI_Win_sync: this rank's stores are visible to the node, its loads see theirs."""
+        self.win.Sync()
+
+    def Free(self) -> None:
+        if self.win is not None:
+            self.array = None
+            self.win.Unlock_all()
+            self.win.Free()
+            self.win = None
+
 
 def failure_on_ranks(reports: list) -> HpcflError:
     """One collective error from each rank's (error, host) or None: the first failing rank's

@@ -215,9 +215,10 @@ class Config:
     threads: int = option(1, "BLAS/Numba threads per rank (capped at the rank's cores)",
                           check=positive, resume=IGNORE, group="machinery")
     allreduce: str = option("fused", "gradient sync: one blocking Allreduce of the flat buffer per "
-                            "step, a non-blocking Iallreduce per layer during backward, or NCCL "
-                            "(--backend cupy)", choices=("fused", "overlap", "nccl"), resume=WARN,
-                            group="machinery")
+                            "step, a non-blocking Iallreduce per layer during backward, NCCL "
+                            "(--backend cupy), or shm: a node's ranks sum in shared memory and each "
+                            "updates its slice (dp mode, CPU backends)",
+                            choices=("fused", "overlap", "nccl", "shm"), resume=WARN, group="machinery")
     stall_timeout: float = option(600.0, "seconds without progress on a rank (a step, a round, a "
                                   "collective completing) before it aborts the job; 0: never",
                                   check=non_negative, resume=IGNORE, group="machinery", metavar="S")
@@ -350,6 +351,8 @@ def validate(cfg: Config, world_size: int) -> None:
                              f"--ranks-per-client {cfg.ranks_per_client}")
     _validate_privacy(cfg)
     _validate_robustness(cfg)
+    if cfg.allreduce == "shm" and cfg.mode != "dp":
+        raise UsageError("--allreduce shm is for --mode dp (fl clients reduce with fused, overlap or nccl)")
     if cfg.resume and not cfg.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
     if cfg.checkpoint_every and not cfg.checkpoint_dir:

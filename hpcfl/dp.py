@@ -74,7 +74,8 @@ def _save(cfg, comm, rep, data, step: int, steps_per_epoch: int, loss_sum: float
             "rng": {"seed": cfg.seed, "epoch_permutation": "numpy default_rng([seed, epoch])"}}
     if dp is not None:          # DP-SGD: the secret seed of batches and noise, the budget spent
         meta["dp"] = dp.state()
-    return checkpoint.save_on_root(comm, cfg, meta, rep.state)
+    arrays = rep.checkpoint_arrays(comm)       # collective: gathers a sharded optimizer state
+    return checkpoint.save_on_root(comm, cfg, meta, lambda: arrays)
 
 
 def _resume(cfg, comm, rep, reporter, data, total_steps: int, dp=None) -> tuple[int, float]:
@@ -120,7 +121,7 @@ def train(cfg, comm, data, backend, reporter, layout=None, dp=None) -> dict:
     # below 1e-12 per step (privacy.poisson_capacity's Chernoff bound); a larger one goes in chunks
     capacity = privacy.poisson_capacity(data.n_train, dp.q, 1e-12) if dp is not None else B
     rep = Replica(cfg, backend, max_local_batch=math.ceil(capacity / comm.size),
-                  reducer=gradient_reducer(cfg, comm), layout=layout, norm=(data.mean, data.std))
+                  reducer=gradient_reducer(cfg, comm), layout=layout, norm=(data.mean, data.std), comm=comm)
     if dp is not None:
         rep.model.clip = dp.clip
         rep.noise = GaussianNoise(dp, rep.layout.n_params, comm.rank, comm.size, backend)

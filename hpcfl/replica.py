@@ -26,10 +26,11 @@ EVAL_BATCH = 1000
 class ModelState:
     """Parameters, optimizer state and workspaces of one replica (no communication)."""
 
-    def __init__(self, cfg, backend, layout, max_local_batch: int, grads, norm=None):
+    def __init__(self, cfg, backend, layout, max_local_batch: int, grads, norm=None, params=None):
         self.cfg, self.backend, self.layout = cfg, backend, layout
         self.norm = tuple(norm) if norm is not None else (MEAN, STD)   # the data's pixel mean, std
-        self.params = backend.to_device(model.init_params(layout, cfg.seed))
+        # params: the node's shared copy under --allreduce shm (written by the sync), else our own
+        self.params = params if params is not None else backend.to_device(model.init_params(layout, cfg.seed))
         self.grads = grads
         self.pviews, self.gviews = layout.views(self.params), layout.views(grads)
         self.opt = optim.make(cfg.optimizer, backend, layout.n_params, cfg.momentum, cfg.weight_decay)
@@ -129,11 +130,14 @@ def buffer_bytes(cfg, layout, max_local_batch: int) -> dict[str, int]:
 
 
 class Replica:
-    def __init__(self, cfg, backend, max_local_batch: int, reducer=None, layout=None, norm=None):
+    def __init__(self, cfg, backend, max_local_batch: int, reducer=None, layout=None, norm=None, comm=None):
         self.cfg, self.backend = cfg, backend
         self.layout = layout or model.layout(cfg.hidden)
-        self.sync = sync.make(cfg, backend, self.layout, reducer)
-        self.model = ModelState(cfg, backend, self.layout, max_local_batch, self.sync.grads, norm)
+        self.sync = sync.make(cfg, backend, self.layout, reducer, comm)
+        shared = getattr(self.sync, "params", None)
+        self.model = ModelState(cfg, backend, self.layout, max_local_batch, self.sync.grads, norm, shared)
+        if shared is not None:
+            self.sync.write_params(model.init_params(self.layout, cfg.seed))
         self.pre_reduce: list = []
         self.post_reduce: list = []
         self.stop_agreed = False               # set by step(): some rank voted to stop
@@ -158,11 +162,15 @@ class Replica:
         the update's mean (default: the batch size; DP-SGD uses the expected batch)."""
         n = len(global_idx)
         lo, hi = shard_range(n, comm.rank, comm.size)
-        self.sync.run(comm, self.model, images, labels, global_idx[lo:hi], stop, self.pre_reduce)
         denominator = float(n) if denominator is None else denominator
-        for hook in self.post_reduce:
-            hook(self.model.params, self.sync.grads, denominator)
-        self.model.opt.step(self.model.params, self.sync.grads, lr, 1.0 / denominator)
+        if self.sync.updates_params:           # shm: each rank updates its slice inside run()
+            self.sync.run(comm, self.model, images, labels, global_idx[lo:hi], stop, self.pre_reduce,
+                          lr=lr, scale=1.0 / denominator)
+        else:
+            self.sync.run(comm, self.model, images, labels, global_idx[lo:hi], stop, self.pre_reduce)
+            for hook in self.post_reduce:
+                hook(self.model.params, self.sync.grads, denominator)
+            self.model.opt.step(self.model.params, self.sync.grads, lr, 1.0 / denominator)
         votes, loss = self.sync.totals()
         self.stop_agreed = votes > 0
         watchdog.progress()
@@ -172,9 +180,16 @@ class Replica:
         return self.model.evaluate(comm, images, labels)
 
     def load_params(self, flat_host: np.ndarray) -> None:
-        self.model.params[...] = self.backend.to_device(flat_host)
+        if self.sync.updates_params:
+            self.sync.write_params(flat_host)
+        else:
+            self.model.params[...] = self.backend.to_device(flat_host)
 
     def host_params(self) -> np.ndarray:
+        """The parameters on the host (a copy when they are the node's shared window, which
+        goes away with free())."""
+        if self.sync.updates_params:
+            return np.array(self.model.params)
         return self.backend.to_host(self.model.params)
 
     def reset_optimizer(self) -> None:
@@ -187,9 +202,25 @@ class Replica:
             out[f"opt.{name}"] = np.array(value, np.int64) if isinstance(value, int) else self.backend.to_host(value)
         return out
 
+    def checkpoint_arrays(self, comm) -> dict | None:
+        """state(), gathered where it is sharded (shm): on rank 0, None elsewhere. Collective."""
+        if not self.sync.updates_params:
+            return self.state() if comm.rank == 0 else None
+        full = self.sync.gather_state(comm)
+        if comm.rank != 0:
+            return None
+        out = {"params": self.host_params()}
+        for name, value in full.items():
+            out[f"opt.{name}"] = np.array(value, np.int64) if isinstance(value, int) else value
+        return out
+
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         self.load_params(arrays["params"])
-        self.model.opt.load_state({k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
+        state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
+        if self.sync.updates_params:
+            self.sync.load_state(state)
+        else:
+            self.model.opt.load_state(state)
 
     def check_replicas(self, comm) -> None:
         """Replicas must stay bitwise identical; compare a cheap checksum across ranks."""

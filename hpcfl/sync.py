@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UsageError
+
 
 class FusedSync:
+    updates_params = False                 # Replica.step applies the optimizer after run()
+
     def __init__(self, backend, layout, reducer=None):
         n = layout.n_params
         self.backend, self.reducer = backend, reducer
@@ -73,7 +77,128 @@ class OverlapSync(FusedSync):
         comm.Waitall(self._reqs)
 
 
-def make(cfg, backend, layout, reducer=None):
+class ShmSync:
+    """--allreduce shm: node-aware reduction fused with a sharded optimizer update.
+
+    The L ranks of a node share one MPI-3 window: L gradient slots [grads | stop | loss] (each
+    rank's backward writes straight into its own), one copy of the parameters, and the summed
+    tail. After a node barrier, local rank l owns slice l of the flat buffer (shard_range): it
+    sums that slice over the L slots and, in the same pass, applies the optimizer to that slice
+    of the shared parameters with its own 1/L of the optimizer state (ZeRO stage 1, Rajbhandari
+    et al. 2020, inside a node). Across nodes, the owners of slice l Allreduce their slice sums
+    first (one communicator per local rank index: inter-node traffic is spread over the node's
+    L ranks, as in hierarchical allreduce), then update. A second barrier, and every rank's next
+    forward reads the same parameters. The last slice's owner also reduces the stop votes and
+    the loss, for everyone to read."""
+
+    updates_params = True
+
+    def __init__(self, cfg, backend, layout, comm):
+        from .data import shard_range
+        from . import optim
+
+        n = self.n = layout.n_params
+        self.backend = backend
+        self.node = comm.shm_node_comm()
+        L, l = self.node.size, self.node.rank
+        sizes = sorted(set(comm.allgather(L)))
+        if len(sizes) > 1:     # slice l must be the same columns on every node
+            self.node.Free()
+            raise UsageError(f"--allreduce shm needs as many ranks on every node; this job has nodes "
+                             f"of {' and '.join(map(str, sizes))} ranks: use --allreduce fused",
+                             collective=True)
+        self.cross = comm.Split(l, comm.rank)            # slice l's owners on every node
+        self.window = self.node.allocate_shared(L * (n + 2) + n + 2)
+        arr = self.window.array
+        self.slots = arr[:L * (n + 2)].reshape(L, n + 2)
+        self.gradbuf = self.slots[l]
+        self.grads = self.gradbuf[:n]
+        self.params = arr[L * (n + 2):L * (n + 2) + n]
+        self.result = arr[-2:]
+        self.lo, self.hi = shard_range(n, l, L)
+        self.owns_tail = l == L - 1
+        self.cfg = cfg
+        self.opt = optim.make(cfg.optimizer, backend, self.hi - self.lo, cfg.momentum, cfg.weight_decay)
+        self.red = np.zeros(self.hi - self.lo + 2, np.float32)    # multi-node: slice sum (+ tail)
+
+    def write_params(self, flat) -> None:
+        """The node's rank 0 writes the shared parameters; every rank waits until it has."""
+        if self.node.rank == 0:
+            self.params[...] = flat
+        self.window.Sync()
+        self.node.Barrier()
+        self.window.Sync()
+
+    def run(self, comm, model, images, labels, idx, stop: bool, pre_reduce=(), lr: float = 0.0,
+            scale: float = 1.0) -> None:
+        n, lo, hi, opt, be = self.n, self.lo, self.hi, self.opt, self.backend
+        self.gradbuf[-1] = model.local_gradient(images, labels, idx)
+        self.gradbuf[-2] = 1.0 if stop else 0.0
+        for hook in pre_reduce:
+            hook(self.gradbuf)
+        self.window.Sync()
+        self.node.Barrier()                                  # every slot is written
+        self.window.Sync()
+        if self.cross.size == 1:                             # one node: sum and update in one pass
+            self._update(lr, scale)
+            if self.owns_tail:
+                self.result[...] = self.slots[:, n:].sum(axis=0)
+        else:                                                # several: sum, Allreduce, update
+            be.sum_slots(self.slots, lo, hi, self.red[:hi - lo])
+            self.red[-2:] = self.slots[:, n:].sum(axis=0) if self.owns_tail else 0.0
+            self.cross.Allreduce_sum(self.red)
+            opt.step(self.params[lo:hi], self.red[:hi - lo], lr, scale)
+            if self.owns_tail:
+                self.result[...] = self.red[-2:]
+        self.window.Sync()
+        self.node.Barrier()                                  # every slice is updated
+        self.window.Sync()
+
+    def _update(self, lr: float, scale: float) -> None:
+        opt, be, lo, hi = self.opt, self.backend, self.lo, self.hi
+        if self.cfg.optimizer == "sgd":
+            be.sgd_update_slots(self.slots, lo, hi, self.params, opt.buf, lr, opt.momentum,
+                                opt.weight_decay, scale)
+        else:
+            opt.t += 1
+            be.adam_update_slots(self.slots, lo, hi, self.params, opt.m, opt.v, lr, opt.beta1,
+                                 opt.beta2, opt.eps, opt.weight_decay, scale, opt.t)
+
+    def totals(self) -> tuple[float, float]:
+        return float(self.result[0]), float(self.result[1])
+
+    def gather_state(self, comm) -> dict | None:
+        """The whole optimizer state on rank 0, from the slices of node 0's ranks (every node
+        holds the same): a checkpoint of an shm run is that of a fused one. Collective."""
+        mine = {k: (v if isinstance(v, int) else np.array(v)) for k, v in self.opt.state().items()}
+        parts = comm.gather((self.cross.rank, self.lo, self.hi, mine))
+        if comm.rank != 0:
+            return None
+        full = {}
+        for node, lo, hi, state in parts:
+            if node != 0:
+                continue
+            for k, v in state.items():
+                if isinstance(v, int):
+                    full[k] = v
+                else:
+                    full.setdefault(k, np.zeros(self.n, np.float32))[lo:hi] = v
+        return full
+
+    def load_state(self, state: dict) -> None:
+        """This rank's slice of a full optimizer state (of a fused or an shm run)."""
+        self.opt.load_state({k: (v if np.ndim(v) == 0 else np.asarray(v)[self.lo:self.hi])
+                             for k, v in state.items()})
+
+    def free(self) -> None:
+        self.window.Free()
+        self.cross.Free()
+        self.node.Free()
+
+
+def make(cfg, backend, layout, reducer=None, comm=None):
     if cfg.allreduce == "overlap":
         return OverlapSync(backend, layout, reducer)
+    if cfg.allreduce == "shm" and comm is not None:
+        return ShmSync(cfg, backend, layout, comm)
     return FusedSync(backend, layout, reducer)

@@ -371,3 +371,60 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> No
     f = np.float32
     _adam(p, g, m, v, f(lr), f(beta1), f(beta2), f(eps), f(weight_decay), f(scale),
           f(1 - beta1**t), f(1 - beta2**t))
+
+
+# ---- --allreduce shm: a node's gradient slots summed and the update applied in one pass
+
+@njit(cache=True, nogil=True)
+def _sum_slots(slots, lo, hi, out):
+    for i in range(lo, hi):
+        g = slots[0, i]
+        for s in range(1, slots.shape[0]):
+            g += slots[s, i]
+        out[i - lo] = g
+
+
+@njit(cache=True, nogil=True)
+def _sgd_slots(slots, lo, hi, p, buf, lr, momentum, weight_decay, scale):
+    for i in range(lo, hi):
+        g = slots[0, i]
+        for s in range(1, slots.shape[0]):
+            g += slots[s, i]
+        j = i - lo
+        d = scale * g + weight_decay * p[i]
+        b = momentum * buf[j] + d
+        buf[j] = b
+        p[i] -= lr * b
+
+
+@njit(cache=True, nogil=True)
+def _adam_slots(slots, lo, hi, p, m, v, lr, beta1, beta2, eps, weight_decay, scale, c1, c2):
+    for i in range(lo, hi):
+        g = slots[0, i]
+        for s in range(1, slots.shape[0]):
+            g += slots[s, i]
+        j = i - lo
+        d = scale * g + weight_decay * p[i]
+        mi = beta1 * m[j] + (1 - beta1) * d
+        vi = beta2 * v[j] + (1 - beta2) * d * d
+        m[j] = mi
+        v[j] = vi
+        p[i] -= lr * (mi / c1) / (math.sqrt(vi / c2) + eps)
+
+
+def sum_slots(slots, lo, hi, out) -> None:
+    """out = the sum over the node's gradient slots (rows of `slots`) of columns lo:hi."""
+    _sum_slots(slots, lo, hi, out)
+
+
+def sgd_update_slots(slots, lo, hi, p, buf, lr, momentum, weight_decay, scale) -> None:
+    """sgd_update of p[lo:hi] with the slots' summed gradient, in the same pass as the sum;
+    buf is the state of the slice alone (ZeRO stage 1)."""
+    f = np.float32
+    _sgd_slots(slots, lo, hi, p, buf, f(lr), f(momentum), f(weight_decay), f(scale))
+
+
+def adam_update_slots(slots, lo, hi, p, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> None:
+    f = np.float32
+    _adam_slots(slots, lo, hi, p, m, v, f(lr), f(beta1), f(beta2), f(eps), f(weight_decay), f(scale),
+                f(1 - beta1**t), f(1 - beta2**t))

@@ -123,3 +123,23 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> No
     mhat = m / np.float32(1 - beta1**t)
     vhat = v / np.float32(1 - beta2**t)
     p -= np.float32(lr) * mhat / (np.sqrt(vhat) + np.float32(eps))
+
+
+def sum_slots(slots, lo, hi, out) -> None:
+    """out = the sum over the node's gradient slots (rows of `slots`) of columns lo:hi."""
+    out[...] = slots[0, lo:hi]
+    for s in range(1, slots.shape[0]):
+        out += slots[s, lo:hi]
+
+
+def sgd_update_slots(slots, lo, hi, p, buf, lr, momentum, weight_decay, scale) -> None:
+    """sgd_update of p[lo:hi] with the slots' summed gradient (buf: the slice's own state)."""
+    g = np.empty(hi - lo, np.float32)
+    sum_slots(slots, lo, hi, g)
+    sgd_update(p[lo:hi], g, buf, lr, momentum, weight_decay, scale)
+
+
+def adam_update_slots(slots, lo, hi, p, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> None:
+    g = np.empty(hi - lo, np.float32)
+    sum_slots(slots, lo, hi, g)
+    adam_update(p[lo:hi], g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t)

@@ -141,3 +141,42 @@ def test_overlapped_step_with_ranks_that_hold_no_rows(comm, mnist):
     (loss_f, p_f), (loss_o, p_o) = results
     assert loss_o == pytest.approx(loss_f, rel=1e-6)
     assert rel_diff(p_o, p_f) < REL_TOL
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("nodes", ["", "2"])
+def test_shm_allreduce_follows_the_single_process_trajectory(comm, mnist, optimizer, nodes, monkeypatch):
+    # --allreduce shm: slots summed in shared memory and the sharded update; with
+    # HPCFL_EMULATE_NODES=2 the ranks form two pretend nodes, so the inter-node Allreduce of
+    # each slice runs too. The same tolerance as the fused path across rank counts.
+    if nodes:
+        if comm.size % int(nodes):
+            with monkeypatch.context() as m:       # nodes of unequal size are refused, by name
+                m.setenv("HPCFL_EMULATE_NODES", nodes)
+                with pytest.raises(HpcflError, match="as many ranks on every node") as info:
+                    train(Config(max_steps=1, backend="numba", quiet=True, allreduce="shm"), comm, mnist)
+                assert info.value.collective
+            pytest.skip(f"{comm.size} ranks do not split into {nodes} equal nodes")
+        monkeypatch.setenv("HPCFL_EMULATE_NODES", nodes)
+    lr = 0.05 if optimizer == "sgd" else 1e-3
+    cfg = Config(max_steps=100, batch_size=128, backend="numba", optimizer=optimizer, lr=lr, quiet=True)
+    shm = train(cfg.replace(allreduce="shm"), comm, mnist)
+    fused = train(cfg, comm, mnist)
+    assert rel_diff(shm, fused) < REL_TOL
+    assert comm.allgather(shm.tobytes()).count(shm.tobytes()) == comm.size   # one model everywhere
+    result = None
+    if comm.rank == 0:
+        result = rel_diff(shm, train(cfg, Comm.self_(), mnist))
+    assert comm.bcast(result) < REL_TOL
+
+
+@pytest.mark.mpi
+def test_shm_checkpoints_hold_the_whole_optimizer_state_and_resume_on_another_sync(comm, mnist, tmp_path):
+    folder = comm.bcast(str(tmp_path) if comm.rank == 0 else None)
+    cfg = Config(max_steps=60, batch_size=128, backend="numba", optimizer="adam", lr=1e-3, quiet=True,
+                 checkpoint_dir=folder, allreduce="shm", schedule="constant")   # (cosine would depend on max_steps)
+    train(cfg.replace(max_steps=30), comm, mnist)          # a checkpoint at step 30, written by shm
+    resumed = train(cfg.replace(resume=True, allreduce="fused"), comm, mnist)
+    plain = train(cfg.replace(checkpoint_dir=None), comm, mnist)
+    assert rel_diff(resumed, plain) < REL_TOL
