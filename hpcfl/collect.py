@@ -1,4 +1,6 @@
 """How the server (world rank 0) collects a round's client contributions.
+(secagg.py, and with it the cryptography package, ~75 ms of start-up, is imported by the
+collectors that use it, when they do.)
 
 Three collectors, one interface: the group leaders `add` each trained client's model, then every
 rank calls `finish`, which returns on rank 0 the round's average model (None: the round is
@@ -26,7 +28,7 @@ import time
 
 import numpy as np
 
-from . import privacy, robust, secagg
+from . import privacy, robust
 from .errors import UsageError
 
 # Test hooks (rank 0 only): observers(server_round, {client: uploaded masked vector}) see what
@@ -133,6 +135,7 @@ class GatheredCollector(PlainCollector):
         self.parts[k] = head + delta.tobytes()
 
     def finish(self, server_round, global_w, clients):
+        from . import secagg
         fed, n, cfg = self.fed, self.fed.n, self.cfg
         t0 = time.perf_counter()
         got = fed.leaders.gather_bytes(secagg.encode_map(self.parts)) if fed.leader else None
@@ -228,6 +231,7 @@ class SecureCollector:
         self.noise_rng = np.random.default_rng(_secrets.randbits(128)) if dp else None
 
     def begin(self, server_round: int, sampled, dropped) -> None:
+        from . import secagg
         self.server_round, self.sampled, self.dropped = server_round, list(sampled), set(dropped)
         m = len(self.sampled)
         cfg = self.cfg
@@ -279,6 +283,7 @@ class SecureCollector:
     def _up(self, payload: dict[int, bytes], error: str | None = None) -> dict[int, bytes] | None:
         """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
         or raises the first leader's error (then every leader learns it in the next _down)."""
+        from . import secagg
         blob = b"\x02" + error.encode() if error else b"\x00" + secagg.encode_map(payload)
         parts = self.fed.leaders.gather_bytes(blob)
         if parts is None:
@@ -297,6 +302,7 @@ class SecureCollector:
     def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
         """Server -> leaders: each leader gets the replies for its own clients, or the status
         (1: the round is skipped, 2: an error) that ends the protocol everywhere."""
+        from . import secagg
         leaders = self.fed.leaders
         payloads = None
         if leaders.rank == 0:
@@ -319,6 +325,7 @@ class SecureCollector:
     def _stage(self, server_step, client_step):
         """One exchange: clients -> server (server_step turns the merged messages into replies),
         server -> clients. A protocol error anywhere reaches every leader, then is raised."""
+        from . import secagg
         error = None
         try:
             payload = client_step()
@@ -338,6 +345,7 @@ class SecureCollector:
 
     def _protocol(self, my_clients: list[int]):
         """Run the four stages; on rank 0 return the unmasked sum of the survivors' inputs."""
+        from . import secagg
         p = self.params
         clients = {c: secagg.Client(c, p) for c in my_clients}
         server = secagg.Server(p) if self.fed.comm.rank == 0 else None
@@ -393,6 +401,7 @@ class SecureCollector:
         return routed
 
     def finish(self, server_round: int, global_w: np.ndarray, clients: int):
+        from . import secagg
         fed, n = self.fed, self.n
         t0 = time.perf_counter()
         self.traffic_up = self.traffic_down = 0

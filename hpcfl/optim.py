@@ -22,6 +22,10 @@ class SGD:
     def state(self) -> dict:
         return {"buf": self.buf}
 
+    def reset(self) -> None:
+        """Back to a fresh optimizer, without allocating (fl clients restart every round)."""
+        self.buf[...] = 0
+
     def load_state(self, state: dict) -> None:
         self.buf[...] = self.backend.to_device(state["buf"])
 
@@ -41,6 +45,11 @@ class Adam:
 
     def state(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}
+
+    def reset(self) -> None:
+        self.m[...] = 0
+        self.v[...] = 0
+        self.t = 0
 
     def load_state(self, state: dict) -> None:
         self.m[...] = self.backend.to_device(state["m"])

@@ -102,8 +102,7 @@ class ModelState:
         return counts[0] / len(labels), counts[1] / len(labels)
 
     def reset_optimizer(self) -> None:
-        self.opt = optim.make(self.cfg.optimizer, self.backend, self.layout.n_params,
-                              self.cfg.momentum, self.cfg.weight_decay)
+        self.opt.reset()
 
 
 class FedProx:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import aggregate, partition, secagg
+from . import aggregate, partition
 
 
 class Correction:
@@ -54,14 +54,16 @@ class Scaffold:
 
     # ---- checkpoints: c and every c_i, gathered to rank 0 (a collective call on every rank)
     def gather(self) -> dict[str, np.ndarray] | None:
+        from .secagg import decode_map, encode_map     # the id-map wire format (no crypto used)
+
         fed = self.fed
-        blob = secagg.encode_map({k: v.tobytes() for k, v in self.c_i.items()}) if fed.leader else b""
+        blob = encode_map({k: v.tobytes() for k, v in self.c_i.items()}) if fed.leader else b""
         parts = fed.leaders.gather_bytes(blob) if fed.leader else None
         if fed.comm.rank != 0:
             return None
         out = {"scaffold.c": self.c.copy()}
         for part in parts:
-            for k, raw in secagg.decode_map(part).items():
+            for k, raw in decode_map(part).items():
                 out[f"scaffold.c_{k}"] = np.frombuffer(raw, np.float64).copy()
         return out
 
