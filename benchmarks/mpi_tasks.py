@@ -249,6 +249,20 @@ class Instrumented:
         self.comm.Allreduce_sum = self._timed(self.comm.Allreduce_sum, "allreduce")
         self.opt_saved = self.rep.opt.step
         self.rep.opt.step = self._timed(self.rep.opt.step, "optimizer")
+        if self.rep.sync.updates_params:     # shm: the sum and the update run inside sync.run
+            sync, model, T = self.rep.sync, self.rep.model, self.T
+            self.run_saved = sync.run
+
+            def timed_run(*args, **kwargs):
+                t0 = perf()
+                local = T["local_gradient"]
+                out = self.run_saved(*args, **kwargs)
+                T["sync_update"] += (perf() - t0) - (T["local_gradient"] - local)
+                return out
+
+            self.local_saved = model.local_gradient
+            model.local_gradient = self._timed(model.local_gradient, "local_gradient")
+            sync.run = timed_run
         return self
 
     def __exit__(self, *exc):
@@ -260,6 +274,9 @@ class Instrumented:
         self.comm.Allreduce_sum = self.comm_saved
         del self.rep.opt.step                                  # back to the class's method
         del self.comm.Allreduce_sum
+        if self.rep.sync.updates_params:
+            del self.rep.sync.run
+            del self.rep.model.local_gradient
 
 
 def allocations_per_step(rep, comm, data, perm, B, steps=50):
@@ -282,14 +299,14 @@ def task_profile(args):
     be = backends.get("numba")
     data = open_data(comm)
     B = 128
-    rep = dp.Replica(Config(backend="numba"), be, math.ceil(B / comm.size))
+    rep = dp.Replica(Config(backend="numba", allreduce=args.allreduce), be, math.ceil(B / comm.size), comm=comm)
     perm = data_mod.epoch_permutation(data.n_train, 0, 0)
     steps = data.n_train // B
     lr = 0.01
     int(np.asarray(data.train_x[:, 0]).sum())             # map every page of the images (as after epoch 1)
     for s in range(60):                                    # warm-up: load the kernels, fill the caches
         rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr)
-    T = dict.fromkeys(PHASES[:-1], 0.0)
+    T = dict.fromkeys(PHASES[:-1] + ["local_gradient", "sync_update"], 0.0)
     plain, instr, n_plain, n_instr, s = 0.0, 0.0, 0, 0, 0
     for block in range(args.blocks):                       # alternate plain and timed blocks
         for kind in ("plain", "timed"):
@@ -308,14 +325,20 @@ def task_profile(args):
                 instr, n_instr = instr + dt, n_instr + args.block_steps
     us = {k: v / n_instr * 1e6 for k, v in T.items()}
     step_us = plain / n_plain * 1e6
-    us["python_overhead"] = max(0.0, step_us - sum(us.values()))
+    # gradient sync plus the optimizer update: the Allreduce and the update (fused, overlap), or
+    # sync.run without the rank's own backward (shm, where the update happens inside)
+    sync_update_us = us.pop("sync_update") if args.allreduce == "shm" else us["allreduce"] + us["optimizer"]
+    us.pop("local_gradient")
+    us["python_overhead"] = max(0.0, step_us - sum(us.values()) - (sync_update_us if args.allreduce == "shm" else 0))
     alloc = allocations_per_step(rep, comm, data, perm, B)
     allus = comm.mpicomm.gather(us)
+    all_sync = comm.mpicomm.gather(sync_update_us)
     if comm.rank == 0:
         mean = {k: float(np.mean([u[k] for u in allus])) for k in PHASES}
         emit({"task": "profile", "ranks": comm.size, "local_batch": math.ceil(B / comm.size),
               "step_us": step_us, "timed_step_us": instr / n_instr * 1e6, "phases_us": mean,
-              "alloc": alloc, "steps_measured": n_plain})
+              "sync_update_us": float(np.mean(all_sync)), "alloc": alloc, "steps_measured": n_plain,
+              "allreduce": args.allreduce})
 
 
 # ------------------------------------------------------------------ compute (scaling model input)
@@ -361,6 +384,7 @@ def main():
     pr = sub.add_parser("profile")
     pr.add_argument("--blocks", type=int, default=6)
     pr.add_argument("--block-steps", type=int, default=150)
+    pr.add_argument("--allreduce", choices=["fused", "shm"], default="fused")
     c = sub.add_parser("compute")
     c.add_argument("--budget", type=float, default=0.15, help="seconds per batch size and repeat")
     args = p.parse_args()

@@ -89,16 +89,16 @@ def _wrap_step():
             state["t_first_step_end"] = time.time()
 
     dp.Replica.step = timed_step
-    train = dp.train
+    run = dp._run
 
-    def train_then_measure(*args, **kwargs):
-        out = train(*args, **kwargs)
-        # the data is still mapped here (the caller holds it): resident/proportional memory now
+    def run_then_measure(*args, **kwargs):
+        out = run(*args, **kwargs)
+        # the data is still mapped and the replica (with an shm window) alive: memory now
         state["status_kib"] = _status()
         state["train_images_kib"] = _mapping("train_x.npy")
         return out
 
-    dp.train = train_then_measure
+    dp._run = run_then_measure
 
 
 if __name__ == "__main__":

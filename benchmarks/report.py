@@ -18,7 +18,33 @@ from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, re
 import scaling_model as sm  # noqa: E402
 
 GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1.10, "startup": 3.0,
-         "gpu_vs_torch": 1.00, "gpu_gemm": 0.50}
+         "gpu_vs_torch": 1.00, "gpu_gemm": 0.50, "shm_efficiency": 0.85, "shm_sync": 0.5}
+
+
+def _shm_analysis(out: Path) -> dict | None:
+    """Section 9 from shm.csv, shm_profile.csv and shm_memory.csv (run_all.py's shm section)."""
+    rows = read_csv(out / "shm.csv")
+    if not rows:
+        return None
+    cells = {}
+    for r in _measured(rows):
+        cells.setdefault((r["batch"], r["ranks"], r["allreduce"]), {}).setdefault(r["round"], []).append(r["epoch_seconds"])
+    median = {k: statistics.median([statistics.median(v) for v in rounds.values()]) for k, rounds in cells.items()}
+    eff = {}
+    for (batch, ranks, mode), t in median.items():
+        base = median.get((batch, 1, "fused"))
+        if base and ranks > 1:
+            eff[(batch, ranks, mode)] = base / (ranks * t)
+    prof = {(r["ranks"], r["allreduce"]): r for r in read_csv(out / "shm_profile.csv")}
+    fused2, shm2 = prof.get((2, "fused")), prof.get((2, "shm"))
+    mem = {}
+    for r in read_csv(out / "shm_memory.csv"):
+        m = mem.setdefault(r["allreduce"], {"rss_anon_mib": 0.0, "pss_mib": 0.0, "ranks": 0})
+        m["rss_anon_mib"] += r["rss_anon_mib"]
+        m["pss_mib"] += r["pss_mib"]
+        m["ranks"] += 1
+    return {"median": median, "efficiency": eff, "profile": prof, "memory": mem,
+            "sync_ratio": shm2["sync_update_us"] / fused2["sync_update_us"] if fused2 and shm2 else None}
 
 
 def _measured(rows):
@@ -71,7 +97,7 @@ def _gpu_analysis(out: Path) -> dict | None:
 
 
 def analyse(out: Path) -> dict:
-    a: dict = {"gpu": _gpu_analysis(out)}
+    a: dict = {"gpu": _gpu_analysis(out), "shm": _shm_analysis(out)}
     flops_epoch = flops_per_sample() * BATCH * (N_TRAIN // BATCH)
     single = read_csv(out / "single.csv")
     if single:
@@ -288,6 +314,24 @@ def targets(a) -> list[dict]:
          "measured": f"{_f(mem8.get('ru_maxrss_mib'), '.0f')} MiB (private {_f(mem8.get('rss_anon_mib'), '.0f')} MiB)",
          "ratio": "", "status": "reported" if mem8 else "not measured"},
     ]
+    m = a.get("shm") or {}
+    best2 = max((m.get("efficiency", {}).get((128, 2, mode)) or 0.0, mode) for mode in ("fused", "overlap", "shm")) \
+        if m else (0.0, None)
+    mem = m.get("memory", {})
+    rows += [
+        {"target": "9a. 2 ranks x 1 thread, global batch 128: efficiency vs 1 rank, best allreduce", "goal": ">= 0.85",
+         "measured": f"{best2[1] or 'n/a'}", "ratio": _f(best2[0] if m else None, ".2f"),
+         "status": _met(best2[0] if m else None, GOALS["shm_efficiency"], True)},
+        {"target": "9b. gradient sync + update per step at 2 ranks, shm / fused (Allreduce + full update)",
+         "goal": "<= 0.50", "measured": (f"{_f(m['profile'][(2, 'shm')]['sync_update_us'], '.0f')} us / "
+                                         f"{_f(m['profile'][(2, 'fused')]['sync_update_us'], '.0f')} us")
+         if m.get("sync_ratio") else "n/a", "ratio": _f(m.get("sync_ratio"), ".2f"),
+         "status": _met(m.get("sync_ratio"), GOALS["shm_sync"])},
+        {"target": "9c. private memory per node at 8 ranks (sum of RssAnon), shm vs fused", "goal": "reported",
+         "measured": (f"{_f(mem['shm']['rss_anon_mib'], '.0f')} MiB vs {_f(mem['fused']['rss_anon_mib'], '.0f')} MiB"
+                      if "shm" in mem and "fused" in mem else "n/a"), "ratio": "",
+         "status": "reported" if mem else "not measured"},
+    ]
     g = a.get("gpu") or {}
     rows += [
         {"target": f"6a. GPU, batch {g.get('small', 128)}: hpcfl (cupy) epoch / PyTorch CUDA epoch", "goal": "<= 1.00",
@@ -351,6 +395,7 @@ def render(a: dict) -> str:
     _startup(a, w)
     _memory(a, w)
     _gpu(a, w)
+    _shm(a, w)
     _notes(a, w)
     return ("\n".join(L) + "\n").replace("{IMG}", a.get("img_prefix", "results"))
 
@@ -572,6 +617,41 @@ def _memory(a, w):
     for ranks, r in sorted(m.items()):
         w(f"| {ranks} | {r['ru_maxrss_mib']:.0f} | {r['rss_mib']:.0f} | {r['rss_anon_mib']:.0f} | {r['pss_mib']:.0f} | "
           f"{r['images_mapped_mib']:.0f} | {r['images_rss_mib']:.0f} | {r['images_pss_mib']:.1f} |")
+    w("")
+
+
+def _shm(a, w):
+    m = a.get("shm")
+    if not m:
+        return
+    w("## 9. Node-aware reduction (`--allreduce shm`)\n")
+    w("`mpirun -n P python -m hpcfl --epochs 3 --batch-size B --backend numba --allreduce {fused,overlap,shm}`, "
+      "1 thread per rank, the first epoch of every run is warm-up; 4 and 8 ranks are oversubscribed on this "
+      "machine's cores. shm: the ranks of a node sum their gradient slots in one MPI-3 shared window and "
+      "each updates its slice of the shared parameters (ZeRO-1 inside the node).\n")
+    w("| global batch | ranks | fused s/epoch | overlap s/epoch | shm s/epoch | efficiency fused / overlap / shm |")
+    w("|---|---|---|---|---|---|")
+    med, eff = m["median"], m["efficiency"]
+    for batch in sorted({k[0] for k in med}):
+        for ranks in sorted({k[1] for k in med if k[0] == batch}):
+            t = [med.get((batch, ranks, mode)) for mode in ("fused", "overlap", "shm")]
+            e = [eff.get((batch, ranks, mode)) for mode in ("fused", "overlap", "shm")]
+            w(f"| {batch} | {ranks} | {_f(t[0])} | {_f(t[1])} | {_f(t[2])} | "
+              f"{' / '.join(_f(x, '.2f') for x in e) if ranks > 1 else '-'} |")
+    w("")
+    prof = m["profile"]
+    if prof:
+        w("Per step (global batch 128; `mpirun -n P python benchmarks/mpi_tasks.py profile --allreduce MODE`): "
+          "gradient sync plus the optimizer update (fused: the Allreduce and the full update; shm: the node "
+          "barriers, the sum of the slots and the update of this rank's slice):\n")
+        w("| ranks | allreduce | step us | sync + update us |")
+        w("|---|---|---|---|")
+        for (ranks, mode), r in sorted(prof.items()):
+            w(f"| {ranks} | {mode} | {_f(r['step_us'], '.0f')} | {_f(r['sync_update_us'], '.0f')} |")
+        w("")
+    for mode, v in m["memory"].items():
+        w(f"- {mode}, 8 ranks: private (anonymous) memory {_f(v['rss_anon_mib'], '.0f')} MiB in all, "
+          f"PSS {_f(v['pss_mib'], '.0f')} MiB in all")
     w("")
 
 

@@ -26,7 +26,7 @@ from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun
                     uptime, write_csv)
 
 PY = sys.executable
-SECTIONS = ["capacity", "single", "parallel", "sync", "osu", "scaling", "startup", "memory", "profile",
+SECTIONS = ["capacity", "single", "parallel", "sync", "shm", "osu", "scaling", "startup", "memory", "profile",
             "compute"]
 
 
@@ -288,6 +288,46 @@ def sec_profile(ctx):
         alloc.append({"ranks": ranks, **res["alloc"]})
     write_csv(ctx.out / "profile.csv", rows)
     write_csv(ctx.out / "allocations.csv", alloc)
+
+
+def sec_shm(ctx):
+    """Node-aware reduction: fused vs overlap vs shm at 1 and 2 ranks, and 4 and 8 ranks
+    oversubscribed on this machine's cores, global batch 128 and 1024 (interleaved rounds, the
+    first epoch of every run is warm-up); then the per-step cost of gradient sync plus update
+    (mpi_tasks.py profile --allreduce) and the private memory per node at 8 ranks."""
+    rows = []
+    rank_counts = [1, 2] + ([] if ctx.quick else [4, 8])
+    for r in range(ctx.repeats if not ctx.quick else 1):
+        for batch in (128, 1024):
+            for ranks in rank_counts:
+                for mode in ("fused", "overlap", "shm"):
+                    ctx.log(f"shm round {r + 1}: batch {batch}, {ranks} ranks, {mode}")
+                    epochs = ctx.epochs if ranks <= 2 else 2
+                    recs = hpcfl_run(ctx, ranks, ["--epochs", epochs, "--batch-size", batch, "--backend", "numba",
+                                                  "--allreduce", mode])
+                    for e, rec in enumerate(recs):
+                        rows.append({"round": r + 1, "batch": batch, "ranks": ranks, "allreduce": mode,
+                                     "epoch": e + 1, "epoch_seconds": rec["epoch_seconds"], "warmup": int(e == 0)})
+    write_csv(ctx.out / "shm.csv", rows)
+    phases = []
+    for ranks in (1, 2):
+        for mode in ("fused", "shm"):
+            ctx.log(f"shm profile: {ranks} ranks, {mode}")
+            blocks = ["--blocks", 2, "--block-steps", 100] if ctx.quick else ["--blocks", 6, "--block-steps", 200]
+            res = run_worker([mpirun(), "-n", ranks, PY, BENCH / "mpi_tasks.py", "profile", "--allreduce", mode,
+                              *blocks])
+            phases.append({"ranks": ranks, "allreduce": mode, "step_us": res["step_us"],
+                           "sync_update_us": res["sync_update_us"], **{f"{k}_us": v for k, v in res["phases_us"].items()}})
+    write_csv(ctx.out / "shm_profile.csv", phases)
+    mem = []
+    for mode in ("fused", "shm"):
+        ctx.log(f"shm memory: 8 ranks, {mode}")
+        args = ["--max-steps", 60] if ctx.quick else ["--epochs", 1]
+        for rec in probe_run(ctx, 8, [*args, "--backend", "numba", "--allreduce", mode]):
+            st = rec.get("status_kib", {})
+            mem.append({"allreduce": mode, "rank": rec["rank"], "rss_anon_mib": st.get("RssAnon", 0) / 1024,
+                        "rss_shmem_mib": st.get("RssShmem", 0) / 1024, "pss_mib": st.get("Pss", 0) / 1024})
+    write_csv(ctx.out / "shm_memory.csv", mem)
 
 
 def sec_compute(ctx):
