@@ -368,20 +368,36 @@ class SecureCollector:
         # dropouts: these clients go silent after the key exchange (simulated, seeded by the round)
         alive = [c for c in clients if c not in self.dropped]
 
-        def upload():
-            return {c: clients[c].masked_input(self.inputs[c], routed[c]).tobytes() for c in alive}
-
-        def unmask_request(merged):
-            ys = {c: np.frombuffer(v, np.uint32) for c, v in merged.items()}
-            for observe in observers:
-                observe(self.server_round, ys)
-            out["sum"] = np.zeros(p.n, np.uint32)
-            for y in ys.values():
-                out["sum"] += y                            # uint32 wraps: the sum is mod 2^32
-            out["survivors"] = len(ys)
-            return server.unmask_request(ys)
-
-        requests = self._stage(unmask_request, upload)
+        # the masked vectors travel as one uint32 matrix per leader (Gatherv straight into the
+        # server's stack), their client ids beside them; the other stages' messages are small
+        error = None
+        try:
+            ids = np.array(alive, np.int64)
+            ys = np.empty((len(alive), p.n), np.uint32)
+            for row, c in enumerate(alive):
+                ys[row] = clients[c].masked_input(self.inputs[c], routed[c])
+        except secagg.SecAggError as exc:
+            ids, ys, error = np.zeros(0, np.int64), np.empty((0, p.n), np.uint32), str(exc)
+        all_ids = self.fed.leaders.gather(ids)
+        stacked = self.fed.leaders.gather_rows(ys)
+        errors = self.fed.leaders.gather(error)
+        replies, status = None, (0, "")
+        if server is not None:
+            try:
+                if any(errors):
+                    raise secagg.SecAggError(next(e for e in errors if e))
+                order = np.concatenate(all_ids)
+                uploads = dict(zip(order.tolist(), stacked))
+                for observe in observers:
+                    observe(self.server_round, uploads)
+                out["sum"] = np.add.reduce(stacked, axis=0, dtype=np.uint32)   # wraps: mod 2^32
+                out["survivors"] = len(order)
+                replies = server.unmask_request(uploads)
+            except secagg.SecAggAbort as exc:
+                status = (1, str(exc))
+            except secagg.SecAggError as exc:
+                status = (2, str(exc))
+        requests = self._down(replies, status)
         self.stages["masking"], t = clock() - t, clock()
 
         def aggregate(merged):
