@@ -72,9 +72,7 @@ class FedAdam(FedAvg):
 
 
 def make(cfg, n: int):
-    from .config import DEFAULT_SERVER_LR
-
-    lr = cfg.server_lr if cfg.server_lr is not None else DEFAULT_SERVER_LR[cfg.server_opt]
+    lr = cfg.server_lr                    # derived by Config when not given
     if cfg.server_opt == "fedavg":
         return FedAvg(n, lr)
     if cfg.server_opt == "fedavgm":

@@ -271,7 +271,7 @@ def plan_privacy(cfg: Config, comm: Comm, data):
 def _train(config: Config, comm: Comm, callbacks) -> Result:
     from . import model
 
-    cfg = _collective(lambda: config_mod.resolve_defaults(config))
+    cfg = config
     _collective(lambda: config_mod.validate(cfg, comm.size))
     if comm.is_world():
         check_launch(comm.size)

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from .config import FIELDS, Config, flag
+from .config import FIELDS, Config, flag, shown_default
 from .errors import HpcflError, UsageError
 
 GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": "federated (--mode fl)",
@@ -69,12 +69,6 @@ def _value_parser(name: str, f):
     return parse
 
 
-def _shown(value) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return "none" if value is None else str(value)
-
-
 def train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hpcfl", argument_default=argparse.SUPPRESS,
                 description="Train an MLP on MNIST (or a data set of its form) with MPI: data "
@@ -91,7 +85,7 @@ def train_parser() -> argparse.ArgumentParser:
             continue
         title = GROUPS[meta["group"]]
         g = p if title is None else groups.setdefault(title, p.add_argument_group(title))
-        help_text = f"{meta['help']} (default: {_shown(f.default)})"
+        help_text = f"{meta['help']} (default: {shown_default(name, f.default)})"
         if f.type in ("bool", bool):
             g.add_argument(flag(name), action="store_true", help=help_text)
         else:
@@ -113,9 +107,9 @@ def parse_config(argv: list[str], world_size: int | None = None) -> Config:
     try:
         cfg = Config.from_dict(settings)
         if world_size is not None:
-            from .config import resolve_defaults, validate
+            from .config import validate
 
-            validate(resolve_defaults(cfg), world_size)
+            validate(cfg, world_size)
     except UsageError as exc:
         exc.collective = True
         raise

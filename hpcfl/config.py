@@ -80,9 +80,42 @@ def option(default, help: str, *, check=None, choices=None, resume=WARN, group="
 
 
 
-# --server-lr when not given: what worked for each server optimizer (benchmarks/FEDAVG.md);
-# FedAdam's adaptive steps diverge at 1.0 (58% after round 1, NaN in round 2).
+# Settings whose default depends on others: the field's default is None, meaning "derive it", and
+# Config fills it in at construction (so config.json records what ran). --server-lr when not given:
+# what worked for each server optimizer (benchmarks/FEDAVG.md); FedAdam's adaptive steps diverge
+# at 1.0 (58% after round 1, NaN in round 2).
 DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+PLAIN_DEFAULTS = {"hidden": (256, 128), "batch_size": 128, "epochs": 12, "lr": 0.05, "momentum": 0.9,
+                  "server_opt": "fedavg", "local_lr": 0.1}
+# With differential privacy asked for (--dp-sgd in dp mode; --dp-clip, --dp-noise or --dp-epsilon
+# in fl mode), what did best in benchmarks/PRIVACY.md, so that `--dp-sgd --dp-epsilon 2` and
+# `--mode fl --num-clients 6000 --client-fraction 0.05 --dp-epsilon 8 --rounds 100` reach its
+# goals as written. DP-SGD: large expected batches and many epochs (the noise per step is fixed,
+# the signal grows with the batch), no momentum, a clip well below the typical gradient norm.
+# DP-FedAvg: server momentum (FedAvgM) averages the noise of consecutive rounds away.
+DP_DEFAULTS = {
+    "dp": {"hidden": (128,), "batch_size": 4096, "epochs": 60, "lr": 20.0, "momentum": 0.0, "dp_clip": 0.5},
+    "fl": {"server_opt": "fedavgm", "server_lr": 0.2, "local_lr": 0.5, "dp_clip": 1.0},  # server_lr: with fedavgm
+}
+
+
+def _text(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def shown_default(name: str, default) -> str:
+    """The help's "(default: ...)" of a setting, spelling out the derived ones."""
+    if name == "server_lr":
+        return ("1.0 for fedavg and fedavgm, 0.01 for fedadam; with DP in fl mode and fedavgm "
+                f"{DP_DEFAULTS['fl']['server_lr']}")
+    parts = [_text(PLAIN_DEFAULTS.get(name, default))]
+    if name in DP_DEFAULTS["dp"]:
+        parts.append(f"{_text(DP_DEFAULTS['dp'][name])} with --dp-sgd")
+    if name in DP_DEFAULTS["fl"]:
+        parts.append(f"{_text(DP_DEFAULTS['fl'][name])} with DP in fl mode")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -90,15 +123,16 @@ class Config:
     mode: str = option("dp", "dp: data parallel, one Allreduce per step; fl: federated (FedAvg)",
                        choices=("dp", "fl"), resume=MUST, group="mode")
     # ---- model and optimisation
-    hidden: tuple = option((256, 128), "hidden layer sizes, comma separated", check=layer_sizes,
+    hidden: tuple | None = option(None, "hidden layer sizes, comma separated", check=layer_sizes,
                            resume=MUST, metavar="N,N")
-    epochs: int = option(12, "training epochs (dp)", check=positive, resume=DP_ONLY)
-    batch_size: int = option(128, "global batch (dp): each of P ranks computes 1/P of it",
+    epochs: int | None = option(None, "training epochs (dp)", check=positive, resume=DP_ONLY)
+    batch_size: int | None = option(None, "global batch (dp): each of P ranks computes 1/P of it "
+                                    "(with --dp-sgd the expected size of the Poisson batches)",
                              check=positive, resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
     optimizer: str = option("sgd", "optimizer (dp; fl clients use plain SGD)", choices=("sgd", "adam"),
                             resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
-    lr: float = option(0.05, "learning rate (dp)", check=positive, resume=DP_ONLY)
-    momentum: float = option(0.9, "SGD momentum (dp)", check=below_one, resume=DP_ONLY)
+    lr: float | None = option(None, "learning rate (dp)", check=positive, resume=DP_ONLY)
+    momentum: float | None = option(None, "SGD momentum (dp)", check=below_one, resume=DP_ONLY)
     weight_decay: float = option(1e-4, "L2 weight decay (dp)", check=non_negative, resume=DP_ONLY)
     schedule: str = option("cosine", "learning-rate schedule (dp)", choices=("cosine", "constant"),
                            resume=DP_ONLY)
@@ -121,14 +155,13 @@ class Config:
                                group="federated")
     local_batch_size: int = option(10, "local batch B (larger than a client: full batch on it)",
                                    check=positive, resume=FL_ONLY, group="federated")
-    local_lr: float = option(0.1, "client learning rate", check=positive, resume=FL_ONLY,
+    local_lr: float | None = option(None, "client learning rate", check=positive, resume=FL_ONLY,
                              group="federated")
     mu: float = option(0.0, "FedProx proximal weight", check=non_negative, resume=FL_ONLY,
                        group="federated")
-    server_opt: str = option("fedavg", "server optimizer", choices=("fedavg", "fedavgm", "fedadam"),
+    server_opt: str | None = option(None, "server optimizer", choices=("fedavg", "fedavgm", "fedadam"),
                              resume=FL_MUST, group="federated")
-    server_lr: float | None = option(None, "server learning rate (default: 1.0 for fedavg and "
-                                     "fedavgm, 0.01 for fedadam)", check=positive, resume=FL_ONLY,
+    server_lr: float | None = option(None, "server learning rate", check=positive, resume=FL_ONLY,
                                      group="federated")
     server_momentum: float = option(0.9, "server momentum (fedavgm)", check=below_one,
                                     resume=FL_ONLY, group="federated")
@@ -160,7 +193,7 @@ class Config:
                           "--dp-clip, Gaussian noise", resume={"dp": MUST, "fl": IGNORE}, group="privacy",
                           modes=("dp",))
     dp_clip: float | None = option(None, "DP: L2 norm each client's update (fl) or each sample's gradient "
-                                   "(dp, --dp-sgd) is clipped to (default with DP: see README)",
+                                   "(dp, --dp-sgd) is clipped to",
                                    check=positive, resume=MUST, group="privacy", metavar="S")
     dp_noise: float | None = option(None, "DP: noise multiplier z (noise std = z x clip); or give --dp-epsilon",
                                     check=non_negative, resume=MUST, group="privacy", metavar="Z")
@@ -239,8 +272,19 @@ class Config:
     resume: bool = option(False, "continue from the newest valid checkpoint in --checkpoint-dir",
                           resume=IGNORE, group="checkpoints")
 
+    def __post_init__(self):
+        # the settings left None are derived from the others (derived_defaults) and remembered,
+        # so that replace() derives them again from the changed settings instead of freezing them
+        derived = []
+        for name, value in derived_defaults(self).items():
+            object.__setattr__(self, name, value)
+            derived.append(name)
+        object.__setattr__(self, "_derived", tuple(derived))
+
     def replace(self, **changes) -> "Config":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; the settings that were derived (not given) are derived again."""
+        again = {name: None for name in self._derived if name not in changes}
+        return dataclasses.replace(self, **again, **changes)
 
     def to_dict(self, this_mode_only: bool = False) -> dict:
         d = dataclasses.asdict(self)
@@ -322,17 +366,19 @@ def dp_on(cfg: Config) -> bool:
     return cfg.dp_clip is not None or cfg.dp_noise is not None or cfg.dp_epsilon is not None
 
 
-# With DP, the clip norm when --dp-clip is not given (benchmarks/PRIVACY.md: what did best).
-DEFAULT_DP_CLIP = {"fl": 1.0, "dp": 1.0}
-
-
-def resolve_defaults(cfg: Config) -> Config:
-    """Fill the defaults that depend on other settings, so that config.json records what ran."""
+def derived_defaults(cfg: Config) -> dict:
+    """The values of the settings left None that derive from others (PLAIN_DEFAULTS, and
+    DP_DEFAULTS when differential privacy is asked for)."""
+    private = dp_on(cfg)
+    table = dict(PLAIN_DEFAULTS)
+    if private:
+        table.update(DP_DEFAULTS.get(cfg.mode, {}))
+    out = {name: value for name, value in table.items() if getattr(cfg, name) is None}
     if cfg.server_lr is None:
-        cfg = cfg.replace(server_lr=DEFAULT_SERVER_LR[cfg.server_opt])
-    if dp_on(cfg) and cfg.dp_clip is None:
-        cfg = cfg.replace(dp_clip=DEFAULT_DP_CLIP[cfg.mode])
-    return cfg
+        opt = out.get("server_opt", cfg.server_opt)
+        tuned = private and cfg.mode == "fl" and opt == DP_DEFAULTS["fl"]["server_opt"]
+        out["server_lr"] = DP_DEFAULTS["fl"]["server_lr"] if tuned else DEFAULT_SERVER_LR.get(opt, 1.0)
+    return out
 
 
 def validate(cfg: Config, world_size: int) -> None:

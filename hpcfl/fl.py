@@ -218,7 +218,7 @@ class Federation:
         seconds = time.perf_counter() - t0
         rec = {"mode": "fl", "round": server_round, "ranks": comm.size, "clients": len(sampled),
                "dropped": len(dropped), "rejected": len(stats.get("rejected", [])),
-               "stragglers": len(stragglers),
+               "stragglers": len(stragglers), "skipped": stats.get("skipped") or None,
                "train_loss": stats["loss_sum"] / stats["seen"] if stats["seen"] else None,
                "test_accuracy": None, "round_seconds": seconds,
                "samples_per_second": stats["seen"] / seconds,

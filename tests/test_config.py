@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hpcfl import cli
-from hpcfl.config import FIELDS, IGNORE, MODES, MUST, WARN, Config, check_fields, resolve_defaults
+from hpcfl.config import DP_DEFAULTS, FIELDS, IGNORE, MODES, MUST, WARN, Config, check_fields
 from hpcfl.errors import UsageError
 
 
@@ -33,7 +33,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 12)" in text and "(default: 0.05)" in text and "(default: auto)" in text
+    assert "(default: 12; 60 with --dp-sgd)" in text and "(default: 256,128; 128 with --dp-sgd)" in text and "(default: 0.05; 20.0 with --dp-sgd)" in text \
+        and "(default: auto)" in text
 
 
 def test_float_options_refuse_inf_and_nan():
@@ -57,7 +58,7 @@ def test_config_files_and_options_merge_with_options_winning(tmp_path):
 
 
 def test_config_json_of_a_run_feeds_back_and_holds_only_its_mode(tmp_path):
-    cfg = resolve_defaults(Config(mode="fl", rounds=7))
+    cfg = Config(mode="fl", rounds=7)
     d = json.loads(cfg.to_json(this_mode_only=True))
     assert "rounds" in d and "batch_size" not in d and "epochs" not in d and d["server_lr"] == 1.0
     (tmp_path / "config.json").write_text(cfg.to_json(this_mode_only=True))
@@ -67,7 +68,27 @@ def test_config_json_of_a_run_feeds_back_and_holds_only_its_mode(tmp_path):
 
 
 def test_each_server_optimizer_has_its_own_default_learning_rate():
-    assert resolve_defaults(Config(server_opt="fedadam")).server_lr == 0.01
-    assert resolve_defaults(Config(server_opt="fedavg")).server_lr == 1.0
-    assert resolve_defaults(Config(server_opt="fedadam", server_lr=0.5)).server_lr == 0.5
-    assert dataclasses.replace(Config(), server_lr=None).server_lr is None
+    assert Config(server_opt="fedadam").server_lr == 0.01
+    assert Config(server_opt="fedavg").server_lr == 1.0
+    assert Config(server_opt="fedadam", server_lr=0.5).server_lr == 0.5
+    assert Config(server_opt="fedadam").replace(server_opt="fedavg").server_lr == 1.0   # derived again
+
+
+def test_dp_defaults_apply_to_the_settings_not_given():
+    # --dp-sgd / --dp-epsilon alone: the tuned settings of benchmarks/PRIVACY.md (DP_DEFAULTS)
+    plain, private = Config(), Config(dp_sgd=True, dp_epsilon=2)
+    assert (plain.batch_size, plain.lr, plain.momentum, plain.epochs, plain.dp_clip) == (128, 0.05, 0.9, 12, None)
+    for name, value in DP_DEFAULTS["dp"].items():
+        assert getattr(private, name) == value, name
+    assert Config(dp_sgd=True, lr=1.0, dp_clip=3.0).lr == 1.0 and Config(dp_sgd=True, dp_clip=3.0).dp_clip == 3.0
+    fl = Config(mode="fl", dp_epsilon=8)
+    assert (fl.server_opt, fl.server_lr, fl.local_lr, fl.dp_clip) == ("fedavgm", 0.2, 0.5, 1.0)
+    assert Config(mode="fl").server_opt == "fedavg" and Config(mode="fl").dp_clip is None
+    assert Config(mode="fl", dp_epsilon=8, server_opt="fedadam").server_lr == 0.01   # its own default
+    assert Config(mode="fl", dp_noise=1.0, local_lr=0.1).local_lr == 0.1
+    # replace() derives the settings that were not given again, and keeps the given ones
+    assert private.replace(dp_sgd=False).lr == 0.05 and Config(lr=0.3).replace(dp_sgd=True).lr == 0.3
+    assert fl.replace(dp_epsilon=None).server_opt == "fedavg"
+    # the CLI gets the same, and the help says so
+    assert cli.parse_config(["--dp-sgd", "--dp-epsilon", "2"]) == private
+    assert "(default: 0.05; 20.0 with --dp-sgd)" in " ".join(cli.train_parser().format_help().split())

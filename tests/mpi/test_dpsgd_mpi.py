@@ -10,7 +10,7 @@ import pytest
 
 from hpcfl import api, backends, dp, privacy
 from hpcfl.comm import Comm
-from hpcfl.config import Config, resolve_defaults
+from hpcfl.config import Config
 from hpcfl.replica import Replica
 from hpcfl.report import Reporter
 
@@ -63,7 +63,7 @@ def test_a_huge_clip_without_noise_is_a_plain_sgd_step(comm, mnist):
 
 
 def dpsgd(comm, data, **kw):
-    cfg = resolve_defaults(Config(backend="numba", quiet=True, dp_sgd=True, **kw))
+    cfg = Config(backend="numba", quiet=True, dp_sgd=True, **kw)
     the_plan = api.plan_privacy(cfg, comm, data)
     return dp.train(cfg, comm, data, backends.get("numba"), Reporter(cfg, rank=1), dp=the_plan)
 

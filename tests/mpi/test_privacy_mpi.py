@@ -12,7 +12,7 @@ from scipy import stats
 
 from hpcfl import api, backends, collect, fl, partition, privacy, secagg
 from hpcfl.comm import Comm
-from hpcfl.config import Config, resolve_defaults
+from hpcfl.config import Config
 from hpcfl.errors import TrainingError
 from hpcfl.report import Reporter
 
@@ -24,7 +24,7 @@ def subset(mnist, n):
 
 
 def run(comm, data, **kw):
-    cfg = resolve_defaults(Config(mode="fl", backend="numba", quiet=True, **{**BASE, **kw}))
+    cfg = Config(mode="fl", backend="numba", quiet=True, **{**BASE, **kw})
     plan = api.plan_privacy(cfg, comm, data)
     return fl.train(cfg, comm, data, backends.get("numba"), Reporter(cfg, rank=1), dp=plan)
 
@@ -128,7 +128,7 @@ def test_one_dropout_more_skips_the_round_and_keeps_the_model(comm, mnist, monke
     data = subset(mnist, 2000)
     drop_the_first(monkeypatch, 5)                 # 5 survivors < threshold 6
     out = run(comm, data, secure_agg=True, ranks_per_client=1, rounds=2)
-    init = fl.Federation(resolve_defaults(Config(mode="fl", **BASE)), Comm.self_(), data,
+    init = fl.Federation(Config(mode="fl", **BASE), Comm.self_(), data,
                          backends.get("numba")).global_w
     assert np.array_equal(out["params"], init)     # both rounds skipped: the initial model
     assert [r["train_loss"] for r in out["history"]] == [None, None]
@@ -163,7 +163,7 @@ def test_the_dp_noise_has_the_stated_standard_deviation(comm, mnist, secure):
     z, S, q, N = 2.0, 0.5, 0.5, 20
     out = run(comm, subset(mnist, 2000), local_lr=1e-12, dp_noise=z, dp_clip=S, secure_agg=secure,
               dp_noise_seed=3)
-    init = fl.Federation(resolve_defaults(Config(mode="fl", **BASE)), Comm.self_(), subset(mnist, 2000),
+    init = fl.Federation(Config(mode="fl", **BASE), Comm.self_(), subset(mnist, 2000),
                          backends.get("numba")).global_w
     step = out["params"].astype(np.float64) - init
     m = out["history"][0]["clients"]
