@@ -1,5 +1,5 @@
 """What secure aggregation costs per round, side by side with plain FedAvg (and with Flower's
-SecAgg+ where flwr is installed), in one run, rounds interleaved:
+SecAgg+ where --flower-python can import flwr), in one run, rounds interleaved:
 
     HPCFL_DATA_DIR=... python benchmarks/secagg_cost.py --out benchmarks/results
 
@@ -17,7 +17,6 @@ included). Writes secagg_cost.csv and the section "Secure aggregation: cost" of 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ CONFIGS = [
                                              "--secagg-neighbors", 14]),
 ]
 FLOWER = [("Flower FedAvg", 10, "flower", ["--secagg", "0"]), ("Flower SecAgg+", 10, "flower", ["--secagg", "1"])]
+FLOWER_PYTHON = "/work/flwr-venv/bin/python"   # python3 -m venv ...; pip install "flwr[simulation]==1.42.*" numpy
 MARK_BEGIN, MARK_END = "<!-- secagg_cost: begin -->", "<!-- secagg_cost: end -->"
 
 
@@ -55,9 +55,19 @@ def hpcfl_rounds(ranks: int, rounds: int, extra: list) -> tuple[list[dict], floa
         return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()], wall
 
 
-def flower_rounds(rounds: int, extra: list) -> tuple[list[dict], float]:
+def flower_python_ok(python: str | None) -> bool:
+    """Whether `python` exists and imports flwr (Flower lives in its own environment)."""
+    if not python or not Path(python).exists():
+        return False
+    try:
+        return subprocess.run([python, "-c", "import flwr"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def flower_rounds(python: str, rounds: int, extra: list) -> tuple[list[dict], float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, str(BENCH / "flower_secagg.py"), "--rounds", str(rounds), *map(str, extra)],
+    out = subprocess.run([python, str(BENCH / "flower_secagg.py"), "--rounds", str(rounds), *map(str, extra)],
                          check=True, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
@@ -76,18 +86,24 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="interleaved passes over the configurations")
     p.add_argument("--quick", action="store_true", help="3 rounds, one pass: checks that it works")
     p.add_argument("--md", default=str(BENCH / "PRIVACY.md"))
+    p.add_argument("--flower-python", default=FLOWER_PYTHON if Path(FLOWER_PYTHON).exists() else None,
+                   help="the Python of an environment with flwr[simulation] that runs benchmarks/flower_secagg.py "
+                        f"(default: {FLOWER_PYTHON} if it exists); the Flower rows are left out without one")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.repeats = 3, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = CONFIGS + (FLOWER if importlib.util.find_spec("flwr") and (BENCH / "flower_secagg.py").exists() else [])
+    with_flower = (BENCH / "flower_secagg.py").exists() and flower_python_ok(args.flower_python)
+    configs = CONFIGS + (FLOWER if with_flower else [])
+    if not with_flower:
+        print(f"Flower rows left out: no --flower-python that imports flwr ({args.flower_python})", flush=True)
     rows, load_before = [], uptime()
     for rep in range(args.repeats):
         for label, per_round, impl, extra in configs:
             print(f"[{time.strftime('%H:%M:%S')}] pass {rep + 1}: {label}, {per_round} clients per round", flush=True)
             recs, wall = (hpcfl_rounds(args.ranks, args.rounds, extra) if impl == "hpcfl"
-                          else flower_rounds(args.rounds, extra))
+                          else flower_rounds(args.flower_python, args.rounds, extra))
             for r in recs:
                 stages = r.get("secagg_stages", {})
                 rows.append({"pass": rep + 1, "config": label, "clients_per_round": per_round, "round": r["round"],

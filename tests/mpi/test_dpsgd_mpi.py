@@ -82,6 +82,9 @@ def test_dp_sgd_p_ranks_give_the_single_process_model_and_dp_accountings_epsilon
         other = dpsgd(Comm.self_(), data, **{**kw, "dp_noise_seed": 6})
         assert np.linalg.norm(other["params"] - single["params"]) > 1e-3 * np.linalg.norm(single["params"])
     assert comm.bcast(diff) < 1e-5                 # summation order only
+    # --allreduce shm: each rank's noise slice lands in its own slot, summed once per coordinate
+    shm = dpsgd(comm, data, **kw, allreduce="shm")
+    assert np.linalg.norm(shm["params"] - out["params"]) / np.linalg.norm(out["params"]) < 1e-5
     q, steps = 200 / 4000, 4000 // 200
     for epoch, rec in enumerate(out["history"], 1):
         accountant = dp_accounting.rdp.RdpAccountant(privacy.ORDERS)
