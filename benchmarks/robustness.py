@@ -346,7 +346,9 @@ def md_scaffold(rows) -> tuple[list[str], list[str]]:
         out.append(f"| {s['algorithm']} | {s['local_lr']:g} | 1 | "
                    f"{'%.1f' % s['median'] if s['median'] is not None else 'not reached'} | {per} | "
                    f"{s['reached']}/{len(s['runs'])} | {best} | {ran} | {'-' if secs is None else '%.3f' % secs} |")
-    out.append("")
+    out += ["", "Rounds to 97% do not depend on the machine; s/round does: runs made while other jobs shared "
+            "the cores (robustness_scaffold.csv keeps each run's date; `--keep` adds runs to an earlier "
+            "table) are slower, so compare s/round only between runs of one session.", ""]
     goals = []
     sc = [s for s in sets if s["algorithm"] == "scaffold" and s["median"] is not None]
     fa = [s for s in sets if s["algorithm"] == "fedavg" and s["median"] is not None]

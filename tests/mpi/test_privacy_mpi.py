@@ -16,7 +16,10 @@ from hpcfl.config import Config
 from hpcfl.errors import TrainingError
 from hpcfl.report import Reporter
 
-BASE = dict(num_clients=20, client_fraction=0.5, rounds=1, local_epochs=1, local_batch_size=20, local_lr=0.05)
+# plain FedAvg on the server (server lr 1, no momentum), not the DP defaults' fedavgm: the tests
+# read the noise and the sums straight off the global model's step
+BASE = dict(num_clients=20, client_fraction=0.5, rounds=1, local_epochs=1, local_batch_size=20, local_lr=0.05,
+            server_opt="fedavg")
 
 
 def subset(mnist, n):
