@@ -315,20 +315,20 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
 
 # ------------------------------------------------------------------ speed: the orchestrator
 
-def hpcfl_speed_args(private: bool, epochs: int) -> list[str]:
+def hpcfl_speed_args(private: bool, epochs: int, batch: int = SPEED_BATCH) -> list[str]:
     # the same optimizer for both (with --dp-sgd alone hpcfl would take its DP defaults)
-    args = ["--backend", "numba", "--threads", "1", "--batch-size", str(SPEED_BATCH), "--hidden", SPEED_HIDDEN,
+    args = ["--backend", "numba", "--threads", "1", "--batch-size", str(batch), "--hidden", SPEED_HIDDEN,
             "--epochs", str(epochs), "--lr", "0.05", "--momentum", "0.9"]
     return args + (["--dp-sgd", "--dp-noise", f"{SPEED_Z:g}", "--dp-clip", f"{SPEED_CLIP:g}"] if private else [])
 
 
-def hpcfl_speed_run(private: bool, epochs: int) -> dict:
+def hpcfl_speed_run(private: bool, epochs: int, batch: int = SPEED_BATCH) -> dict:
     """`python -m hpcfl` in one process; the epochs after the first (numba's warm-up)."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
-        common.run([PY, "-m", "hpcfl", *hpcfl_speed_args(private, epochs), "--quiet", "--metrics", metrics])
+        common.run([PY, "-m", "hpcfl", *hpcfl_speed_args(private, epochs, batch), "--quiet", "--metrics", metrics])
         recs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return {"epoch_seconds": [r["epoch_seconds"] for r in recs[1:]], "steps_timed": SPEED_STEPS}
+    return {"epoch_seconds": [r["epoch_seconds"] for r in recs[1:]], "steps_timed": N_TRAIN // batch}
 
 
 SPEED_VARIANTS = {   # name -> (how it is run, shown as the command)
@@ -339,6 +339,11 @@ SPEED_VARIANTS = {   # name -> (how it is run, shown as the command)
     "Opacus per-sample hooks": f"python benchmarks/dp_sgd.py --worker opacus-hooks --epochs 1 --steps 10 "
                                f"--hidden {SPEED_HIDDEN}",
 }
+# the same pair at DP-SGD's default expected batch (config.DP_DEFAULTS): the noise per step is the
+# same, the work per step 8x larger
+BIG_BATCH = 4096
+SPEED_VARIANTS[f"hpcfl plain SGD, batch {BIG_BATCH}"] = "python -m hpcfl " + " ".join(hpcfl_speed_args(False, 3, BIG_BATCH))
+SPEED_VARIANTS[f"hpcfl DP-SGD, batch {BIG_BATCH}"] = "python -m hpcfl " + " ".join(hpcfl_speed_args(True, 3, BIG_BATCH))
 WORKER = {"PyTorch plain SGD": "torch", "Opacus ghost clipping": "opacus-ghost",
           "Opacus per-sample hooks": "opacus-hooks"}
 
@@ -354,7 +359,8 @@ def speed_part(args, info) -> tuple[list[dict], list[dict]]:
         for v in variants:
             t0 = time.perf_counter()
             if v.startswith("hpcfl"):
-                res = hpcfl_speed_run(v == "hpcfl DP-SGD", 2 if args.quick else 3)
+                res = hpcfl_speed_run("DP-SGD" in v, 2 if args.quick else 3,
+                                      BIG_BATCH if v.endswith(f"batch {BIG_BATCH}") else SPEED_BATCH)
             else:
                 hooks = v == "Opacus per-sample hooks"
                 steps = (3 if args.quick else 10) if hooks else SPEED_STEPS
@@ -362,7 +368,8 @@ def speed_part(args, info) -> tuple[list[dict], list[dict]]:
                                          "--steps", steps, "--hidden", SPEED_HIDDEN], timeout=1200)
             for i, sec in enumerate(res["epoch_seconds"]):
                 rows.append({"variant": v, "round": rnd, "epoch": i, "epoch_seconds": sec,
-                             "steps_timed": res["steps_timed"], "batch": SPEED_BATCH, "hidden": SPEED_HIDDEN,
+                             "steps_timed": res["steps_timed"],
+                             "batch": BIG_BATCH if v.endswith(f"batch {BIG_BATCH}") else SPEED_BATCH, "hidden": SPEED_HIDDEN,
                              "threads": 1, "torch": res.get("torch"), "opacus": res.get("opacus"),
                              "command": SPEED_VARIANTS[v], "date": info["date"], "load": common.uptime()})
             print(f"[{time.strftime('%H:%M:%S')}] round {rnd} {v}: "
@@ -431,16 +438,23 @@ def accuracy_lines(rows: list[dict], quick: bool) -> list[str]:
         if eps == 8 and best8 and all(r["status"] == "ok" for r in best8):
             w8 = min(r["final_accuracy"] for r in best8)
             w = w8 if w is None else max(w, w8)
+        runs = [r for r in tuned.get(eps, []) + (best8 if eps == 8 else []) if r["status"] == "ok"]
+        best_med = max((med([r for r in runs if r["kind"] == k], "final_accuracy") or 0.0)
+                       for k in {r["kind"] for r in runs}) if runs else None
         if w is not None:
-            goals.append(f"at epsilon {eps:g} the worst seed of the best settings has {pct(w)}: the goal of "
-                         f"{100 * target:.0f}% is {'met' if w >= target else '**not met**'}")
+            goals.append(f"at epsilon {eps:g} the best settings' median over seeds is {pct(best_med)} and their "
+                         f"worst seed {pct(w)}: the goal of {100 * target:.0f}% is "
+                         + ("met" if w >= target else "met in the median, not by every seed"
+                            if best_med is not None and best_med >= target else "**not met**"))
     aw = groups.get((2, "as-written"), [])
     if aw:
         w = min((r["final_accuracy"] for r in aw if r["status"] == "ok"), default=None)
+        m_aw = med([r for r in aw if r["status"] == "ok"], "final_accuracy")
         shown = ", ".join(f"{k} {aw[0].get(k)}" for k in SHOWN if aw[0].get(k) is not None)
         goals.append(f"the command as written (`mpirun -n {ranks} python -m hpcfl --dp-sgd --dp-epsilon 2`) ran "
-                     f"with {shown} and reached {pct(w)} (worst seed): "
-                     f"{'met' if w is not None and w >= 0.95 else '**not met**'}")
+                     f"with {shown} and reached {pct(m_aw)} in the median, {pct(w)} on its worst seed: "
+                     + ("met" if w is not None and w >= 0.95 else "met in the median, not by every seed"
+                        if m_aw is not None and m_aw >= 0.95 else "**not met**"))
     lines += [""]
     if quick:
         lines += [f"(--quick: {QUICK_EPOCHS} epochs only; the goals are not judged)", ""]
@@ -475,11 +489,20 @@ def speed_lines(rows: list[dict], prows: list[dict]) -> list[str]:
              f"sampler, noise z = {SPEED_Z:g}, clip {SPEED_CLIP:g}).", "",
              "| variant | s/epoch (median) | vs hpcfl plain SGD | vs hpcfl DP-SGD | epochs measured | how |",
              "|---|---|---|---|---|---|"]
+    big = {v: sec for v, sec in m.items() if v.endswith(f"batch {BIG_BATCH}")}
     for v, sec in m.items():
+        if v in big:
+            continue
         note = f" ({steps[v]} steps timed, scaled to {SPEED_STEPS})" if steps[v] < SPEED_STEPS else ""
         lines.append(f"| {v} | {sec:.3f}{note} | {sec / plain:.2f}x | {sec / dp:.2f}x | {len(by[v])} | "
                      f"`{SPEED_VARIANTS.get(v, '?')}` |" if plain and dp else f"| {v} | {sec:.3f} | - | - | "
                      f"{len(by[v])} | `{SPEED_VARIANTS.get(v, '?')}` |")
+    bp, bd = big.get(f"hpcfl plain SGD, batch {BIG_BATCH}"), big.get(f"hpcfl DP-SGD, batch {BIG_BATCH}")
+    if bp and bd:
+        lines += ["", f"At DP-SGD's default expected batch, {BIG_BATCH} ({N_TRAIN // BIG_BATCH} steps per epoch; the "
+                  f"same model, one thread): plain SGD {bp:.3f} s/epoch, DP-SGD {bd:.3f} s/epoch, **{bd / bp:.2f}x** "
+                  f"(`{SPEED_VARIANTS[f'hpcfl DP-SGD, batch {BIG_BATCH}']}` against the same without the DP "
+                  "options): the noise costs the same per step whatever the batch."]
     goals = []
     if plain and dp:
         goals.append(f"DP-SGD / plain SGD = {dp / plain:.2f} (goal <= 1.25: {'met' if dp / plain <= 1.25 else '**not met**'})")
