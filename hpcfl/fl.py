@@ -188,6 +188,8 @@ class Federation:
         flags = np.array([stopped or preempt.requested() is not None, self.notice.sent], np.int64)
         comm.Allreduce_sum(flags)
         if flags[0]:
+            if self.scaffold is not None:
+                self.scaffold.discard()
             return None
         average, stats = self.collector.finish(server_round, self.global_w, len(sampled))
         if comm.rank == 0:

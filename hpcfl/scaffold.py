@@ -30,6 +30,9 @@ class Scaffold:
         self.owned = partition.assign_to_groups(np.arange(fed.cfg.num_clients), fed.sizes, fed.n_groups)
         self.c = np.zeros(n, np.float64)
         self.c_i: dict[int, np.ndarray] = {}         # this group's clients that took part so far
+        # this round's new c_i, committed only when the round completes: a round abandoned for a
+        # stop signal must leave the checkpointed variates as they were at its start
+        self.pending: dict[int, np.ndarray] = {}
         self.correction = Correction(backend, n)
         fed.rep.post_reduce.append(self.correction)
 
@@ -42,11 +45,18 @@ class Scaffold:
         c_i = self.c_i.get(k, np.zeros_like(self.c))
         new, dc = aggregate.scaffold_client_variate(c_i, self.c, self.fed.global_w, y.astype(np.float64),
                                                     steps, self.fed.cfg.local_lr)
-        self.c_i[k] = new
+        self.pending[k] = new
         return dc
 
+    def discard(self) -> None:
+        """The round was abandoned (a stop signal): its c_i updates never happened."""
+        self.pending.clear()
+
     def server_update(self, summed) -> None:
-        """Rank 0: c <- c + sum delta c_i / N; then every rank gets the new c."""
+        """Rank 0: c <- c + sum delta c_i / N; then every rank gets the new c. The round is
+        complete: its clients' new c_i replace the old ones."""
+        self.c_i.update(self.pending)
+        self.pending.clear()
         if summed is not None:
             dc_sum, count = summed
             self.c = aggregate.scaffold_server_variate(self.c, dc_sum, count, self.fed.cfg.num_clients)
