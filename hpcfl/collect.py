@@ -454,7 +454,7 @@ class SecureCollector:
         diverged = int(total[n + 4])
         stats.update(loss_sum=float(self.loss_fp.decode(total[n + 3:n + 4], survivors)[0]),
                      seen=int(total[n + 2]), survivors=survivors, nonfinite=diverged,
-                     rejected=[("?", "its training diverged (secure aggregation: who is not known)")] * diverged)
+                     rejected=[("?", "its training diverged")] * diverged)
         weight = int(total[n])
         if weight == 0:
             return None, {**stats, "skipped": "every client's training diverged"}

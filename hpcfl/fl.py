@@ -211,7 +211,11 @@ class Federation:
         for k, why in stats.get("rejected", []):
             by_reason.setdefault(why, []).append(str(k))
         for why, ks in by_reason.items():          # once per round and reason, naming the clients
-            who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
+            if set(ks) == {"?"}:                   # secure aggregation: how many, never which
+                who = f"{len(ks)} client{'s' if len(ks) > 1 else ''} (secure aggregation hides which) "
+                who += "are" if len(ks) > 1 else "is"
+            else:
+                who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
             reporter_warn(comm, f"round {server_round}: the update of {who} rejected: {why}")
         self._check(server_round, stats)
         self.server_ratio = stats.get("server_ratio", self.server_ratio)

@@ -81,8 +81,12 @@ def test_dp_defaults_apply_to_the_settings_not_given():
     for name, value in DP_DEFAULTS["dp"].items():
         assert getattr(private, name) == value, name
     assert Config(dp_sgd=True, lr=1.0, dp_clip=3.0).lr == 1.0 and Config(dp_sgd=True, dp_clip=3.0).dp_clip == 3.0
-    fl = Config(mode="fl", dp_epsilon=8)
-    assert (fl.server_opt, fl.server_lr, fl.local_lr, fl.dp_clip) == ("fedavgm", 0.2, 0.5, 1.0)
+    fl = Config(mode="fl", dp_epsilon=8, num_clients=6000, client_fraction=0.05)
+    assert (fl.server_opt, fl.server_lr, fl.local_lr, fl.dp_clip) == ("fedavgm", 1.0, 0.1, 0.2)
+    # the server step shrinks with fewer expected clients per round (the noise of the step held)
+    assert Config(mode="fl", dp_epsilon=8, num_clients=1000, client_fraction=0.05).server_lr == pytest.approx(50 / 300)
+    assert Config(mode="fl", dp_epsilon=8, num_clients=1000, client_fraction=0.05, server_lr=0.7).server_lr == 0.7
+    assert Config(mode="fl", num_clients=1000, client_fraction=0.05).server_lr == 1.0        # no DP
     assert Config(mode="fl").server_opt == "fedavg" and Config(mode="fl").dp_clip is None
     assert Config(mode="fl", dp_epsilon=8, server_opt="fedadam").server_lr == 0.01   # its own default
     assert Config(mode="fl", dp_noise=1.0, local_lr=0.1).local_lr == 0.1

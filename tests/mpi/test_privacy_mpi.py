@@ -16,10 +16,11 @@ from hpcfl.config import Config
 from hpcfl.errors import TrainingError
 from hpcfl.report import Reporter
 
-# plain FedAvg on the server (server lr 1, no momentum), not the DP defaults' fedavgm: the tests
+# plain FedAvg on the server (server lr 1, no momentum), not the DP defaults (fedavgm, a server lr
+# scaled by the clients per round): the tests
 # read the noise and the sums straight off the global model's step
 BASE = dict(num_clients=20, client_fraction=0.5, rounds=1, local_epochs=1, local_batch_size=20, local_lr=0.05,
-            server_opt="fedavg")
+            server_opt="fedavg", server_lr=1.0)
 
 
 def subset(mnist, n):
