@@ -211,10 +211,12 @@ def section(rows: list[dict], args, rounds: int, info: dict, seconds: float) -> 
     if compared:
         lines += ["At epsilon 8, these settings against plain DP-FedAvg and the command as written (hpcfl's "
                   "defaults in this checkout, with `--dp-epsilon 8`: FedAvgM, local lr 0.1, clip 0.2, server "
-                  "lr 1; for N = 6000, where a client takes one local step per round, that is the tuned "
-                  "local lr 0.5 / clip 1 / server lr 0.2 scaled by 1/5, 1/5 and 5, the same global models up "
-                  "to rounding, and unlike local lr 0.5 it does not diverge when clients take many local "
-                  "steps); \"what ran\" is what each run's config.json recorded:", "",
+                  "lr min(1, q N / 300); for N = 6000, where a client takes one local step per round, that is "
+                  "the tuned local lr 0.5 / clip 1 / server lr 0.2 scaled by 1/5, 1/5 and 5, the same global "
+                  "models up to rounding, and unlike local lr 0.5 it does not diverge when clients take many "
+                  "local steps; the server lr keeps the noise of the server's step, server_lr z S / (q N), "
+                  "at N = 6000's for fewer clients per round); \"what ran\" is what each run's config.json "
+                  "recorded:", "",
                   "| N | settings | what ran | final accuracy (median) | per seed | epsilon reached |",
                   "|---|---|---|---|---|---|"]
         for n in CLIENTS:
