@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import platform
 import shutil
 import statistics
@@ -167,3 +168,15 @@ def machine_info() -> dict:
     except Exception:
         info["mpi"] = "?"
     return info
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Put `text` in place of the file's section `heading` (a "## " line, up to the next "## "),
+    or append it; a new file gets a title first. Other sections stay as they are."""
+    old = path.read_text() if path.exists() else "# Differential privacy in hpcfl: measured\n\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text + "\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new.rstrip("\n") + "\n")

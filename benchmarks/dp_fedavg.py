@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -251,18 +250,6 @@ def section(rows: list[dict], args, rounds: int, info: dict, seconds: float) -> 
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` in place of the file's section of the same heading (up to the next "## "), or
-    append it; a new file gets a title first. Other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Differential privacy in hpcfl: measured\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
@@ -304,7 +291,7 @@ def main() -> int:
     seconds = time.perf_counter() - t0
     common.write_csv(out / "dp_fedavg.csv", rows)
     text = section(rows, args, rounds, info, seconds)
-    write_section(doc, text)
+    common.write_section(doc, SECTION, text)
     print(text)
     print(f"wrote {out / 'dp_fedavg.csv'} and the section of {doc}")
     return 0
@@ -361,7 +348,7 @@ def report_only(args, out: Path) -> int:
     seconds = sum(float(r["wall_s"]) for r in rows if r.get("wall_s") is not None)
     doc = Path(args.doc) if args.doc else (out / "PRIVACY.md" if args.quick else DOC)
     text = section(rows, args, rounds, info, seconds)
-    write_section(doc, text)
+    common.write_section(doc, SECTION, text)
     print(text)
     print(f"rewrote the section of {doc} from {path}")
     return 0

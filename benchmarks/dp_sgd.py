@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -591,18 +590,6 @@ def section(out: Path, suffix: str, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put `text` in place of the file's section of the same heading (up to the next "## "), or
-    append it; a new file gets a title first. Other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Differential privacy in hpcfl: measured\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def machine(info: dict) -> str:
     return (f"{info.get('cores', '?')} cores, {info.get('cpu_model', '?')}, {info.get('mpi', '?')}, Python "
             f"{info.get('python', '?')}, NumPy {info.get('numpy', '?')}, numba {info.get('numba', '?')}, "
@@ -668,7 +655,7 @@ def main() -> int:
         common.write_csv(out / f"dp_sgd_speed{suffix}.csv", rows)
         common.write_csv(out / f"dp_sgd_profile{suffix}.csv", prows)
     text = section(out, suffix, args.quick)
-    write_section(doc, text)
+    common.write_section(doc, SECTION, text)
     print(text)
     print(f"wrote the CSVs in {out} and the section {SECTION[3:]!r} of {doc}")
     return 0

@@ -414,7 +414,7 @@ def markdown(args, norms, attacks_rows, per_round, scaffold_rows, info, tag) -> 
     lines += md_norms(norms)
     lines += ["### Results", ""]
     lines += md_attacks(attacks_rows, per_round)
-    lines += [f"## 2. SCAFFOLD against FedAvg: rounds to 97%, non-IID", "",
+    lines += ["## 2. SCAFFOLD against FedAvg: rounds to 97%, non-IID", "",
               "The FedAvg paper's 2NN (784-200-200-10), 100 clients, C = 0.1, E = 1, B = 10, "
               "pathological non-IID split (2 label shards per client); every round evaluated; rounds to "
               "97% counted as benchmarks/fedavg_paper.py counts them (best accuracy so far, linearly "

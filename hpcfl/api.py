@@ -204,7 +204,7 @@ def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
     from . import fl, replica
 
     node = comm.node_comm()
-    local, first = node.size, node.rank == 0
+    local = node.size
     node.Free()
     if cfg.mode == "dp":
         batch_opt, rows = "--batch-size", math.ceil(cfg.batch_size / comm.size)

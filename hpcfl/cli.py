@@ -14,7 +14,7 @@ import os
 import sys
 
 from .config import FIELDS, Config, flag, shown_default
-from .errors import HpcflError, UsageError
+from .errors import UsageError
 
 GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": "federated (--mode fl)",
           "privacy": "privacy and security", "robustness": "robustness and heterogeneity (--mode fl)",

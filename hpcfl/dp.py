@@ -181,7 +181,6 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps, 
             break                              # stopped mid-epoch: the resumed run ends it
         backend.synchronize()
         seconds = time.perf_counter() - t0
-        n_steps = last - first                 # steps done by this run, for the throughput
         watchdog.progress(f"dp evaluation after epoch {epoch + 1}")
         rep.check_replicas(comm)
         acc, test_loss = rep.evaluate(comm, data.test_x, data.test_y)
