@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -232,9 +233,12 @@ class Comm:
 
     def Abort(self, code: int = 1) -> None:
         """MPI_Abort: the launcher ends every rank. MPICH's can return before this process is
-        killed, so never go on afterwards (nor print a second error on the way out)."""
+        killed, so never go on afterwards (nor print a second error on the way out). The pause
+        lets the launcher forward the message just printed: torn down at once, MPICH's hydra
+        sometimes dropped the line still in its pipe (seen once in CI: the job ended, silently)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(0.5)
         self.mpicomm.Abort(code)
         os._exit(code)
 
