@@ -375,21 +375,26 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> No
 
 # ---- --allreduce shm: a node's gradient slots summed and the update applied in one pass
 
+@njit(cache=True, nogil=True, inline="always")
+def _slot_sum(slots, i):
+    """Coordinate i summed over the node's slots, in slot order (the same order in every kernel)."""
+    g = slots[0, i]
+    for s in range(1, slots.shape[0]):
+        g += slots[s, i]
+    return g
+
+
 @njit(cache=True, nogil=True)
 def _sum_slots(slots, lo, hi, out):
     for i in range(lo, hi):
-        g = slots[0, i]
-        for s in range(1, slots.shape[0]):
-            g += slots[s, i]
+        g = _slot_sum(slots, i)
         out[i - lo] = g
 
 
 @njit(cache=True, nogil=True)
 def _sgd_slots(slots, lo, hi, p, buf, lr, momentum, weight_decay, scale):
     for i in range(lo, hi):
-        g = slots[0, i]
-        for s in range(1, slots.shape[0]):
-            g += slots[s, i]
+        g = _slot_sum(slots, i)
         j = i - lo
         d = scale * g + weight_decay * p[i]
         b = momentum * buf[j] + d
@@ -400,9 +405,7 @@ def _sgd_slots(slots, lo, hi, p, buf, lr, momentum, weight_decay, scale):
 @njit(cache=True, nogil=True)
 def _adam_slots(slots, lo, hi, p, m, v, lr, beta1, beta2, eps, weight_decay, scale, c1, c2):
     for i in range(lo, hi):
-        g = slots[0, i]
-        for s in range(1, slots.shape[0]):
-            g += slots[s, i]
+        g = _slot_sum(slots, i)
         j = i - lo
         d = scale * g + weight_decay * p[i]
         mi = beta1 * m[j] + (1 - beta1) * d
