@@ -180,3 +180,36 @@ def write_section(path: Path, heading: str, text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The `hpcfl: error` lines a failed run printed (one per job, by rank 0 or the failing rank)."""
+    return [line for line in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in line]
+
+
+def hpcfl_job(ranks: int, args: list[str]) -> tuple[list[dict], dict, float, str | None]:
+    """`mpirun -n RANKS python -m hpcfl ARGS --quiet --metrics --out` in a scratch folder; never
+    raises for a failed run. Returns (the metrics records, config.json - what ran, defaults
+    resolved -, wall seconds, None or why it failed)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, out = Path(tmp) / "m.jsonl", Path(tmp) / "out"
+        cmd = [mpirun(), "-n", str(ranks), sys.executable, "-m", "hpcfl", *args,
+               "--quiet", "--metrics", str(metrics), "--out", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), cwd=ROOT)
+        wall = time.perf_counter() - t0
+        recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    failed = None
+    if proc.returncode != 0 or not recs:
+        failed = (error_lines(proc) or [f"failed (exit {proc.returncode})"])[0]
+    return recs, config, wall, failed
+
+
+def shown_settings(config: dict, names) -> dict:
+    """The settings `names` that a run's config.json recorded, lists joined as on the command line."""
+    settings = config.get("settings", config)
+    return {name: ",".join(map(str, settings[name])) if isinstance(settings[name], list) else settings[name]
+            for name in names if name in settings}

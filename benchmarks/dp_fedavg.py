@@ -24,9 +24,7 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,18 +94,9 @@ def command_line(args: list[str], ranks: int, seed: int | None = None) -> str:
 def run(args: list[str], ranks: int, seed: int, eval_every: int) -> dict:
     """One hpcfl run under mpirun; its per-round metrics summarised. Never raises for a failed run:
     the row says why."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics, out = Path(tmp) / "m.jsonl", Path(tmp) / "out"
-        cmd = [common.mpirun(), "-n", str(ranks), sys.executable, "-m", "hpcfl", *args, "--seed", str(seed),
-               "--eval-every", str(eval_every), "--quiet", "--metrics", str(metrics), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=common.worker_env(), cwd=common.ROOT)
-        wall = time.perf_counter() - t0
-        recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    if proc.returncode != 0 or not recs:
-        errors = [l for l in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in l]
-        return {"status": (errors or [f"failed (exit {proc.returncode})"])[0], "wall_s": wall}
+    recs, config, wall, failed = common.hpcfl_job(ranks, [*args, "--seed", str(seed), "--eval-every", str(eval_every)])
+    if failed:
+        return {"status": failed, "wall_s": wall}
     accs = [(r["round"], r["test_accuracy"]) for r in recs if r.get("test_accuracy") is not None]
     last = recs[-1]
     row = {"status": "ok", "rounds_run": last["round"], "final_accuracy": accs[-1][1] if accs else None,
@@ -115,12 +104,7 @@ def run(args: list[str], ranks: int, seed: int, eval_every: int) -> dict:
            "epsilon_reached": last.get("dp_epsilon"), "noise_multiplier": last.get("dp_noise"),
            "median_round_s": statistics.median(r["round_seconds"] for r in recs), "wall_s": wall,
            "accuracy_by_round": " ".join(f"{r}:{a:.4f}" for r, a in accs)}
-    settings = config.get("settings", config)     # what ran, defaults resolved (config.json)
-    for name in SHOWN:
-        if name in settings:
-            value = settings[name]
-            row[name] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return row
+    return {**row, **common.shown_settings(config, SHOWN)}
 
 
 def grid(quick: bool):
@@ -274,20 +258,13 @@ def main() -> int:
         return report_only(args, out)
     doc = Path(args.doc) if args.doc else (out / "PRIVACY.md" if args.quick else DOC)
     rounds = QUICK_ROUNDS if args.quick else ROUNDS
-    eval_every = 5 if args.quick else 10
     seeds = [int(s) for s in args.seeds.split(",")]
     info = common.machine_info()
     t0 = time.perf_counter()
     rows = []
     for n, eps, kind in grid(args.quick):
-        hargs = hpcfl_args(n, rounds, eps, kind)
         for seed in seeds:
-            res = run(hargs, args.ranks, seed, eval_every)
-            row = {"num_clients": n, "samples_per_client": CLIENTS[n], "client_fraction": Q,
-                   "target_epsilon": eps, "delta": DELTA if eps is not None else None, "kind": kind,
-                   "rounds": rounds, "seed": seed, **res, "command": command_line(hargs, args.ranks)}
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "accuracy_by_round"}), flush=True)
+            rows.append(grid_row(n, eps, kind, seed, rounds, args.ranks))
     seconds = time.perf_counter() - t0
     common.write_csv(out / "dp_fedavg.csv", rows)
     text = section(rows, args, rounds, info, seconds)
@@ -297,37 +274,33 @@ def main() -> int:
     return 0
 
 
+def grid_row(n: int, eps, kind: str, seed: int, rounds: int, ranks: int) -> dict:
+    """Run one cell of the grid for one seed; its CSV row (printed as it comes)."""
+    hargs = hpcfl_args(n, rounds, eps, kind)
+    res = run(hargs, ranks, seed, 5 if rounds == QUICK_ROUNDS else 10)
+    row = {"num_clients": n, "samples_per_client": CLIENTS[n], "client_fraction": Q, "target_epsilon": eps,
+           "delta": DELTA if eps is not None else None, "kind": kind, "rounds": rounds, "seed": seed, **res,
+           "command": command_line(hargs, ranks)}
+    print(json.dumps({k: v for k, v in row.items() if k != "accuracy_by_round"}), flush=True)
+    return row
+
+
 def rerun(args, out: Path) -> None:
     """Replace the CSV's rows of kind args.rerun by fresh runs of the same N, epsilon and seed
-    (e.g. the as-written command after hpcfl's defaults changed)."""
+    (e.g. the as-written command after hpcfl's defaults changed), and run the grid cells of that
+    kind that the CSV lacks (the grid grew since), after their N's rows."""
     path = out / "dp_fedavg.csv"
     rows = common.read_csv(path)
+    rounds, ranks = int(rows[0]["rounds"]), int(shlex.split(rows[0]["command"])[2])   # one run made them all
+    seeds = sorted({int(r["seed"]) for r in rows})
     for i, r in enumerate(rows):
-        if r["kind"] != args.rerun:
-            continue
-        n, eps, seed = int(r["num_clients"]), r["target_epsilon"], int(r["seed"])
-        rounds = int(r["rounds"])
-        hargs = hpcfl_args(n, rounds, eps, r["kind"])
-        res = run(hargs, int(shlex.split(r["command"])[2]), seed, 5 if rounds == QUICK_ROUNDS else 10)
-        keep = {k: r[k] for k in ("num_clients", "samples_per_client", "client_fraction", "target_epsilon",
-                                  "delta", "kind", "rounds", "seed")}
-        rows[i] = {**keep, **res, "command": command_line(hargs, int(shlex.split(r["command"])[2]))}
-        print(json.dumps({k: v for k, v in rows[i].items() if k != "accuracy_by_round"}), flush=True)
-    # grid cells of that kind that the CSV lacks (the grid grew since): run them, after their N's rows
-    rounds, ranks = int(rows[0]["rounds"]), int(shlex.split(rows[0]["command"])[2])
+        if r["kind"] == args.rerun:
+            rows[i] = grid_row(int(r["num_clients"]), r["target_epsilon"], r["kind"], int(r["seed"]), rounds, ranks)
     have = {(int(r["num_clients"]), r["target_epsilon"], r["kind"]) for r in rows}
     for n, eps, kind in grid(rounds == QUICK_ROUNDS):
-        if kind != args.rerun or (n, eps, kind) in have:
-            continue
-        for seed in sorted({int(r["seed"]) for r in rows}):
-            hargs = hpcfl_args(n, rounds, eps, kind)
-            res = run(hargs, ranks, seed, 5 if rounds == QUICK_ROUNDS else 10)
-            row = {"num_clients": n, "samples_per_client": CLIENTS[n], "client_fraction": Q, "target_epsilon": eps,
-                   "delta": DELTA, "kind": kind, "rounds": rounds, "seed": seed, **res,
-                   "command": command_line(hargs, ranks)}
+        if kind == args.rerun and (n, eps, kind) not in have:
             last = max(i for i, r in enumerate(rows) if int(r["num_clients"]) == n)
-            rows.insert(last + 1, row)
-            print(json.dumps({k: v for k, v in row.items() if k != "accuracy_by_round"}), flush=True)
+            rows[last + 1:last + 1] = [grid_row(n, eps, kind, seed, rounds, ranks) for seed in seeds]
     common.write_csv(path, rows)
 
 

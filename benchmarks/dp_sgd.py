@@ -38,7 +38,6 @@ import importlib.util
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,19 +108,10 @@ def command_line(args: list[str], ranks: int) -> str:
 def run_accuracy(args: list[str], ranks: int, seed: int, private: bool, noise_seed: bool) -> dict:
     """One hpcfl run under mpirun, its per-epoch metrics summarised. Never raises for a failed
     run: the row says why."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics, out = Path(tmp) / "m.jsonl", Path(tmp) / "out"
-        extra = ["--dp-noise-seed", str(seed)] if private and noise_seed else []
-        cmd = [common.mpirun(), "-n", str(ranks), PY, "-m", "hpcfl", *args, "--seed", str(seed), *extra,
-               "--quiet", "--metrics", str(metrics), "--out", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=common.worker_env(), cwd=common.ROOT)
-        wall = time.perf_counter() - t0
-        recs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    if proc.returncode != 0 or not recs:
-        errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in line]
-        return {"status": (errors or [f"failed (exit {proc.returncode})"])[0], "wall_s": wall}
+    extra = ["--dp-noise-seed", str(seed)] if private and noise_seed else []
+    recs, config, wall, failed = common.hpcfl_job(ranks, [*args, "--seed", str(seed), *extra])
+    if failed:
+        return {"status": failed, "wall_s": wall}
     last = recs[-1]
     row = {"status": "ok", "epochs_run": last["epoch"], "steps": last["step"],
            "final_accuracy": last["test_accuracy"], "best_accuracy": max(r["test_accuracy"] for r in recs),
@@ -129,12 +119,7 @@ def run_accuracy(args: list[str], ranks: int, seed: int, private: bool, noise_se
            "clipped_fraction_last_epoch": last.get("dp_clipped_fraction"),
            "median_epoch_s": statistics.median(r["epoch_seconds"] for r in recs), "wall_s": wall,
            "accuracy_by_epoch": " ".join(f"{r['test_accuracy']:.4f}" for r in recs)}
-    settings = config.get("settings", config)     # what ran, defaults resolved (config.json)
-    for name in SHOWN:
-        if name in settings:
-            value = settings[name]
-            row[name] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return row
+    return {**row, **common.shown_settings(config, SHOWN)}
 
 
 def accuracy_grid(quick: bool):

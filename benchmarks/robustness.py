@@ -133,7 +133,7 @@ def launch(ranks: int, hpcfl_args: list[str], python_args: list[str] | None = No
             extra["norms"] = [json.loads(line) for line in norms.read_text().splitlines()]
     if proc.returncode == 0:
         return "ok", recs, shown, wall, extra
-    errors = [l for l in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in l]
+    errors = common.error_lines(proc)
     if errors and any(d in errors[0] for d in DIVERGED):
         where = re.search(r"rounds? (\d+)", errors[0])
         extra["error"] = errors[0]
