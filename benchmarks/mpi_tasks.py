@@ -8,6 +8,9 @@
     mpirun -n 1 python benchmarks/mpi_tasks.py profile
         where the time of one dp step goes (GEMMs, elementwise, gather, optimizer, comm, Python):
         timers around the parts of the real Replica.step
+    mpirun -n 1 python benchmarks/mpi_tasks.py onerank
+        one rank's step with the update after backward or fused into it (per layer), at dp's
+        defaults and fl's B=10, against the GEMMs alone; blocks interleaved
     mpirun -n 1 python benchmarks/mpi_tasks.py compute
         step time at local batch 1..1024 (the compute term of the scaling model)
 
@@ -247,8 +250,8 @@ class Instrumented:
         be.gather, be.gather_labels = self._timed(be.gather, "gather"), self._timed(be.gather_labels, "gather")
         self.comm_saved = self.comm.Allreduce_sum
         self.comm.Allreduce_sum = self._timed(self.comm.Allreduce_sum, "allreduce")
-        self.opt_saved = self.rep.opt.step
-        self.rep.opt.step = self._timed(self.rep.opt.step, "optimizer")
+        # update(), not step(): a one-rank step calls it per layer inside backward (fused update)
+        self.rep.opt.update = self._timed(self.rep.opt.update, "optimizer")
         if self.rep.sync.updates_params:     # shm: the sum and the update run inside sync.run
             sync, model, T = self.rep.sync, self.rep.model, self.T
             self.run_saved = sync.run
@@ -272,7 +275,7 @@ class Instrumented:
             setattr(nb, name, value)
         self.rep.backend.gather, self.rep.backend.gather_labels = self.be_saved
         self.comm.Allreduce_sum = self.comm_saved
-        del self.rep.opt.step                                  # back to the class's method
+        del self.rep.opt.update                                # back to the class's method
         del self.comm.Allreduce_sum
         if self.rep.sync.updates_params:
             del self.rep.sync.run
@@ -300,6 +303,7 @@ def task_profile(args):
     data = open_data(comm)
     B = 128
     rep = dp.Replica(Config(backend="numba", allreduce=args.allreduce), be, math.ceil(B / comm.size), comm=comm)
+    rep.fuse_update = rep.fuse_update and args.fuse_update == "auto"
     perm = data_mod.epoch_permutation(data.n_train, 0, 0)
     steps = data.n_train // B
     lr = 0.01
@@ -339,6 +343,89 @@ def task_profile(args):
               "step_us": step_us, "timed_step_us": instr / n_instr * 1e6, "phases_us": mean,
               "sync_update_us": float(np.mean(all_sync)), "alloc": alloc, "steps_measured": n_plain,
               "allreduce": args.allreduce})
+
+
+# ------------------------------------------------------------------ one rank: each change alone
+
+ONE_RANK = [  # (label, hidden, batch, momentum, weight decay): dp's defaults, and fl's local steps
+    ("dp: 784-256-128-10, B=128, momentum 0.9", (256, 128), 128, 0.9, 0.0),
+    ("fl: 784-200-200-10 (2NN), B=10, plain SGD", (200, 200), 10, 0.0, 0.0)]
+
+
+def floor_step(layout, B):
+    """The step's GEMMs alone (as single.py's floor), for a ratio in the same process."""
+    rng = np.random.default_rng(0)
+    W = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(layout.sizes, layout.sizes[1:])]
+    G = [np.empty_like(w) for w in W]
+    x = rng.standard_normal((B, layout.sizes[0]), dtype=np.float32)
+    A = [np.empty((B, n), np.float32) for n in layout.sizes[1:]]
+    D = [np.empty((B, n), np.float32) for n in layout.sizes[1:]]
+
+    def step():
+        a = x
+        for i, w in enumerate(W):
+            np.matmul(a, w, out=A[i])
+            a = A[i]
+        for i in range(len(W) - 1, -1, -1):
+            np.matmul(A[i - 1].T if i else x.T, D[i], out=G[i])
+            if i:
+                np.matmul(D[i], W[i].T, out=D[i - 1])
+    return step
+
+
+def task_onerank(args):
+    """One rank's step, side by side in one process, blocks interleaved: the update after
+    backward (one pass) or inside it per layer (fused, the default where the backend says so),
+    the general SGD kernel or the momentum-free one, against the GEMMs alone."""
+    from hpcfl.backends import numba_backend as nb
+
+    comm = Comm.self_()
+    backends.set_threads(1)
+    be = backends.get("numba")
+    data = open_data(comm)
+    int(np.asarray(data.train_x[:, 0]).sum())
+    general = lambda p, g, buf, lr, m, wd, scale: nb._sgd(p, g, buf, *map(np.float32, (lr, m, wd, scale)))  # noqa: E731
+    rows = []
+    for label, hidden, B, momentum, wd in ONE_RANK:
+        cfg = Config(backend="numba", hidden=hidden, momentum=momentum, weight_decay=wd)
+        variants = {"update after backward": (False, False), "fused update": (True, False)}
+        if momentum == 0 and wd == 0:
+            variants = {"update after backward, general SGD kernel": (False, True),
+                        "update after backward": (False, False), "fused update": (True, False)}
+        reps = {}
+        for name, (fuse, gen) in variants.items():
+            reps[name] = dp.Replica(cfg, be, B)
+            reps[name].fuse_update = fuse
+        floor = floor_step(reps["fused update"].layout, B)
+        perm = data_mod.epoch_permutation(data.n_train, 0, 0)
+        steps = data.n_train // B
+        times = {name: [] for name in [*variants, "GEMMs alone (floor)"]}
+        s = 0
+        for block in range(args.blocks + 1):                  # block 0: warm-up
+            for name in times:
+                if name.startswith("GEMMs"):
+                    t0 = perf()
+                    for _ in range(args.block_steps):
+                        floor()
+                else:
+                    rep, gen = reps[name], variants[name][1]
+                    saved = be.sgd_update
+                    if gen:
+                        be.sgd_update = general
+                    t0 = perf()
+                    for k in range(args.block_steps):
+                        o = ((s + k) % steps) * B
+                        rep.step(comm, data.train_x, data.train_y, perm[o:o + B], 0.01)
+                    be.sgd_update = saved
+                dt = (perf() - t0) / args.block_steps * 1e6
+                if block:
+                    times[name].append(dt)
+            s += args.block_steps
+        for name, ts in times.items():
+            rows.append({"setting": label, "variant": name, "step_us": float(np.median(ts)),
+                         "per_block_us": [round(t, 1) for t in ts],
+                         "vs_floor": float(np.median(np.array(ts) / np.array(times["GEMMs alone (floor)"])))})
+    emit({"task": "onerank", "rows": rows})
 
 
 # ------------------------------------------------------------------ compute (scaling model input)
@@ -385,10 +472,16 @@ def main():
     pr.add_argument("--blocks", type=int, default=6)
     pr.add_argument("--block-steps", type=int, default=150)
     pr.add_argument("--allreduce", choices=["fused", "shm"], default="fused")
+    pr.add_argument("--fuse-update", choices=["auto", "off"], default="auto",
+                    help="off: the optimizer after backward even at one rank")
+    o1 = sub.add_parser("onerank")
+    o1.add_argument("--blocks", type=int, default=7)
+    o1.add_argument("--block-steps", type=int, default=300)
     c = sub.add_parser("compute")
     c.add_argument("--budget", type=float, default=0.15, help="seconds per batch size and repeat")
     args = p.parse_args()
-    {"sync": task_sync, "osu": task_osu, "profile": task_profile, "compute": task_compute}[args.task](args)
+    {"sync": task_sync, "osu": task_osu, "profile": task_profile, "onerank": task_onerank,
+     "compute": task_compute}[args.task](args)
 
 
 if __name__ == "__main__":

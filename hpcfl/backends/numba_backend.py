@@ -14,6 +14,7 @@ from ..data import MEAN, STD
 from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np
+FUSED_UPDATE = True   # each layer's update runs while its gradient is still in cache (measured: benchmarks/RESULTS.md)
 
 try:
     import numba
@@ -254,6 +255,14 @@ def _sgd(p, g, buf, lr, momentum, weight_decay, scale):
 
 
 @njit(cache=True, nogil=True)
+def _sgd_plain(p, g, lr, scale):
+    """_sgd with momentum 0 and no weight decay (fl's local training): the same value per element
+    (adding the zero terms changes nothing), without streaming an unused momentum buffer."""
+    for i in range(p.shape[0]):
+        p[i] -= lr * (scale * g[i])
+
+
+@njit(cache=True, nogil=True)
 def _adam(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, c1, c2):
     for i in range(p.shape[0]):
         d = scale * g[i] + weight_decay * p[i]
@@ -293,9 +302,11 @@ def _forward(params, x, ws):
     return a
 
 
-def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=None) -> float:
     """on_layer_ready(i), if given, is called as soon as layer i's (W, b) gradients are final,
-    last layer first, so that the caller can start reducing them while backward goes on."""
+    last layer first, so that the caller can start reducing them while backward goes on;
+    after_layer(i) once backward no longer reads layer i's parameters either, so that the caller
+    can update them in place while their gradients are still in cache."""
     n = x.shape[0]
     logits = _forward(params, x, ws)
     last = len(params) - 1
@@ -311,6 +322,8 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
             np.matmul(dz, params[i][0].T, out=da)      # (B, fan_out) @ (fan_out, fan_in)
             _relu_backward_bias(da, a_prev, grads[i - 1][1])
             dz = da
+        if after_layer is not None:
+            after_layer(i)
     return float(loss)
 
 
@@ -364,7 +377,10 @@ def evaluate(params, x, y, ws) -> tuple[int, float]:
 
 
 def sgd_update(p, g, buf, lr, momentum, weight_decay, scale) -> None:
-    _sgd(p, g, buf, np.float32(lr), np.float32(momentum), np.float32(weight_decay), np.float32(scale))
+    if momentum == 0 and weight_decay == 0:      # buf is then never read (PyTorch keeps none)
+        _sgd_plain(p, g, np.float32(lr), np.float32(scale))
+    else:
+        _sgd(p, g, buf, np.float32(lr), np.float32(momentum), np.float32(weight_decay), np.float32(scale))
 
 
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t) -> None:
