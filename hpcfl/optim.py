@@ -2,10 +2,6 @@
 
 The update itself is a backend kernel (one fused loop over all parameters); this module holds
 the state buffers (momentum / Adam moments, the same flat layout as the parameters).
-
-`step` updates every parameter. A replica with nothing to reduce (one rank) instead calls
-`begin()` once, then `update(..., lo, hi)` for each layer's slice as soon as backward is done
-with it (Replica.step): the same arithmetic per element, so the same model, bitwise.
 """
 from __future__ import annotations
 
@@ -21,16 +17,7 @@ class SGD:
 
     def step(self, params, grads, lr: float, scale: float) -> None:
         """params -= update(scale * grads); `scale` turns a gradient sum into a mean."""
-        self.begin()
-        self.update(params, grads, lr, scale, 0, len(self.buf))
-
-    def begin(self) -> None:
-        """Start a step (nothing to count for SGD)."""
-
-    def update(self, params, grads, lr: float, scale: float, lo: int, hi: int) -> None:
-        """The step's update of parameters lo:hi (flat indices) alone."""
-        self.backend.sgd_update(params[lo:hi], grads[lo:hi], self.buf[lo:hi], lr, self.momentum,
-                                self.weight_decay, scale)
+        self.backend.sgd_update(params, grads, self.buf, lr, self.momentum, self.weight_decay, scale)
 
     def state(self) -> dict:
         return {"buf": self.buf}
@@ -52,15 +39,9 @@ class Adam:
         self.t = 0
 
     def step(self, params, grads, lr: float, scale: float) -> None:
-        self.begin()
-        self.update(params, grads, lr, scale, 0, len(self.m))
-
-    def begin(self) -> None:
-        self.t += 1                                        # once per step, not per slice
-
-    def update(self, params, grads, lr: float, scale: float, lo: int, hi: int) -> None:
-        self.backend.adam_update(params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi], lr,
-                                 self.beta1, self.beta2, self.eps, self.weight_decay, scale, self.t)
+        self.t += 1
+        self.backend.adam_update(params, grads, self.m, self.v, lr, self.beta1, self.beta2,
+                                 self.eps, self.weight_decay, scale, self.t)
 
     def state(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}

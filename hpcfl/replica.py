@@ -45,9 +45,8 @@ class ModelState:
         self.clipped = 0                       # how many samples the clip cut (a statistic, not private)
         self._chunk_grads = None               # DP-SGD's rare oversized batch: partial sums
 
-    def local_gradient(self, images, labels, idx, on_layer_ready=None, after_layer=None) -> float:
-        """Summed loss and gradients of rows `idx` (into grads); the backend's forward_backward
-        calls the two hooks (backends/__init__.py)."""
+    def local_gradient(self, images, labels, idx, on_layer_ready=None) -> float:
+        """Summed loss and gradients of rows `idx` (into grads)."""
         n, be = len(idx), self.backend
         if n == 0:                              # a rank with no rows in a tiny last batch (fl)
             self.grads[...] = 0
@@ -56,10 +55,10 @@ class ModelState:
             return self._clipped_gradient(images, labels, idx)
         be.gather(images, idx, self.xbuf, *self.norm)
         be.gather_labels(labels, idx, self.ybuf)
-        if on_layer_ready is None and after_layer is None:
+        if on_layer_ready is None:
             return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws)
         return be.forward_backward(self.pviews, self.xbuf[:n], self.ybuf[:n], self.gviews, self.ws,
-                                   on_layer_ready=on_layer_ready, after_layer=after_layer)
+                                   on_layer_ready=on_layer_ready)
 
     def _clipped_gradient(self, images, labels, idx) -> float:
         """DP-SGD: the sum of the rows' gradients, each clipped to self.clip (the backends'
@@ -141,14 +140,6 @@ class Replica:
         self.pre_reduce: list = []
         self.post_reduce: list = []
         self.stop_agreed = False               # set by step(): some rank voted to stop
-        # With nothing to reduce (step() checks), each layer is updated inside backward, where
-        # the backend says that pays; benchmarks turn it off to measure it.
-        self.fuse_update = getattr(backend, "FUSED_UPDATE", False)
-        sizes = self.layout.sizes
-        edges = np.cumsum([0] + [i * o + o for i, o in zip(sizes[:-1], sizes[1:])]).tolist()
-        self._layer_ranges = list(zip(edges[:-1], edges[1:]))   # layer i's W and b, flat
-        self._lr = self._scale = 0.0
-        self._update_layer = self._update_layer_now               # bound once: no allocation per step
 
     # the parts tests and benchmarks look at
     params = property(lambda self: self.model.params)
@@ -171,11 +162,7 @@ class Replica:
         n = len(global_idx)
         lo, hi = shard_range(n, comm.rank, comm.size)
         denominator = float(n) if denominator is None else denominator
-        if self._fuses(comm, hi - lo):
-            self._lr, self._scale = lr, 1.0 / denominator
-            self.model.opt.begin()
-            self.sync.run_alone(self.model, images, labels, global_idx, stop, self._update_layer)
-        elif self.sync.updates_params:         # shm: each rank updates its slice inside run()
+        if self.sync.updates_params:           # shm: each rank updates its slice inside run()
             self.sync.run(comm, self.model, images, labels, global_idx[lo:hi], stop, self.pre_reduce,
                           lr=lr, scale=1.0 / denominator)
         else:
@@ -187,17 +174,6 @@ class Replica:
         self.stop_agreed = votes > 0
         watchdog.progress()
         return loss / n if n else 0.0
-
-    def _fuses(self, comm, rows: int) -> bool:
-        """Whether this step updates each layer inside backward: only where the sum of this rank's
-        rows is the whole gradient (one rank, no reducer, no hook that changes the sum, no
-        per-sample clipping) and backward runs (rows; else the update alone runs, as usual)."""
-        return (self.fuse_update and rows > 0 and comm.size == 1 and not self.pre_reduce
-                and not self.post_reduce and self.model.clip is None and self.sync.alone())
-
-    def _update_layer_now(self, i: int) -> None:
-        lo, hi = self._layer_ranges[i]
-        self.model.opt.update(self.model.params, self.sync.grads, self._lr, self._scale, lo, hi)
 
     def evaluate(self, comm, images, labels) -> tuple[float, float]:
         return self.model.evaluate(comm, images, labels)

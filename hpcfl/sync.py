@@ -40,16 +40,6 @@ class FusedSync:
         self._tail(stop, pre_reduce)
         (comm if self.reducer is None else self.reducer).Allreduce_sum(self.gradbuf)
 
-    def alone(self) -> bool:
-        """Whether a one-rank step has nothing to reduce: no reducer (NCCL, DP-FedAvg's) to run."""
-        return self.reducer is None
-
-    def run_alone(self, model, images, labels, idx, stop: bool, after_layer) -> None:
-        """run() on one rank with nothing to reduce (alone()): the local sum is the sum;
-        after_layer(i) updates layer i inside backward (Replica.step)."""
-        self.gradbuf[-1] = model.local_gradient(images, labels, idx, after_layer=after_layer)
-        self.gradbuf[-2] = 1.0 if stop else 0.0
-
     def totals(self) -> tuple[float, float]:
         """(stop votes, loss sum) after run(): one small device -> host copy."""
         votes, loss = (float(v) for v in self.backend.to_host(self.gradbuf[-2:]))
@@ -102,10 +92,6 @@ class ShmSync:
     the loss, for everyone to read."""
 
     updates_params = True
-
-    @staticmethod
-    def alone() -> bool:
-        return False                       # even one rank sums its slot and updates in run()
 
     def __init__(self, cfg, backend, layout, comm):
         from .data import shard_range

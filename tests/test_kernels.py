@@ -132,30 +132,6 @@ def check_on_layer_ready(be):
         np.testing.assert_array_equal(b, gb)
 
 
-@pytest.mark.parametrize("name", ["numpy", "numba"])
-def test_after_layer_comes_once_backward_no_longer_reads_the_layer(name):
-    # A one-rank step updates layer i in place inside after_layer(i): wrecking the layer's
-    # parameters there must leave every gradient as a plain backward computes it.
-    be = backends.get(name)
-    lay = model.layout((256, 128))
-    p0 = model.init_params(lay, 4)
-    x, y = batch(lay, 32)
-    g_plain = np.zeros(lay.n_params, np.float32)
-    loss_plain = be.forward_backward(lay.views(p0.copy()), x, y, lay.views(g_plain), be.Workspace(lay, 32))
-    p, g, seen = p0.copy(), np.zeros(lay.n_params, np.float32), []
-    views = lay.views(p)
-
-    def done(i):
-        seen.append(i)
-        views[i][0][...] = np.nan
-        views[i][1][...] = np.nan
-
-    loss = be.forward_backward(views, x, y, lay.views(g), be.Workspace(lay, 32), after_layer=done)
-    assert seen == [2, 1, 0]
-    assert loss == loss_plain
-    np.testing.assert_array_equal(g, g_plain)
-
-
 def test_momentum_free_sgd_is_the_general_kernel_without_the_buffer():
     # fl's local SGD (momentum 0, no weight decay) skips the momentum buffer: same values
     from hpcfl.backends import numba_backend as nb
@@ -171,35 +147,6 @@ def test_momentum_free_sgd_is_the_general_kernel_without_the_buffer():
     ref.sgd_update(p_ref, g, np.zeros_like(p0), 0.1, 0.0, 0.0, 0.1)
     np.testing.assert_allclose(p, p_ref, rtol=1e-6, atol=1e-7)
     assert not np.array_equal(p, p0)
-
-
-@pytest.mark.parametrize("opt,momentum,weight_decay", [("sgd", 0.9, 1e-4), ("sgd", 0.0, 0.0), ("adam", 0.0, 1e-4)])
-def test_one_rank_step_with_the_update_inside_backward_is_the_plain_step_bitwise(opt, momentum, weight_decay):
-    from hpcfl.comm import Comm
-    from hpcfl.config import Config
-    from hpcfl.replica import Replica
-
-    be = backends.get("numba")
-    cfg = Config(backend="numba", hidden=(64, 32), optimizer=opt, momentum=momentum, weight_decay=weight_decay)
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (300, 784), dtype=np.uint8)
-    labels = rng.integers(0, 10, 300).astype(np.uint8)
-    comm = Comm.self_()
-    reps = [Replica(cfg, be, 50), Replica(cfg, be, 50)]
-    reps[1].fuse_update = False
-    plain_steps = []
-    reps[1].opt.step = lambda *a, _step=reps[1].opt.step: (plain_steps.append(1), _step(*a))
-    fused_steps = []
-    reps[0].opt.step = lambda *a: fused_steps.append(1)        # must not be called: fused
-    for s in range(6):
-        idx = rng.permutation(300)[:50 - 7 * (s % 2)]           # a short batch too
-        losses = [r.step(comm, images, labels, idx, 0.05) for r in reps]
-        assert losses[0] == losses[1]
-    assert not fused_steps and len(plain_steps) == 6
-    np.testing.assert_array_equal(reps[0].params, reps[1].params)
-    for (k, a), (_, b) in zip(reps[0].state().items(), reps[1].state().items()):
-        np.testing.assert_array_equal(a, b, err_msg=k)
-    assert not np.array_equal(reps[0].params, model.init_params(reps[0].layout, cfg.seed))
 
 
 def test_backend_gather_matches_reference(be):

@@ -5,12 +5,9 @@ A backend is a module providing
     Workspace(layout, max_batch)          preallocated activations, reused every step
     gather(src_u8, idx, out, mean, std)   rows `idx` of the uint8 images -> (x/255 - mean)/std float32
     gather_labels(labels, idx, out)       labels[idx] -> out (int32)
-    forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=None) -> loss_sum
+    forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> loss_sum
                                           grads = SUM over the batch; on_layer_ready(i) is
-                                          called once layer i's grads are final (last first),
-                                          after_layer(i) once backward is done with layer i
-    FUSED_UPDATE                          whether updating each layer in after_layer pays
-                                          (Replica.step at one rank)
+                                          called once layer i's grads are final (last first)
     forward_backward_clipped(params, x, y, grads, ws, clip) -> (loss_sum, n_clipped)
                                           grads = SUM over the batch of per-sample gradients each
                                           clipped to L2 norm clip (DP-SGD), without materialising them

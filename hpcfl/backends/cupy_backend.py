@@ -37,7 +37,6 @@ import numpy as np
 from ..data import MEAN, STD
 
 cp = None                    # the cupy module, once _cupy() has imported it
-FUSED_UPDATE = False         # on a GPU one update kernel beats one per layer (no cache to win)
 _REASON = "not checked"      # cached unavailable_reason(); "not checked" before the first call
 _DEVICE = None               # the device id select_device() chose
 
@@ -668,12 +667,11 @@ def _forward(params, x, ws):
     return a
 
 
-def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=None) -> float:
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
     """Summed softmax cross-entropy of the batch; grads (views of the flat buffer) get the sums.
 
     on_layer_ready(i), if given, is called once the kernels that write layer i's gradients are
-    queued (last layer first), after_layer(i) once the last kernel that reads layer i's
-    parameters is (kernels on the stream run in order); a collective on them must synchronise the stream first, as
+    queued (last layer first); a collective on them must synchronise the stream first, as
     hpcfl.comm does for device buffers. The returned Python float costs one 8-byte device ->
     host copy, which waits for the step's kernels. (dp.Replica.step adds the gradient
     collective, which waits for the stream unless it is NCCL, and one read of the reduced
@@ -696,8 +694,6 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=N
             _gemm(dz, params[i][0], da, trans_b=True)                # (B, fan_out) @ (fan_out, fan_in)
             _relu_backward_bias(da, a_prev, grads[i - 1][1], ws)
             dz = da
-        if after_layer is not None:
-            after_layer(i)
     ws.scalars[:1].get(out=ws.host[:1])
     return float(ws.host[0])
 

@@ -14,7 +14,6 @@ from ..data import MEAN, STD
 from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np
-FUSED_UPDATE = True   # each layer's update runs while its gradient is still in cache (measured: benchmarks/RESULTS.md)
 
 try:
     import numba
@@ -302,11 +301,9 @@ def _forward(params, x, ws):
     return a
 
 
-def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=None) -> float:
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
     """on_layer_ready(i), if given, is called as soon as layer i's (W, b) gradients are final,
-    last layer first, so that the caller can start reducing them while backward goes on;
-    after_layer(i) once backward no longer reads layer i's parameters either, so that the caller
-    can update them in place while their gradients are still in cache."""
+    last layer first, so that the caller can start reducing them while backward goes on."""
     n = x.shape[0]
     logits = _forward(params, x, ws)
     last = len(params) - 1
@@ -322,8 +319,6 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=N
             np.matmul(dz, params[i][0].T, out=da)      # (B, fan_out) @ (fan_out, fan_in)
             _relu_backward_bias(da, a_prev, grads[i - 1][1])
             dz = da
-        if after_layer is not None:
-            after_layer(i)
     return float(loss)
 
 

@@ -7,7 +7,6 @@ from ..data import MEAN, STD
 from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np
-FUSED_UPDATE = False   # the reference keeps the plain step: backward, then one update
 
 
 def unavailable_reason() -> str | None:
@@ -44,13 +43,11 @@ def _log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=None) -> float:
+def forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> float:
     """Sum of softmax cross-entropy over the batch; fills grads with the summed gradients.
 
     on_layer_ready(i), if given, is called as soon as layer i's gradients are final (last
-    layer first): the caller may start reducing them while the backward pass goes on;
-    after_layer(i) once backward no longer reads layer i's parameters (the caller may update
-    them)."""
+    layer first): the caller may start reducing them while the backward pass goes on."""
     acts = _forward(params, x)
     logp = _log_softmax(acts[-1])
     rows = np.arange(len(y))
@@ -66,8 +63,6 @@ def forward_backward(params, x, y, grads, ws, on_layer_ready=None, after_layer=N
             on_layer_ready(i)
         if i > 0:
             dz = (dz @ w.T) * (acts[i] > 0)  # ReLU backward
-        if after_layer is not None:
-            after_layer(i)
     return loss
 
 
