@@ -30,5 +30,5 @@ setup(
         "plot": ["matplotlib>=3.5"],            # python -m hpcfl plot
         "bench": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["hpcfl=hpcfl.cli:main"]},
+    entry_points={"console_scripts": ["hpcfl=hpcfl.cli:run"]},
 )

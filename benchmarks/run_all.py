@@ -8,13 +8,14 @@ Everything runs one thread per rank. Timings that are compared are taken side by
 same run and interleaved round by round (so a slow minute of a shared machine hits every
 variant alike); RESULTS.md reports medians over the rounds. Set HPCFL_DATA_DIR to the MNIST
 folder first. Sections (--only picks some): capacity single parallel sync osu scaling startup
-memory profile compute; the scaling model, the plots and RESULTS.md are made from the CSVs.
+memory profile compute fl; the scaling model, the plots and RESULTS.md are made from the CSVs.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -22,12 +23,15 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from secagg_cost import FLOWER_PYTHON, flower_python_ok, flower_rounds  # noqa: E402
 from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker,  # noqa: E402
                     uptime, write_csv)
 
 PY = sys.executable
+RUN_KEYS = ("command", "date", "cpu_model", "cores", "load_before", "load_after", "repeats")
 SECTIONS = ["capacity", "single", "parallel", "sync", "shm", "osu", "scaling", "startup", "memory", "profile",
-            "compute"]
+            "compute", "fl"]
 
 
 class Ctx:
@@ -256,6 +260,56 @@ def sec_startup(ctx):
     write_csv(ctx.out / "startup_profile.csv", phases + imports)
 
 
+FL_PAPER = ["--mode", "fl", "--hidden", "200,200", "--num-clients", 100, "--client-fraction", 0.1,
+            "--local-epochs", 1, "--local-batch-size", 10, "--local-lr", 0.1, "--eval-every", 1000]
+FL_TIMELINE = [  # (phase, the probe's clock that ends it): max over the ranks, from mpirun's launch
+    ("interpreter up", "t_python"), ("imports, MPI_Init", "t_mpi"), ("backend (Numba import)", "t_backend"),
+    ("checks, data set opened", "t_data"), ("federation built", "t_federation")]
+
+
+def sec_fl(ctx):
+    """FL's small steps (issue 15): 20 rounds of the FedAvg paper's 2NN setting at 2 ranks, the
+    whole job (mpirun's launch to its exit) against Flower 1.42's FedAvg in the same setting
+    (benchmarks/flower_secagg.py, when --flower-python imports flwr), interleaved round by round;
+    where hpcfl's job goes (probe.py's timeline); one rank's step against the GEMMs alone."""
+    ranks, rounds = 2, 3 if ctx.quick else 20
+    args = [*FL_PAPER, "--rounds", rounds]
+    flower = ctx.args.flower_python if flower_python_ok(ctx.args.flower_python) else None
+    if flower is None:
+        ctx.notes.append(f"fl: Flower not run ({ctx.args.flower_python or 'no --flower-python'} does not import flwr)")
+    hpcfl_run(ctx, ranks, args)                                 # warms the Numba cache
+    walls, timeline, steps = [], [], []
+    for r in range(1 if ctx.quick else max(3, ctx.repeats)):
+        ctx.log(f"fl round {r + 1}: hpcfl {ranks} ranks x {rounds} rounds{', Flower' if flower else ''}")
+        t0 = time.perf_counter()
+        hpcfl_run(ctx, ranks, args)
+        walls.append({"round": r + 1, "impl": "hpcfl", "wall_seconds": time.perf_counter() - t0, "rounds": rounds})
+        if flower:
+            _, wall = flower_rounds(flower, rounds, ["--secagg", "0"])
+            walls.append({"round": r + 1, "impl": "Flower FedAvg", "wall_seconds": wall, "rounds": rounds})
+        recs = probe_run(ctx, ranks, [str(a) for a in args])
+        t_launch = recs[0]["t_launch"]
+        row = {"round": r + 1, "exit_s": recs[0]["t_done"] - t_launch}
+        for phase, key in FL_TIMELINE:
+            row[phase] = max(x[key] for x in recs) - t_launch
+        row["first round end"] = max(x["rounds"][0][1] for x in recs) - t_launch
+        row["last round end"] = max(x["rounds"][-1][1] for x in recs) - t_launch
+        row["final evaluation end"] = max(x["t_final_eval"][1] for x in recs) - t_launch
+        later = [[x["rounds"][k] for x in recs] for k in range(1, len(recs[0]["rounds"]))]
+        row["round_s_median"] = statistics.median(max(e for _, e, _ in k) - min(s for s, _, _ in k) for k in later)
+        row["local_training_s_median"] = statistics.median(statistics.fmean(c for _, _, c in k) for k in later)
+        row["first_round_s"] = max(x["rounds"][0][1] for x in recs) - min(x["rounds"][0][0] for x in recs)
+        row["numba_load_s"] = statistics.fmean(x["numba_load_seconds"] for x in recs)
+        timeline.append(row)
+    res = run_worker([mpirun(), "-n", 1, PY, BENCH / "mpi_tasks.py", "onerank"] +
+                     (["--blocks", 2, "--block-steps", 100] if ctx.quick else []))
+    for r in res["rows"]:
+        steps.append({k: v for k, v in r.items() if k != "per_block_us"})
+    write_csv(ctx.out / "fl_wall.csv", walls)
+    write_csv(ctx.out / "fl_timeline.csv", timeline)
+    write_csv(ctx.out / "onerank.csv", steps)
+
+
 def sec_memory(ctx):
     """Target 5: peak and resident memory per rank at 1..8 ranks after one epoch."""
     rows = []
@@ -348,6 +402,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="rounds of the interleaved timings (default 5, quick 1)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections "
                    "(the others' CSVs already in --out are kept and reported)")
+    p.add_argument("--flower-python", default=FLOWER_PYTHON if Path(FLOWER_PYTHON).exists() else None,
+                   help="the Python of an environment with flwr[simulation] for the fl section's Flower run "
+                        "(see benchmarks/flower_secagg.py)")
     p.add_argument("--results-md", default=None,
                    help="where to write the report (default: benchmarks/RESULTS.md for the default "
                         "--out, else OUT/RESULTS.md, so a smoke run never overwrites the real one)")
@@ -373,11 +430,14 @@ def main(argv=None) -> int:
     info.update(load_after=uptime(), wall_seconds=time.time() - t_start, notes=ctx.notes, failed=failed,
                 sections=args.only or SECTIONS)
     previous = ctx.out / "run_info.json"
-    if args.only and previous.exists():     # a partial re-run: keep what the full run said too
-        info["previous_run"] = json.loads(previous.read_text())
+    # which run measured each section: a partial re-run (--only) replaces its own sections only
+    this_run = {k: info.get(k) for k in RUN_KEYS}
+    runs = {name: this_run for name in info["sections"]}
+    if args.only and previous.exists():
+        prev = json.loads(previous.read_text())
+        runs = {**report.runs_by_section(prev), **runs}
+    info["runs_by_section"] = runs
     (ctx.out / "run_info.json").write_text(json.dumps(info, indent=2))
-    import report
-
     report.build(ctx.out, Path(args.results_md))
     ctx.log(f"done in {time.time() - t_start:.0f} s; wrote {ctx.out} and {args.results_md}")
     return 1 if failed else 0

@@ -276,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(_dispatch, argv)
 
 
+def run() -> None:
+    """The command line's entry point (`python -m hpcfl`, `hpcfl`): main(), then the process ends
+    without the interpreter's slow teardown (comm.exit_process)."""
+    code = main()
+    from .comm import exit_process
+
+    exit_process(code)
+
+
 def _launcher_rank() -> int:
     for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
         value = os.environ.get(var, "")

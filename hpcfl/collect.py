@@ -64,6 +64,7 @@ class PlainCollector:
         self.extra = n + 1 if cfg and cfg.scaffold else 0         # SCAFFOLD: sum of dc_k, count
         self.sendbuf = np.zeros(n + 5 + self.extra, np.float64)
         self.recvbuf = np.zeros_like(self.sendbuf) if fed.comm.rank == 0 else None
+        self._delta = np.empty(n, np.float64)       # add()'s work buffer: no allocation per client
 
     def begin(self, server_round: int, sampled, dropped) -> None:
         self.sendbuf[...] = 0
@@ -72,7 +73,7 @@ class PlainCollector:
     def add(self, k: int, w_k: np.ndarray, n_k: int, loss_sum: float, seen: int, steps: int = 1,
             dc: np.ndarray | None = None) -> None:
         n, buf = self.fed.n, self.sendbuf
-        delta = w_k.astype(np.float64) - self.fed.global_w
+        delta = np.subtract(w_k, self.fed.global_w, out=self._delta, dtype=np.float64)
         why = _reason(delta, loss_sum, n, self.max_norm)
         if why is not None:
             self.rejected.append((k, why))
@@ -80,7 +81,8 @@ class PlainCollector:
             return
         if self.clip is not None:
             delta, _ = privacy.clip_l2(delta, self.clip)
-        buf[:n] += (n_k / steps if self.fednova else n_k) * delta
+        delta *= n_k / steps if self.fednova else n_k     # in place: delta is the work buffer (or clip's copy)
+        buf[:n] += delta
         buf[n:n + 4] += (n_k, n_k * steps, loss_sum, seen)
         if dc is not None:
             buf[n + 5:-1] += dc

@@ -36,8 +36,10 @@ def validate(update: np.ndarray, expected_size: int, max_norm: float | None = No
         return f"has shape {update.shape}, expected a vector of {expected_size} values"
     if not np.issubdtype(update.dtype, np.floating):
         return f"has dtype {update.dtype}, expected floating point"
-    finite = np.isfinite(update)
-    if not finite.all():
+    # One pass without a temporary first: a float64 sum of float32-sized values cannot overflow,
+    # so a finite sum means finite values (an overflowing float64 sum is checked in full below).
+    finite = True if math.isfinite(update.sum(dtype=np.float64)) else np.isfinite(update)
+    if finite is not True and not finite.all():
         n_nan = int(np.isnan(update).sum())
         n_inf = update.size - int(finite.sum()) - n_nan
         return f"has {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} inf) of {update.size}"
