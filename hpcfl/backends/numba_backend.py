@@ -7,6 +7,7 @@ as they are). Kernels are compiled once and cached on disk (cache=True).
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -15,9 +16,28 @@ from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np
 
+
+
+def _import_numba_arraymath_without_scipy_blas() -> None:
+    """Import numba.np.arraymath (Numba imports it when the first kernel loads) while scipy.linalg
+    cannot be imported. At import it checks whether SciPy's BLAS is there, for np.dot inside
+    kernels, and importing scipy.linalg for that takes 80 ms per rank (measured with python -X
+    importtime; SciPy comes with dp-accounting). hpcfl's kernels never call np.dot (the GEMMs go
+    through np.matmul outside them), so nothing is lost; scipy.linalg imports normally afterwards."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None           # makes `import scipy.linalg...` raise ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
 try:
     import numba
     from numba import njit
+
+    _import_numba_arraymath_without_scipy_blas()
 except ImportError as exc:  # numba is a dependency, but keep the reason for `hpcfl info`
     numba = None
     _IMPORT_ERROR = str(exc)
