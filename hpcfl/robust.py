@@ -37,12 +37,15 @@ def validate(update: np.ndarray, expected_size: int, max_norm: float | None = No
     if not np.issubdtype(update.dtype, np.floating):
         return f"has dtype {update.dtype}, expected floating point"
     # One pass without a temporary first: a float64 sum of float32-sized values cannot overflow,
-    # so a finite sum means finite values (an overflowing float64 sum is checked in full below).
-    finite = True if math.isfinite(update.sum(dtype=np.float64)) else np.isfinite(update)
-    if finite is not True and not finite.all():
-        n_nan = int(np.isnan(update).sum())
-        n_inf = update.size - int(finite.sum()) - n_nan
-        return f"has {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} inf) of {update.size}"
+    # so a finite sum means finite values (only an overflowing or non-finite sum needs a look).
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = update.sum(dtype=np.float64)
+    if not math.isfinite(total):
+        finite = np.isfinite(update)
+        if not finite.all():
+            n_nan = int(np.isnan(update).sum())
+            n_inf = update.size - int(finite.sum()) - n_nan
+            return f"has {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} inf) of {update.size}"
     if max_norm is not None:
         norm = _norms(update[None, :])[0]
         if norm > max_norm:

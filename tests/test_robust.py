@@ -31,6 +31,14 @@ def test_validate_counts_non_finite_values():
     assert "3 non-finite values (1 NaN, 2 inf) of 5" in reason
 
 
+def test_validate_checks_each_value_when_only_the_sum_overflows():
+    # validate first sums in float64 (one pass); finite float64 values whose sum overflows must
+    # still pass, and a NaN hidden by nothing else must still be caught
+    assert robust.validate(np.array([1e308, 1e308], np.float64), 2) is None
+    assert "1 non-finite values (1 NaN, 0 inf) of 3" in robust.validate(np.array([1e308, np.nan, 1.0]), 3)
+    assert "2 non-finite values (0 NaN, 2 inf) of 2" in robust.validate(np.array([np.inf, -np.inf], np.float32), 2)
+
+
 def test_validate_gives_the_norm_above_max_norm():
     assert robust.validate(np.array([3, 4], np.float32), 2, max_norm=4.9) == "has L2 norm 5, above max_norm 4.9"
     # float32 squares would overflow (1e20^2 > 3.4e38): the norm is taken in float64

@@ -17,7 +17,6 @@ from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 xp = np
 
 
-
 def _import_numba_arraymath_without_scipy_blas() -> None:
     """Import numba.np.arraymath (Numba imports it when the first kernel loads) while scipy.linalg
     cannot be imported. At import it checks whether SciPy's BLAS is there, for np.dot inside
