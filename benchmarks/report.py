@@ -900,16 +900,22 @@ def _fl_notes(a, w):
     if status == "**missed**" and flower:
         budget = GOALS["fl_vs_flower"] * flower
         numba = (t["backend (Numba import)"] - t["imports, MPI_Init"]) + t["numba_load_s"]
+        small_rate = ""
+        floors = {st[:2]: r["step_us"] for (st, v), r in f["onerank"].items() if v.startswith("GEMMs")}
+        if "fl" in floors and "dp" in floors:    # GEMM rates of the two floors (FLOPs of the GEMMs alone)
+            from hpcfl import model
+            fl_rate = 10 * model.layout((200, 200)).flops_per_sample() / floors["fl"] / 1e3
+            dp_rate = 128 * model.layout((256, 128)).flops_per_sample() / floors["dp"] / 1e3
+            small_rate = (f"At 10 rows OpenBLAS runs these GEMMs at {fl_rate:.0f} GFLOP/s against {dp_rate:.0f} at "
+                          f"128 rows (dp's floor, same run): every weight is read for only 10 rows. ")
         text += (f" The goal allows {budget:.2f} s in all, so {f['median']['hpcfl'] - budget:.2f} s must go; all of "
                  f"Numba's start-up (import and first kernel, {numba:.2f} s) is less than that, so the rest must "
                  f"come from the rounds: {t['local_training_s_median'] * 1e3:.0f} ms of each "
                  f"{t['round_s_median'] * 1e3:.0f} ms round is "
                  f"local training, 300 steps per rank at B = 10, and such a step is "
                  f"{_f(next((r['vs_floor'] for (st, v), r in f['onerank'].items() if st.startswith('fl') and v == 'hpcfl step'), None), '.2f')}x "
-                 f"its own GEMMs (target 10c). At 10 rows OpenBLAS reaches about a third of its large-matrix rate "
-                 f"(a 10 x 784 x 200 product takes about 60 us, 52 GFLOP/s: the whole weight matrix is read for "
-                 f"only 10 rows), and plain Numba loops for these shapes were 2-10x slower than OpenBLAS (measured "
-                 f"once for issue 15, not part of this suite). What would remove it: a small-matrix GEMM that streams the weights once without "
+                 f"its own GEMMs (target 10c). {small_rate}Plain Numba loops for these shapes were 2-10x slower "
+                 f"than OpenBLAS (measured once for issue 15, not part of this suite). What would remove it: a small-matrix GEMM that streams the weights once without "
                  f"packing (as libxsmm does), or fewer, larger steps (B = 50 has a fifth of the steps).")
     w(text)
 
