@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CSVS = ["capacity", "single", "gemm_shapes", "parallel", "sync", "allreduce", "p2p", "allreduce_model",
         "scaling", "scaling_model", "scaling_model_check", "startup", "memory", "profile", "allocations",
-        "compute"]
+        "compute", "shm", "shm_profile", "shm_memory", "fl_wall", "fl_timeline", "onerank"]
 PNGS = ["single", "parallel", "allreduce", "scaling", "scaling_model", "profile", "memory"]
 
 
