@@ -22,7 +22,8 @@ def _import_numba_arraymath_without_scipy_blas() -> None:
     cannot be imported. At import it checks whether SciPy's BLAS is there, for np.dot inside
     kernels, and importing scipy.linalg for that takes 80 ms per rank (measured with python -X
     importtime; SciPy comes with dp-accounting). hpcfl's kernels never call np.dot (the GEMMs go
-    through np.matmul outside them), so nothing is lost; scipy.linalg imports normally afterwards."""
+    through np.matmul outside them), so nothing is lost; scipy.linalg imports normally afterwards.
+    A kernel that calls np.dot would need this gone (Numba would then say it has no BLAS)."""
     if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
         return
     sys.modules["scipy.linalg"] = None           # makes `import scipy.linalg...` raise ImportError
