@@ -212,7 +212,7 @@ class Instrumented:
     apart by its operands: a.T @ dz (weight gradient: a transposed first operand), dz @ W.T (input
     gradient: a transposed second operand), else a @ W (forward)."""
 
-    KERNELS = ("_bias_act", "_softmax_xent_grad", "_relu_backward_bias")
+    KERNELS = ("_bias_act", "_softmax_xent_grad", "_relu_backward_bias", "_relu_backward_bias_t")
 
     def __init__(self, rep, comm, T):
         self.rep, self.comm, self.T = rep, comm, T
@@ -352,13 +352,18 @@ ONE_RANK = [  # (label, hidden, batch, momentum, weight decay): dp's defaults, a
 
 
 def floor_step(layout, B):
-    """The step's GEMMs alone (as single.py's floor), for a ratio in the same process."""
+    """The step's GEMMs alone, in the forms the numba backend uses (dz @ W.T, or W @ dz.T for few
+    rows and large layers), for a ratio in the same process."""
+    from hpcfl.backends.numba_backend import _input_grad_transposed
+
     rng = np.random.default_rng(0)
     W = [rng.standard_normal((a, b), dtype=np.float32) * 0.05 for a, b in zip(layout.sizes, layout.sizes[1:])]
     G = [np.empty_like(w) for w in W]
     x = rng.standard_normal((B, layout.sizes[0]), dtype=np.float32)
     A = [np.empty((B, n), np.float32) for n in layout.sizes[1:]]
     D = [np.empty((B, n), np.float32) for n in layout.sizes[1:]]
+    T = [np.empty((n, B), np.float32) for n in layout.sizes[1:]]
+    transposed = [i > 0 and _input_grad_transposed(B, *w.shape) for i, w in enumerate(W)]
 
     def step():
         a = x
@@ -367,14 +372,17 @@ def floor_step(layout, B):
             a = A[i]
         for i in range(len(W) - 1, -1, -1):
             np.matmul(A[i - 1].T if i else x.T, D[i], out=G[i])
-            if i:
+            if transposed[i]:
+                np.matmul(W[i], D[i].T, out=T[i - 1])
+            elif i:
                 np.matmul(D[i], W[i].T, out=D[i - 1])
     return step
 
 
 def task_onerank(args):
     """One rank's step, side by side in one process, blocks interleaved, against the GEMMs alone
-    (the floor); for plain SGD also with the general SGD kernel instead of the momentum-free one.
+    (the floor); for plain SGD also with the general SGD kernel instead of the momentum-free one,
+    and where backward takes the transposed input gradient (few rows), also without it.
     (Updating each layer inside backward, while its gradient is in cache, was measured here too
     and did not pay: -3% to +3%, within noise; the parameters, gradient and momentum of the
     first layer exceed the L2 cache, so the update streams from memory either way.)"""
@@ -393,6 +401,10 @@ def task_onerank(args):
         if momentum == 0 and wd == 0:
             variants["hpcfl step, general SGD kernel"] = True
         reps = {name: dp.Replica(cfg, be, B) for name in variants}
+        if any(t is not None for t in reps["hpcfl step"].ws.deltas_t):
+            variants["hpcfl step, dz @ W.T at every batch size"] = False
+            reps["hpcfl step, dz @ W.T at every batch size"] = rep = dp.Replica(cfg, be, B)
+            rep.ws.deltas_t = [None] * len(rep.ws.deltas_t)
         floor = floor_step(reps["hpcfl step"].layout, B)
         perm = data_mod.epoch_permutation(data.n_train, 0, 0)
         steps = data.n_train // B
