@@ -167,7 +167,20 @@ def machine_info() -> dict:
                            "print(MPI.Get_library_version().strip().splitlines()[0])"]).stdout.split())
     except Exception:
         info["mpi"] = "?"
+    info["commit"] = code_version()
     return info
+
+
+def code_version() -> str:
+    """The commit of the code measured, "+changes" when the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hpcfl", "benchmarks/*.py"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+changes" if dirty else "")
 
 
 def write_section(path: Path, heading: str, text: str) -> None:

@@ -22,7 +22,7 @@ GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1
          "fl_vs_flower": 0.10, "onerank_floor": 1.15}
 ALL_SECTIONS = ["capacity", "single", "parallel", "sync", "shm", "osu", "scaling", "startup", "memory", "profile",
                 "compute", "fl"]
-RUN_KEYS = ("command", "date", "cpu_model", "cores", "load_before", "load_after", "repeats")
+RUN_KEYS = ("command", "date", "cpu_model", "cores", "load_before", "load_after", "repeats", "commit")
 
 
 def runs_by_section(info: dict) -> dict:
@@ -422,13 +422,15 @@ def render(a: dict) -> str:
     if len(runs) > 1:
         w(f"> **{len(runs)} runs, possibly on different machines**: compare figures of different runs with care.\n>")
         for run, names in sorted(runs.values(), key=lambda v: v[0].get("date") or ""):
-            w(f"> - {', '.join(names)}: `{run.get('command', '?')}` of {run.get('date', '?')} on "
+            w(f"> - {', '.join(names)}: `{run.get('command', '?')}` of {run.get('date', '?')} (code "
+              f"{run.get('commit') or 'commit not recorded'}) on "
               f"{run.get('cpu_model', '?')}, {run.get('cores', '?')} cores (load before `{run.get('load_before', '?')}`)")
         w("")
         w("The latest run:\n")
     w(f"- command: `{info.get('command', '?')}` ({info.get('repeats', '?')} interleaved rounds, "
       f"{info.get('epochs_per_run', '?')} epochs per run of which the first is warm-up; "
       f"{_f(info.get('wall_seconds'), '.0f')} s in all)")
+    w(f"- code: {info.get('commit') or 'commit not recorded'}")
     w(f"- date: {info.get('date', '?')}; machine: {info.get('cpu_model', '?')}, {info.get('cores', '?')} cores "
       f"(hypervisor {info.get('hypervisor', '?')}), L2 {info.get('l2_cache', '?')}, "
       f"{info.get('memory_gib', '?')} GiB; host {info.get('host', '?')}")

@@ -29,7 +29,6 @@ from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun
                     uptime, write_csv)
 
 PY = sys.executable
-RUN_KEYS = ("command", "date", "cpu_model", "cores", "load_before", "load_after", "repeats")
 SECTIONS = ["capacity", "single", "parallel", "sync", "shm", "osu", "scaling", "startup", "memory", "profile",
             "compute", "fl"]
 
@@ -431,7 +430,7 @@ def main(argv=None) -> int:
                 sections=args.only or SECTIONS)
     previous = ctx.out / "run_info.json"
     # which run measured each section: a partial re-run (--only) replaces its own sections only
-    this_run = {k: info.get(k) for k in RUN_KEYS}
+    this_run = {k: info.get(k) for k in report.RUN_KEYS}
     runs = {name: this_run for name in info["sections"]}
     if args.only and previous.exists():
         prev = json.loads(previous.read_text())
