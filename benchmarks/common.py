@@ -176,8 +176,8 @@ def code_version() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=ROOT, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hpcfl", "benchmarks/*.py"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "hpcfl",
+                                "benchmarks/*.py"], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
     return (head or "?") + ("+changes" if dirty else "")

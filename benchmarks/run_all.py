@@ -29,8 +29,7 @@ from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun
                     uptime, write_csv)
 
 PY = sys.executable
-SECTIONS = ["capacity", "single", "parallel", "sync", "shm", "osu", "scaling", "startup", "memory", "profile",
-            "compute", "fl"]
+SECTIONS = report.ALL_SECTIONS
 
 
 class Ctx:

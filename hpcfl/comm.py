@@ -679,10 +679,10 @@ def _shared_gpus(where: list) -> str | None:
 def exit_process(code: int):
     """End this process with `code` without the interpreter's teardown. With Numba's kernels
     loaded, freeing the modules at exit takes 0.2-0.3 s per rank against 0.013 s this way
-    (measured for issue 15), a tenth of a short federated job. Nothing is lost: Python's atexit handlers run
-    first, then the streams are flushed and MPI is finalized (mpi4py's own finalize is an
-    interpreter exit hook, which this skips), and the C library's exit() ends the process, so the
-    C-level exit handlers still run. (os._exit skips those too: MPICH's hydra then kills the job
+    (measured for issue 15), a tenth of a short federated job. Nothing is lost: Python's atexit
+    handlers run first, then the streams are flushed and MPI is finalized (mpi4py's own finalize
+    is an interpreter exit hook, which this skips), and the C library's exit() ends the process,
+    so the C-level exit handlers still run. (os._exit skips those too: MPICH's hydra then kills the job
     with signal 9 at 3 ranks and more, measured.) Every file hpcfl writes is closed by then
     (atomic writes, closed reporter)."""
     import atexit
