@@ -342,9 +342,9 @@ def speed_part(args, info) -> tuple[list[dict], list[dict]]:
     for rnd in range(rounds):               # interleaved: every variant once per round
         for v in variants:
             t0 = time.perf_counter()
+            batch = BIG_BATCH if v.endswith(f"batch {BIG_BATCH}") else SPEED_BATCH
             if v.startswith("hpcfl"):
-                res = hpcfl_speed_run("DP-SGD" in v, 2 if args.quick else 3,
-                                      BIG_BATCH if v.endswith(f"batch {BIG_BATCH}") else SPEED_BATCH)
+                res = hpcfl_speed_run("DP-SGD" in v, 2 if args.quick else 3, batch)
             else:
                 hooks = v == "Opacus per-sample hooks"
                 steps = (3 if args.quick else 10) if hooks else SPEED_STEPS
@@ -353,7 +353,7 @@ def speed_part(args, info) -> tuple[list[dict], list[dict]]:
             for i, sec in enumerate(res["epoch_seconds"]):
                 rows.append({"variant": v, "round": rnd, "epoch": i, "epoch_seconds": sec,
                              "steps_timed": res["steps_timed"],
-                             "batch": BIG_BATCH if v.endswith(f"batch {BIG_BATCH}") else SPEED_BATCH, "hidden": SPEED_HIDDEN,
+                             "batch": batch, "hidden": SPEED_HIDDEN,
                              "threads": 1, "torch": res.get("torch"), "opacus": res.get("opacus"),
                              "command": SPEED_VARIANTS[v], "date": info["date"], "load": common.uptime()})
             print(f"[{time.strftime('%H:%M:%S')}] round {rnd} {v}: "
