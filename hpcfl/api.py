@@ -254,18 +254,35 @@ def plan_privacy(cfg: Config, comm: Comm, data):
         steps = cfg.epochs * (data.n_train // cfg.batch_size)
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
         expected = float(cfg.batch_size)
+    secure = cfg.mode == "fl" and cfg.secure_agg
     if cfg.dp_noise is not None:
         z = cfg.dp_noise
     else:
         def calibrate():
             try:
+                if secure:
+                    return privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
                 return privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
             except ValueError as exc:
                 raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
         z = comm.agree(calibrate)
+    share_std = 0.0
+    if secure:
+        # each share is sized so that a low quantile of the honest survivors still adds up to z
+        honest = privacy.honest_quantile(cfg.num_clients, q, cfg.dropout_rate, cfg.dp_colluders)
+        if honest < 1:
+            raise UsageError(f"DP with --secure-agg: in {100 * privacy.SECURE_QUANTILE:g}% of rounds at most "
+                             f"{honest + 1 + cfg.dp_colluders} of the {cfg.num_clients} clients survive "
+                             f"(--client-fraction {q:g}, --dropout-rate {cfg.dropout_rate:g}), which leaves no "
+                             f"honest noise share besides a client's own once --dp-colluders "
+                             f"{cfg.dp_colluders} are counted out: raise --client-fraction or --num-clients",
+                             collective=True)
+        share_std = z * cfg.dp_clip / (honest ** 0.5)
+    # 256 bits from the OS (the noise's AES keys derive from it), unless given to reproduce a run
     seed = cfg.dp_noise_seed if cfg.dp_noise_seed is not None else comm.bcast(
-        secrets.randbits(63) if comm.rank == 0 else None)
-    return privacy.DpPlan(clip=cfg.dp_clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta)
+        secrets.randbits(256) if comm.rank == 0 else None)
+    return privacy.DpPlan(clip=cfg.dp_clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta,
+                          target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders)
 
 
 def _train(config: Config, comm: Comm, callbacks) -> Result:

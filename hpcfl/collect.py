@@ -11,12 +11,15 @@ skipped) and the round's statistics.
 - DpCollector: DP-FedAvg with a trusted server (McMahan et al. 2018). Each client's delta
   w_k - w is clipped to L2 norm S; leaders Reduce the sum; rank 0 adds N(0, z^2 S^2) to every
   coordinate and divides by the expected number of clients q N (clients count equally).
-- SecureCollector: the server learns only the sum (secagg.py: Bonawitz et al. 2017, SecAgg+).
-  Each client's contribution is quantised to uint32 (fixed point), masked, and relayed through
-  rank 0 with Gatherv/Scatterv, as a real server would relay it: keys, encrypted shares, masked
-  inputs, unmask responses. Without DP a contribution is n_k * clip(w_k - w, +-R) with its
-  weight n_k; with DP it is clip_L2(w_k - w, S) plus the client's share of the noise,
-  N(0, z^2 S^2 / (q N)), drawn from a secret seed, so that the server never sees an un-noised sum.
+- SecureCollector: the server learns only the sum (secagg.py: Bonawitz et al. 2017 against a
+  malicious server, SecAgg+). Each client's contribution is quantised to uint32 (fixed point),
+  masked, and relayed through rank 0 with Gatherv/Scatterv, as a real server would relay it:
+  signed keys, encrypted shares, masked inputs, consistency signatures, unmask responses.
+  Without DP a contribution is n_k * clip(w_k - w, +-R) with its weight n_k (R large enough
+  not to cut real updates: secagg_range); with DP it is clip_L2(w_k - w, S) plus the client's
+  share of the noise (privacy.DpPlan.share_std, sized so that a low quantile of the honest
+  survivors gives the planned z), from the CSPRNG (noise.py), so that the server never sees an
+  un-noised sum; a round that would take epsilon past the budget is withheld before unmasking.
 
 Only comm.py talks MPI: this module calls Comm's methods.
 """
@@ -37,7 +40,8 @@ from .errors import UsageError
 observers: list = []
 tamper = None
 
-TAIL = 5        # words after the model: weight, weight x steps, samples seen, loss sum (fixed point), diverged
+TAIL = 6        # words after the model: weight, weight x steps, samples seen, loss sum (fixed point),
+                # diverged, clipped (coordinates cut by the range; with DP: whether the L2 clip bit)
 
 
 def _reason(delta: np.ndarray, loss_sum: float, n: int, max_norm) -> str | None:
@@ -180,18 +184,19 @@ class GatheredCollector(PlainCollector):
 
 
 class DpCollector(PlainCollector):
-    """Central DP: clip on the clients, noise on the (trusted) server, from a generator seeded by
+    """Central DP: clip on the clients, noise on the (trusted) server, from the CSPRNG keyed by
     (the secret noise seed, the round): a resumed run draws the same noise. The Reduce carries
     [sum clip(d_k) | count | clipped | loss | seen | rejected non-finite]; non-finite updates
     are rejected like any other (their clipped delta would be NaN)."""
 
     def __init__(self, fed, dp, cfg=None):
         super().__init__(fed, None)
+        self.dp = dp
         self.clip, self.z, self.expected, self.noise_seed = dp.clip, dp.z, dp.expected, dp.noise_seed
 
     def begin(self, server_round, sampled, dropped) -> None:
         super().begin(server_round, sampled, dropped)
-        self.noise_rng = np.random.default_rng([self.noise_seed, server_round, 0xD9])
+        self.server_round = server_round
 
     def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
         n, buf = self.fed.n, self.sendbuf
@@ -218,92 +223,135 @@ class DpCollector(PlainCollector):
             return None, {**stats, "skipped": "no client was sampled"}
         if total[n] == 0 and rejected:
             return None, {**stats, "skipped": "every update was rejected"}
-        noise = self.noise_rng.standard_normal(n) * (self.z * self.clip)
+        plan = self.dp
+        if plan.target is not None:                # the round is withheld if it would overshoot
+            eps = plan.accountant.epsilon(plan.q, plan.z)
+            if eps > plan.target * (1 + 1e-9):
+                return None, {**stats, "budget_stop": f"round {server_round} would take epsilon to "
+                                                      f"{eps:.4g}, past --dp-epsilon {plan.target:g}"}
+        from . import noise as noise_mod
+
+        key = noise_mod.derive_key(self.noise_seed, "central", server_round)
+        noise = noise_mod.standard_normal(key, 0, n) * (self.z * self.clip)
         # the fixed denominator q N (not the count): the average's sensitivity stays S / (q N)
         return (global_w + (total[:n] + noise) / self.expected).astype(np.float32), stats
 
 
+class _Status:
+    """What the server tells every leader when a stage cannot go on (the codes of _down)."""
+    SKIP, ERROR, VIOLATION, BUDGET = 1, 2, 3, 4
+
+
 class SecureCollector:
-    """Secure aggregation over the group leaders; rank 0 is the server and a leader too."""
+    """Secure aggregation over the group leaders; rank 0 is the server and a leader too. Each
+    client always trains on the same group (Federation.home), whose leader holds its long-term
+    identity key; the leaders exchange the public halves once, among themselves (the trusted
+    set-up: the server relays none of it)."""
 
     def __init__(self, fed, cfg, dp=None):
-        self.fed, self.cfg, self.dp = fed, cfg, dp          # dp: (clip, z, expected) or None
+        from . import secagg
+
+        self.fed, self.cfg, self.dp = fed, cfg, dp          # dp: privacy.DpPlan or None
         self.n = fed.n
         self.max_client = int(fed.sizes.max())
-        self.noise_rng = np.random.default_rng(_secrets.randbits(128)) if dp else None
+        self.range = secagg_range(cfg, fed.sizes)
+        self.directory: dict[int, bytes] = {}
+        self.identities: dict[int, secagg.Identity] = {}
+        if fed.leader:
+            self.identities = {int(k): secagg.Identity() for k in fed.home[fed.leaders.rank]}
+            for part in fed.leaders.allgather({k: i.public for k, i in self.identities.items()}):
+                self.directory.update(part)
+        self.attack = cfg.server_attack
+        self.reproducible = dp is not None and cfg.dp_noise_seed is not None
+        self.gaussian = None
 
     def begin(self, server_round: int, sampled, dropped) -> None:
         from . import secagg
+
         self.server_round, self.sampled, self.dropped = server_round, list(sampled), set(dropped)
         m = len(self.sampled)
-        cfg = self.cfg
         self.params, self.skip = None, None
-        holders = share_holders(cfg, m)
         if m < 2:
             self.skip = f"{m} client(s) sampled: secure aggregation needs 2 or more"
-        elif cfg.secagg_threshold is not None and cfg.secagg_threshold > holders:
-            self.skip = (f"{m} clients sampled: each has {holders} share holders, fewer than "
-                         f"--secagg-threshold {cfg.secagg_threshold}")
         else:
-            self.params = secagg.RoundParams.make(server_round, self.sampled, self.n + TAIL,
-                                                  k=cfg.secagg_neighbors, threshold=cfg.secagg_threshold,
-                                                  round_seed=f"{cfg.seed}:{server_round}".encode())
+            k, t, corrupt = round_plan(self.cfg, m)
+            try:
+                self.params = secagg.RoundParams.make(server_round, self.sampled, self.n + TAIL, k=k,
+                                                      threshold=t, corrupt=corrupt)
+            except ValueError as exc:
+                self.skip = f"{m} clients sampled: {exc}"
         # The sum of m contributions must not wrap mod 2^32 (FixedPoint raises if it could).
         if self.dp is None:
-            self.model_fp = secagg.FixedPoint(self.max_client * cfg.secagg_range, max(m, 1))
+            self.model_fp = secagg.FixedPoint(self.max_client * self.range, max(m, 1))
         else:
-            clip, z, expected = self.dp
-            share_std = z * clip / math.sqrt(expected)
             # 10 standard deviations: a noise share is clipped with probability ~1e-23 per coordinate
-            self.model_fp = secagg.FixedPoint(clip + 10 * share_std, max(m, 1))
-        loss_bound = 100.0 * self.max_client * cfg.local_epochs    # a mean loss above 100 has diverged
+            self.model_fp = secagg.FixedPoint(self.dp.clip + 10 * self.dp.share_std, max(m, 1))
+        loss_bound = 100.0 * self.max_client * self.cfg.local_epochs   # a mean loss above 100 has diverged
         self.loss_fp = secagg.FixedPoint(loss_bound, max(m, 1))
         self.inputs: dict[int, np.ndarray] = {}
+
+    def noise_share(self, k: int) -> np.ndarray:
+        """Client k's share of the round's noise, N(0, share_std^2) per coordinate, from the
+        CSPRNG: keyed by (the noise seed, k, the round) with --dp-noise-seed (reproducible),
+        else by a fresh key from the OS that nobody else ever holds."""
+        from . import noise
+
+        if self.gaussian is None:
+            self.gaussian = noise.Gaussian()
+        key = (noise.derive_key(self.dp.noise_seed, "share", k, self.server_round) if self.reproducible
+               else _secrets.token_bytes(noise.KEY_BYTES))
+        out = self.gaussian.standard_normal(key, 0, np.empty(self.n, np.float64))
+        out *= self.dp.share_std
+        return out
 
     def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
         n, x = self.n, np.zeros(self.n + TAIL, np.uint32)
         delta = w_k.astype(np.float64) - self.fed.global_w
-        if not (np.isfinite(delta).all() and math.isfinite(loss_sum)):
-            x[-1] = 1             # diverged: it adds nothing, and the server learns only how many did
-            self.inputs[k] = x
-            return
+        finite = bool(np.isfinite(delta).all() and math.isfinite(loss_sum))
+        if not finite:
+            x[n + 4] = 1          # diverged: a zero update; the server learns only how many did
         if self.dp is None:
-            weight = n_k / steps if self.cfg.straggler_rate > 0 else n_k      # FedNova, as in the clear
-            x[:n] = self.model_fp.encode(weight * np.clip(delta, -self.cfg.secagg_range, self.cfg.secagg_range))
-            x[n:n + 2] = (n_k, n_k * steps)
+            if finite:
+                weight = n_k / steps if self.cfg.straggler_rate > 0 else n_k      # FedNova, as in the clear
+                over = np.abs(delta) > self.range
+                x[:n] = self.model_fp.encode(weight * np.clip(delta, -self.range, self.range))
+                x[n:n + 2] = (n_k, n_k * steps)
+                x[n + 5] = int(over.sum())
         else:
-            clip, z, expected = self.dp
-            clipped, _ = privacy.clip_l2(delta, clip)
-            share = self.noise_rng.standard_normal(n) * (z * clip / math.sqrt(expected))
-            x[:n] = self.model_fp.encode(clipped + share)
-            x[n:n + 2] = (1, steps)
-        x[n + 2] = seen
-        x[n + 3] = self.loss_fp.encode(np.array([loss_sum]))[0]
+            # every client adds its noise share, a diverged one to a zero update (zero-out: the
+            # accounting counts every survivor's share)
+            clipped, norm = privacy.clip_l2(delta, self.dp.clip) if finite else (np.zeros(n), 0.0)
+            x[:n] = self.model_fp.encode(clipped + self.noise_share(k))
+            x[n:n + 2] = (1, steps) if finite else (0, 0)
+            x[n + 5] = int(finite and norm > self.dp.clip)
+        if finite:
+            x[n + 2] = seen
+            x[n + 3] = self.loss_fp.encode(np.array([loss_sum]))[0]
         self.inputs[k] = x
 
     # ---- the protocol's message flow, through rank 0
-    def _up(self, payload: dict[int, bytes], error: str | None = None) -> dict[int, bytes] | None:
+    def _up(self, payload: dict[int, bytes], error: tuple[int, str] | None = None) -> dict[int, bytes] | None:
         """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
         or raises the first leader's error (then every leader learns it in the next _down)."""
         from . import secagg
-        blob = b"\x02" + error.encode() if error else b"\x00" + secagg.encode_map(payload)
+        blob = bytes([error[0]]) + error[1].encode() if error else b"\x00" + secagg.encode_map(payload)
         parts = self.fed.leaders.gather_bytes(blob)
         if parts is None:
             return None
         merged, errors = {}, []
         for part in parts:
-            if part[:1] == b"\x02":
-                errors.append(part[1:].decode())
+            if part[:1] != b"\x00":
+                errors.append((part[0], part[1:].decode()))
             else:
                 merged.update(secagg.decode_map(part[1:]))
         self.traffic_up += sum(len(p) for p in parts)
-        if errors:
-            raise secagg.SecAggError(errors[0])
+        for code, text in sorted(errors, key=lambda e: -e[0]):   # a violation outranks an error
+            raise _Raised(code, text)
         return merged
 
     def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
         """Server -> leaders: each leader gets the replies for its own clients, or the status
-        (1: the round is skipped, 2: an error) that ends the protocol everywhere."""
+        (_Status) that ends the protocol everywhere."""
         from . import secagg
         leaders = self.fed.leaders
         payloads = None
@@ -318,57 +366,67 @@ class SecureCollector:
                     payloads.append(b"\x00" + secagg.encode_map(mine))
             self.traffic_down += sum(len(p) for p in payloads)
         got = leaders.scatter_bytes(payloads)
-        if got[:1] == b"\x01":
-            raise secagg.SecAggAbort(got[1:].decode())
-        if got[:1] == b"\x02":
-            raise secagg.SecAggError(got[1:].decode())
+        if got[:1] != b"\x00":
+            raise _Raised(got[0], got[1:].decode())
         return secagg.decode_map(got[1:])
 
-    def _stage(self, server_step, client_step):
+    def _exchange(self, server_step, client_step):
         """One exchange: clients -> server (server_step turns the merged messages into replies),
-        server -> clients. A protocol error anywhere reaches every leader, then is raised."""
+        server -> clients. A failure anywhere reaches every leader, then is raised."""
         from . import secagg
         error = None
         try:
             payload = client_step()
+        except secagg.SecAggViolation as exc:
+            payload, error = {}, (_Status.VIOLATION, str(exc))
         except secagg.SecAggError as exc:
-            payload, error = {}, str(exc)
-        merged = None
+            payload, error = {}, (_Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR, str(exc))
         status, replies = (0, ""), None
         try:
             merged = self._up(payload, error)
             if merged is not None:
                 replies = server_step(merged)
+        except _Raised as exc:
+            status = (exc.code, exc.text)
         except secagg.SecAggAbort as exc:
-            status = (1, str(exc))
+            status = (_Status.SKIP, str(exc))
         except secagg.SecAggError as exc:
-            status = (2, str(exc))
+            status = (_Status.ERROR, str(exc))
         return self._down(replies, status)
 
     def _protocol(self, my_clients: list[int]):
-        """Run the four stages; on rank 0 return the unmasked sum of the survivors' inputs."""
-        from . import secagg
+        """Run the five stages; on rank 0 return the unmasked sum of the survivors' inputs."""
+        from . import secagg, server_attacks
         p = self.params
-        clients = {c: secagg.Client(c, p) for c in my_clients}
-        server = secagg.Server(p) if self.fed.comm.rank == 0 else None
+        clients = {c: secagg.Client(c, p, self.identities[c], self.directory) for c in my_clients}
+        server = secagg.Server(p, self.directory) if self.fed.comm.rank == 0 else None
+        evil = None
+        if server is not None and self.attack:
+            evil = server_attacks.MaliciousServer(self.attack, server, self.target, self.oracle)
         out = {}
-
-        def keep(fn):
-            def step(merged):
-                out["last"] = fn(merged)
-                return out["last"]
-            return step
-
         clock = time.perf_counter
         t = clock()
-        keys = self._stage(keep(lambda m: server.collect_keys(m)),
-                           lambda: {c: cl.advertise_keys() for c, cl in clients.items()})
+
+        def keys(merged):
+            ads = server.collect_keys(merged)
+            return {c: evil.advertisements_for(c, ads) if evil else ads for c in merged}
+
+        lists = self._exchange(keys, lambda: {c: cl.advertise_keys() for c, cl in clients.items()})
         self.stages["keys"], t = clock() - t, clock()
-        routed = self._stage(keep(lambda m: self._route(server, m)),
-                             lambda: {c: clients[c].share_keys(keys[c]) for c in clients})
+
+        def route(merged):
+            honest = merged
+            if evil and self.attack == "key-swap" and self.target in merged:
+                honest = {**merged, self.target: server_attacks._readdress(server, self.target)}
+            routed = server.route_shares(honest)
+            if tamper is not None:
+                routed = tamper(self.server_round, routed)
+            return evil.route(merged, routed) if evil else routed
+
+        routed = self._exchange(route, lambda: {c: clients[c].share_keys(lists[c]) for c in clients if c in lists})
         self.stages["shares"], t = clock() - t, clock()
         # dropouts: these clients go silent after the key exchange (simulated, seeded by the round)
-        alive = [c for c in clients if c not in self.dropped]
+        alive = [c for c in clients if c not in self.dropped and c in routed]
 
         # the masked vectors travel as one uint32 matrix per leader (Gatherv straight into the
         # server's stack), their client ids beside them; the other stages' messages are small
@@ -379,47 +437,76 @@ class SecureCollector:
             for row, c in enumerate(alive):
                 ys[row] = clients[c].masked_input(self.inputs[c], routed[c])
         except secagg.SecAggError as exc:
-            ids, ys, error = np.zeros(0, np.int64), np.empty((0, p.n), np.uint32), str(exc)
+            ids, ys = np.zeros(0, np.int64), np.empty((0, p.n), np.uint32)
+            error = (_Status.VIOLATION if isinstance(exc, secagg.SecAggViolation) else _Status.ERROR, str(exc))
         all_ids = self.fed.leaders.gather(ids)
         stacked = self.fed.leaders.gather_rows(ys)
         errors = self.fed.leaders.gather(error)
         replies, status = None, (0, "")
         if server is not None:
             try:
-                if any(errors):
-                    raise secagg.SecAggError(next(e for e in errors if e))
+                for e in sorted((e for e in errors if e), key=lambda e: -e[0]):
+                    raise _Raised(*e)
                 order = np.concatenate(all_ids)
                 uploads = dict(zip(order.tolist(), stacked))
                 for observe in observers:
                     observe(self.server_round, uploads)
+                if evil:
+                    evil.masked_inputs(uploads)
                 out["sum"] = np.add.reduce(stacked, axis=0, dtype=np.uint32)   # wraps: mod 2^32
                 out["survivors"] = len(order)
                 replies = server.unmask_request(uploads)
+                # the last moment a round can be withheld: nothing about its sum is out yet
+                why = self.withhold(len(order)) if self.dp is not None else None
+                if why:
+                    raise _Raised(_Status.BUDGET, why)
+                if evil:
+                    replies = evil.requests(replies)
+            except _Raised as exc:
+                status = (exc.code, exc.text)
             except secagg.SecAggAbort as exc:
-                status = (1, str(exc))
+                status = (_Status.SKIP, str(exc))
             except secagg.SecAggError as exc:
-                status = (2, str(exc))
+                status = (_Status.ERROR, str(exc))
         requests = self._down(replies, status)
         self.stages["masking"], t = clock() - t, clock()
 
+        def signatures(merged):
+            if evil:
+                return evil.signatures_for(merged)
+            blob = server.collect_signatures(merged)
+            return {c: blob for c in merged}
+
+        sigs = self._exchange(signatures, lambda: {c: clients[c].consistency(requests[c])
+                                                   for c in alive if c in requests})
+
         def aggregate(merged):
+            if evil:
+                out["responses"] = merged
+                raise _Raised(_Status.SKIP, "the simulated malicious server builds no model")
             out["total"] = server.aggregate(out["sum"], merged)
             return {}
 
-        self._stage(aggregate, lambda: {c: clients[c].unmask(requests[c]) for c in alive if c in requests})
-        self.stages["unmasking"] = clock() - t
-        if server is not None:
-            self.traffic_up, self.traffic_down = server.bytes_to_server, server.bytes_from_server
+        try:
+            self._exchange(aggregate, lambda: {c: clients[c].unmask(sigs[c]) for c in alive if c in sigs})
+        finally:
+            self.stages["unmasking"] = clock() - t
+            if server is not None:
+                self.traffic_up, self.traffic_down = server.bytes_to_server, server.bytes_from_server
+                if evil:
+                    self.recovered = evil.recover(out.get("responses", {}))
         return out
 
-    def _route(self, server, merged):
-        routed = server.route_shares(merged)
-        if tamper is not None:
-            routed = tamper(self.server_round, routed)
-        return routed
+    def _prepare_attack(self) -> None:
+        """--server-attack: the target (the smallest sampled client of rank 0's group, so that
+        the simulation's oracle, its true input, is on rank 0) and the colluders' inputs."""
+        self.target, self.oracle, self.recovered = None, {}, None
+        mine = [int(c) for c in self.sampled if c in self.owned_by[0] and c not in self.dropped]
+        if self.fed.comm.rank == 0 and mine:
+            self.target = int(mine[0])
+            self.oracle = {c: self.inputs[c] for c in mine[1:] if c in self.inputs}
 
     def finish(self, server_round: int, global_w: np.ndarray, clients: int):
-        from . import secagg
         fed, n = self.fed, self.n
         t0 = time.perf_counter()
         self.traffic_up = self.traffic_down = 0
@@ -430,6 +517,8 @@ class SecureCollector:
         self.owned_by = fed.owners_by_leader
         stats = {"dropped": len(self.dropped & set(self.sampled))}
         result = None
+        if self.attack:
+            self._prepare_attack()
         if self.params is None:
             result = {"skip": self.skip}
         elif fed.leader:
@@ -438,67 +527,154 @@ class SecureCollector:
                 out = self._protocol(mine)
                 if fed.comm.rank == 0:
                     result = out
-            except secagg.SecAggAbort as exc:
-                result = {"skip": str(exc)}
-            except secagg.SecAggError as exc:
-                result = {"error": str(exc)}
+            except _Raised as exc:
+                result = {_Raised.KEYS[exc.code]: exc.text}
         if fed.comm.rank != 0:
             return None, {}
         stats.update(secagg_seconds=time.perf_counter() - t0, bytes_to_server=self.traffic_up,
-                     bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages))
+                     bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages),
+                     loss_sum=0.0, seen=0)
+        if self.attack:
+            from . import server_attacks
+            x_true = self.inputs.get(self.target) if self.target is not None else None
+            stats["server_attack"] = {
+                "name": self.attack, "target": self.target,
+                "detected": "violation" in result, "detected_by": result.get("violation"),
+                "learned_individual": bool(x_true is not None and
+                                           server_attacks.learned_individual(self.recovered, x_true))}
+            result.pop("violation", None)
+            result.setdefault("skip", "the simulated malicious server builds no model")
+        if "violation" in result:
+            return None, {**stats, "error": f"secure aggregation failed: {result['violation']}; no model "
+                                            "was built from it"}
         if "error" in result:      # every rank raises it, once the Federation has broadcast it
             return None, {**stats, "error": f"secure aggregation failed: {result['error']}; no model "
-                                            "was built from it", "loss_sum": 0.0, "seen": 0}
+                                            "was built from it"}
+        if "budget" in result:
+            return None, {**stats, "budget_stop": result["budget"]}
         if "skip" in result:
-            return None, {**stats, "skipped": result["skip"], "loss_sum": 0.0, "seen": 0}
+            return None, {**stats, "skipped": result["skip"]}
         total = result["total"]
         survivors = result["survivors"]
         diverged = int(total[n + 4])
         stats.update(loss_sum=float(self.loss_fp.decode(total[n + 3:n + 4], survivors)[0]),
                      seen=int(total[n + 2]), survivors=survivors, nonfinite=diverged,
                      rejected=[("?", "its training diverged")] * diverged)
-        weight = int(total[n])
-        if weight == 0:
-            return None, {**stats, "skipped": "every client's training diverged"}
         summed = self.model_fp.decode(total[:n], len(self.sampled))
         if self.dp is None:
+            stats["secagg_clipped"] = int(total[n + 5])
+            weight = int(total[n])
+            if weight == 0:
+                return None, {**stats, "skipped": "every client's training diverged"}
             mean = summed / weight
             if self.cfg.straggler_rate > 0:
                 mean *= int(total[n + 1]) / weight                 # FedNova's tau_eff
             return (global_w + mean).astype(np.float32), stats
-        clip, z, expected = self.dp
-        stats["dp_noise"] = privacy.secure_noise_multiplier(z, expected, survivors)
-        return (global_w + summed / expected).astype(np.float32), stats
+        stats["clipped"] = int(total[n + 5])
+        stats["dp_noise"] = self.dp.round_noise(survivors)
+        stats["dp_honest_shares"] = self.dp.honest_shares(survivors)
+        # the noise was released with the sum: the round counts even if every client diverged
+        return (global_w + summed / self.dp.expected).astype(np.float32), stats
+
+    def withhold(self, survivors: int) -> str | None:
+        """Why the round's sum must not be released (it would take epsilon past the target), or None."""
+        plan = self.dp
+        if plan.target is None:
+            return None
+        z = plan.round_noise(survivors)
+        eps = plan.accountant.epsilon(z)
+        if eps > plan.target * (1 + 1e-9):
+            return (f"round {self.server_round} would take epsilon to {eps:.4g}, past --dp-epsilon "
+                    f"{plan.target:g} ({survivors} survivors: {plan.honest_shares(survivors)} honest noise "
+                    f"shares besides a client's own, z = {z:.3g})")
+        return None
 
 
-def share_holders(cfg, m: int) -> int:
-    """How many clients hold shares of each client's secrets in a round of m: itself and its
-    neighbours (all others, or --secagg-neighbors K; secagg.neighbor_graph makes odd K even
-    when m is odd)."""
+class _Raised(Exception):
+    """A status that ends a round's protocol, carried between the stages."""
+    KEYS = {_Status.SKIP: "skip", _Status.ERROR: "error", _Status.VIOLATION: "violation",
+            _Status.BUDGET: "budget"}
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def secagg_range(cfg, sizes) -> float:
+    """The clipping range R of each coordinate of a client's update under secure aggregation
+    without DP: --secagg-range, or local lr x the most local steps any client takes (a
+    coordinate moves by at most lr per step when its gradient is at most 1, as the output
+    layer's biases' always are); `secagg_clipped` counts the coordinates it cuts."""
+    if cfg.secagg_range is not None:
+        return float(cfg.secagg_range)
+    steps = cfg.local_epochs * math.ceil(int(np.max(sizes)) / cfg.local_batch_size)
+    return max(1.0, cfg.local_lr * steps)
+
+
+def round_plan(cfg, m: int) -> tuple[int | None, int | None, int]:
+    """(K, t, corrupt) of a round of m clients: K from --secagg-neighbors when it meets Bell et
+    al.'s bound (secagg.min_neighbors) at this m, else the bound's K, or the complete graph
+    (None); t from --secagg-threshold, else the smallest majority (complete graph) or
+    secagg.sparse_threshold; corrupt = the colluders the consistency round withstands."""
+    from . import secagg
+
+    dropout, corrupt = secagg_bounds(cfg)
+    bound = secagg.min_neighbors(m, dropout, corrupt)
     k = cfg.secagg_neighbors
-    if k is None or k >= m - 1:
-        return m
-    return k + 1 + (k % 2 and m % 2)
+    if bound is None or k is None and m <= 2 * bound:   # small rounds: complete is as cheap
+        k = None
+    elif k is None or k < bound:
+        k = bound
+    holders = secagg.holders_per_client(k, m)
+    t = cfg.secagg_threshold
+    if t is None and k is not None:
+        t = secagg.sparse_threshold(holders, m, corrupt)
+    if t is not None:
+        t = min(t, holders)
+    return k, t, math.ceil(corrupt * m)
+
+
+def secagg_bounds(cfg) -> tuple[float, float]:
+    """(the dropout fraction the graph must survive, the corrupt fraction it must withstand)."""
+    dropout = cfg.secagg_max_dropout if cfg.secagg_max_dropout is not None else max(0.1, cfg.dropout_rate)
+    return dropout, cfg.secagg_corrupt_fraction
 
 
 def check_secure(cfg, per_round: float) -> None:
     """Settings secure aggregation cannot work with (the same on every rank)."""
+    from . import secagg
+
     if per_round < 2:
         raise UsageError(f"--secure-agg needs at least 2 clients per round (this run samples "
                          f"{per_round:g}): with one, the sum the server learns is that client's update",
                          collective=True)
-    holders = share_holders(cfg, round(per_round))
+    m = round(per_round)
+    dropout, corrupt = secagg_bounds(cfg)
+    if cfg.dropout_rate > dropout:
+        raise UsageError(f"--dropout-rate {cfg.dropout_rate:g} is above --secagg-max-dropout {dropout:g}, "
+                         "the dropout the neighbour graph is sized for", collective=True)
+    bound = secagg.min_neighbors(m, dropout, corrupt)
+    k = cfg.secagg_neighbors
+    if k is not None and k < m - 1 and (bound is None or k < bound):
+        need = f"K >= {bound}" if bound is not None else f"the complete graph (K >= {m - 1})"
+        raise UsageError(f"--secagg-neighbors {k} is below Bell et al.'s bound for {m} clients per round: "
+                         f"the survivors' graph must stay connected, except with probability 2^-{secagg.SIGMA}, "
+                         f"when up to {dropout:g} of them drop out (--secagg-max-dropout) and {corrupt:g} "
+                         f"collude (--secagg-corrupt-fraction); that needs {need}, or leave the option out",
+                         collective=True)
+    k, _, _ = round_plan(cfg, m)
+    holders = secagg.holders_per_client(k, m)
     if cfg.secagg_threshold is not None and not 2 <= cfg.secagg_threshold <= holders:
         raise UsageError(f"--secagg-threshold {cfg.secagg_threshold} must be between 2 and the "
                          f"{holders} share holders of each client (the client and its "
-                         f"{'neighbours' if cfg.secagg_neighbors else 'fellow sampled clients'})",
+                         f"{'neighbours' if k is not None else 'fellow sampled clients'})",
                          collective=True)
 
 
 def make(fed, cfg, dp):
     """The collector for this run's settings."""
     if cfg.secure_agg:
-        return SecureCollector(fed, cfg, None if dp is None else (dp.clip, dp.z, dp.expected))
+        return SecureCollector(fed, cfg, dp)
     if dp is not None:
         return DpCollector(fed, dp)
     if cfg.aggregator in ("median", "trimmed-mean", "krum", "multi-krum"):

@@ -189,10 +189,26 @@ class Config:
                                           "the smallest majority of its share holders); a round "
                                           "completes while each secret keeps that many", check=positive,
                                           resume=FL_ONLY, group="privacy", modes=("fl",), metavar="T")
-    secagg_range: float = option(1.0, "secure aggregation without DP: each coordinate of a client's "
-                                 "update (its model minus the global one) is clipped to +-R before "
-                                 "quantisation", check=positive, resume=FL_ONLY, group="privacy",
-                                 modes=("fl",), metavar="R")
+    secagg_range: float | None = option(None, "secure aggregation without DP: each coordinate of a "
+                                        "client's update (its model minus the global one) is clipped to "
+                                        "+-R before quantisation (default: local lr x the most local steps "
+                                        "of any client, which real updates stay within; secagg_clipped "
+                                        "counts what it cuts)", check=positive, resume=FL_ONLY,
+                                        group="privacy", modes=("fl",), metavar="R")
+    secagg_max_dropout: float | None = option(None, "secure aggregation: the share of a round's clients "
+                                              "that may drop out, which the neighbour graph and --secagg-"
+                                              "neighbors' bound are sized for (default: max(0.1, "
+                                              "--dropout-rate))", check=below_one, resume=FL_ONLY,
+                                              group="privacy", modes=("fl",), metavar="D")
+    secagg_corrupt_fraction: float = option(0.05, "secure aggregation: the share of clients that may "
+                                            "collude with the server, which the graph, the threshold and "
+                                            "the consistency round withstand", check=below_one,
+                                            resume=FL_ONLY, group="privacy", modes=("fl",), metavar="G")
+    server_attack: str | None = option(None, "research: run a malicious secure-aggregation server "
+                                       "against the honest clients (every round; rounds build no "
+                                       "model) and record whether it was detected and what it learned",
+                                       choices=("empty-route", "key-swap", "lie-dropped", "split-graph"),
+                                       resume=FL_ONLY, group="privacy", modes=("fl",), metavar="ATTACK")
     dropout_rate: float = option(0.0, "fl: share of the sampled clients that drop out of each round "
                                  "(after the key exchange under --secure-agg), seeded by the round",
                                  check=below_one, resume=FL_ONLY, group="privacy", modes=("fl",), metavar="P")
@@ -209,6 +225,9 @@ class Config:
                                       resume=MUST, group="privacy", metavar="E")
     dp_delta: float = option(1e-5, "DP: delta of the (epsilon, delta) guarantee", check=open_unit,
                              resume=MUST, group="privacy", metavar="D")
+    dp_colluders: int = option(0, "DP with --secure-agg: how many clients may collude with the server "
+                               "(they know their own noise shares): not counted as noise", check=non_negative,
+                               resume=MUST, group="privacy", modes=("fl",), metavar="C")
     dp_noise_seed: int | None = option(None, "DP: seed of the noise and of the private sampling (default: "
                                        "a secret one, kept in the checkpoints). Only to reproduce a run: "
                                        "who knows it can remove the noise", check=non_negative,
@@ -446,6 +465,11 @@ def _validate_robustness(cfg: Config) -> None:
     if cfg.secure_agg and cfg.aggregator != "mean":
         raise UsageError(f"--aggregator {cfg.aggregator} needs the individual client updates, and "
                          "--secure-agg hides them: use one or the other")
+    if cfg.server_attack is not None and not cfg.secure_agg:
+        raise UsageError("--server-attack simulates a malicious secure-aggregation server: it needs --secure-agg")
+    if cfg.dp_colluders and not cfg.secure_agg:
+        raise UsageError("--dp-colluders counts colluders against the noise shares of --secure-agg; "
+                         "without it the server adds all the noise")
     if cfg.secure_agg and cfg.max_update_norm is not None:
         raise UsageError("--max-update-norm checks individual client updates, and --secure-agg hides them")
     if cfg.attack is not None and cfg.malicious_fraction == 0:

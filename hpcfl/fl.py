@@ -114,6 +114,10 @@ class Federation:
         if self.anchor is not None:
             self.rep.post_reduce.append(FedProx(backend, cfg.mu, self.anchor))
         self.dp = dp                     # privacy.DpPlan (z, noise seed, accountant) or None
+        # under secure aggregation a client always trains on the same group, whose leader holds
+        # its identity key (LPT over all clients by size, once)
+        self.home = partition.assign_to_groups(np.arange(cfg.num_clients), self.sizes, self.n_groups) \
+            if cfg.secure_agg else None
         if cfg.secure_agg:
             collect.check_secure(cfg, dp.expected if dp else partition.per_round(cfg.num_clients,
                                                                                cfg.client_fraction))
@@ -149,8 +153,10 @@ class Federation:
         watchdog.progress(f"fl round {server_round}")
         sampled = self.sample(server_round)
         dropped = partition.dropouts(sampled, cfg.dropout_rate, server_round, cfg.seed)
-        if self.scaffold is not None:          # a client always trains where its control variate lives
-            groups = [[k for k in owned if k in set(sampled.tolist())] for owned in self.scaffold.owned]
+        if self.scaffold is not None or self.home is not None:   # a client always trains at home:
+            owned = self.scaffold.owned if self.scaffold is not None else self.home   # its c_i, its key
+            picked = set(sampled.tolist())
+            groups = [[k for k in part if k in picked] for part in owned]
         else:
             groups = partition.assign_to_groups(sampled, self.sizes, self.n_groups)
         self.owners_by_leader = groups                         # leaders' rank g = client group g
@@ -209,10 +215,12 @@ class Federation:
         stats = comm.bcast(stats)
         by_reason: dict[str, list] = {}
         for k, why in stats.get("rejected", []):
-            by_reason.setdefault(why, []).append(str(k))
+            # under DP which clients were sampled is secret (the amplification by sampling needs it)
+            by_reason.setdefault(why, []).append("?" if self.dp is not None else str(k))
         for why, ks in by_reason.items():          # once per round and reason, naming the clients
-            if set(ks) == {"?"}:                   # secure aggregation: how many, never which
-                who = f"{len(ks)} client{'s' if len(ks) > 1 else ''} (secure aggregation hides which) "
+            if set(ks) == {"?"}:                   # secure aggregation or DP: how many, never which
+                hides = "secure aggregation" if cfg.secure_agg else "differential privacy"
+                who = f"{len(ks)} client{'s' if len(ks) > 1 else ''} ({hides} hides which) "
                 who += "are" if len(ks) > 1 else "is"
             else:
                 who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
@@ -236,10 +244,24 @@ class Federation:
         if cfg.secure_agg:
             rec["secagg_seconds"] = stats.get("secagg_seconds", 0.0)
             rec["secagg_stages"] = stats.get("secagg_stages", {})
+            if self.dp is None:
+                rec["secagg_clipped"] = stats.get("secagg_clipped", 0)
+            if "server_attack" in stats:
+                rec["server_attack"] = stats["server_attack"]
+        if stats.get("budget_stop"):
+            rec["budget_stop"] = stats["budget_stop"]
         if self.dp is not None:
-            z = stats.get("dp_noise", self.dp.z) if not stats.get("skipped") else self.dp.z
-            self.dp.accountant.compose(cfg.client_fraction, z)
-            rec.update(dp_epsilon=self.dp.accountant.epsilon(), dp_noise=z, dp_delta=cfg.dp_delta)
+            if self.dp.secure:             # only a released sum costs privacy
+                z = stats.get("dp_noise")
+                if z is not None:
+                    self.dp.compose_round(z)
+                    rec["dp_honest_shares"] = stats["dp_honest_shares"]
+            else:                          # central: every planned round counts, skipped or not
+                z = self.dp.z
+                if not stats.get("budget_stop"):
+                    self.dp.compose_round(z)
+            rec.update(dp_epsilon=self.dp.accountant.epsilon(), dp_noise=z, dp_delta=cfg.dp_delta,
+                       dp_clipped=stats.get("clipped"))
         return rec
 
     def _check(self, server_round: int, stats: dict) -> None:
@@ -381,6 +403,10 @@ def _run(cfg, comm, reporter, fed) -> dict:
         if rec is None:
             stop = preempt.requested() or "SIGTERM/SIGUSR1 on another rank"
             break
+        if rec.get("budget_stop"):                 # withheld before unmasking: nothing released
+            reporter.warn(f"training stops with the model of round {last_round}: {rec['budget_stop']}")
+            history.append(rec)
+            break
         last_round = server_round
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
             acc, test_loss = fed.evaluate()
@@ -404,6 +430,12 @@ def _run(cfg, comm, reporter, fed) -> dict:
     comm.Allreduce_sum(senders)                # how many stop notices are in flight
     fed.notice.close(int(senders[0]))
     try:
+        if stop is None and history and not cfg.server_attack and all(r["skipped"] or r.get("budget_stop")
+                                                                     for r in history) and done == 0:
+            reasons = sorted({r["skipped"] or r["budget_stop"] for r in history})
+            raise TrainingError(f"no round completed in {len(history)} round(s), so no model was trained "
+                                f"and none is written: {'; '.join(reasons[:3])}"
+                                f"{' (and more)' if len(reasons) > 3 else ''}", collective=True)
         if stop is not None:
             path = fed.save(last_round, best)
             kept = f"saved {path}; run again with --resume to continue" if path else \

@@ -241,27 +241,6 @@ def noise_std(z: float, S: float) -> float:
     return z * S
 
 
-def secure_noise_multiplier(z: float, expected_clients: float, survivors: int) -> float:
-    """The noise multiplier a round under secure aggregation can be accounted with.
-    Each of the expected_clients clients adds N(0, z^2 S^2 / expected_clients) to its clipped
-    update before masking, so that a full round sums to N(0, z^2 S^2): the server only ever sees
-    the sum. Privacy compares the round with the neighbouring one in which a given client is
-    absent; there its noise share is absent too, so its own noise does not protect it, and only
-    the shares of the other survivors count: min(survivors - 1, expected_clients) of them
-    (capped so that a crowded round never claims more than the nominal z). Hence
-    z_eff = z sqrt(min(survivors - 1, expected) / expected), and 0 (no guarantee) when at most
-    one client survives. Dropouts thus cost privacy; epsilon() composes the rounds' z_eff."""
-    if not z >= 0:
-        raise ValueError(f"noise multiplier z must be >= 0, got {z!r}")
-    if not expected_clients > 0:            # q N: need not be an integer
-        raise ValueError(f"expected_clients must be > 0, got {expected_clients!r}")
-    expected = float(expected_clients)
-    survivors = _check_count("survivors", survivors, 0)
-    if survivors <= 1:
-        return 0.0
-    return z * math.sqrt(min(survivors - 1, expected) / expected)
-
-
 class Accountant:
     """The running privacy cost of a training run: one (q, z) event per step or round, epsilon
     at `delta` whenever asked. RDP composes by addition, so each distinct (q, z) is evaluated
@@ -298,15 +277,17 @@ class Accountant:
             key = (float(q), float(z))
             self.events[key] = self.events.get(key, 0) + count
 
-    def epsilon(self) -> float:
-        if not self.events:
+    def epsilon(self, q: float | None = None, z: float | None = None) -> float:
+        """Epsilon so far, or after one more (q, z) step (for the check before it)."""
+        rdp_total = self._rdp if q is None else self._rdp + self._event_rdp(q, z)
+        if not self.events and q is None:
             return 0.0
-        if not np.isfinite(self._rdp).all() and np.isinf(self._rdp).all():
+        if not np.isfinite(rdp_total).all() and np.isinf(rdp_total).all():
             return math.inf
         from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
         with _quiet_absl():
-            return float(rdp.compute_epsilon(ORDERS, self._rdp, self.delta)[0])
+            return float(rdp.compute_epsilon(ORDERS, rdp_total, self.delta)[0])
 
 
 @dataclass
@@ -322,19 +303,188 @@ class DpPlan:
     noise_seed: int
     delta: float
     accountant: Accountant = field(repr=False, default=None)
+    target: float | None = None        # --dp-epsilon: no round may take epsilon past it
+    secure: bool = False               # DP-FedAvg under secure aggregation (SecureAccountant)
+    share_std: float = 0.0             # secure: each client's noise share, per coordinate
+    colluders: int = 0                 # secure: clients whose shares do not count (--dp-colluders)
 
     def __post_init__(self):
         if self.accountant is None:
-            self.accountant = Accountant(self.delta)
+            self.accountant = (SecureAccountant(self.delta, self.q, self.z) if self.secure
+                               else Accountant(self.delta))
+
+    def honest_shares(self, survivors: int) -> int:
+        """The noise shares of a round of `survivors` that protect a client: not its own, not
+        the colluders'."""
+        return max(0, survivors - 1 - self.colluders)
+
+    def round_noise(self, survivors: int) -> float:
+        """The noise multiplier a secure round of `survivors` is accounted with."""
+        return self.share_std * math.sqrt(self.honest_shares(survivors)) / self.clip
+
+    def compose_round(self, z: float) -> None:
+        if self.secure:
+            self.accountant.compose(z)
+        else:
+            self.accountant.compose(self.q, z)
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the seed and the events composed so far (a function of the
-        rounds done, except under secure aggregation with dropouts)."""
+        """What a checkpoint keeps: the seed (whoever holds a checkpoint can remove the noise:
+        README) and the privacy spent so far."""
+        if self.secure:
+            return {"noise_seed": self.noise_seed, "z": self.z, "rounds_z": self.accountant.state()}
         return {"noise_seed": self.noise_seed, "z": self.z,
                 "events": [[q, z, c] for (q, z), c in self.accountant.events.items()]}
 
     def load_state(self, state: dict) -> None:
         self.noise_seed = int(state["noise_seed"])
+        if self.secure:
+            self.accountant = SecureAccountant(self.delta, self.q, self.z)
+            self.accountant.load_state(state["rounds_z"])
+            return
         self.accountant = Accountant(self.delta)
         for q, z, count in state["events"]:
             self.accountant.compose(q, z, count)
+
+
+# ------------------------------------------------------------ DP-FedAvg under secure aggregation
+#
+# The threat model: the server (and up to --dp-colluders clients) see every sum the protocol
+# releases and which clients take part in each round (the server relays their messages), so the
+# sampling amplifies nothing against them. Neighbouring runs differ in one client's data, which
+# the client replaces by a zero update while still taking part and adding its noise share (the
+# zero-out relation of Kairouz et al. 2021, "Practical and Private (Deep) Learning without
+# Sampling or Shuffling"). A round in which client i takes part then releases
+# sum_{j != i} (x_j + n_j) + x_i + n_i with ||x_i|| <= S: the Gaussian mechanism whose noise is
+# the shares the adversary does not know. Counted are only the honest shares other than i's own
+# (survivors - 1 - colluders), a lower bound in every case (i's own share and any client absent
+# from the round only add noise), so each round is accounted with
+#   z_r = share_std * sqrt(survivors - 1 - colluders) / S.
+# Rounds compose as Gaussian DP (Dong, Roth and Su 2019: mu^2 adds up), and which rounds i takes
+# part in is public but independent of the data: the privacy profile is the mixture over i's
+# participation (each round with probability q) of the Gaussian profile (Balle and Wang 2018):
+#   delta(eps) = E[ delta_G(eps; mu) ],  mu^2 = sum over i's rounds of 1 / z_r^2.
+# The weights 1/z_r^2 are rounded up to a grid (which only raises delta) so the distribution of
+# mu^2 is one exact convolution per round.
+
+SECURE_QUANTILE = 0.05     # the noise is sized for the 5% quantile of the honest survivors
+GRID_PER_ROUND = 64        # grid steps per planned round weight 1/z^2
+
+
+def gaussian_delta(eps: float, mu: np.ndarray) -> np.ndarray:
+    """The exact delta(eps) of the Gaussian mechanism with sensitivity / noise std = mu (Balle
+    and Wang 2018, Theorem 8): Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2); mu = 0 gives 0."""
+    from scipy.special import log_ndtr, ndtr
+
+    mu = np.asarray(mu, np.float64)
+    out = np.zeros_like(mu)
+    pos = mu > 0
+    m = mu[pos]
+    out[pos] = np.maximum(ndtr(-eps / m + m / 2) - np.exp(eps + log_ndtr(-eps / m - m / 2)), 0.0)
+    return out
+
+
+def _epsilon_from_delta(delta_of, delta: float, hi: float = 1.0) -> float:
+    """The smallest eps with delta_of(eps) <= delta, by bisection (delta_of falls with eps)."""
+    if delta_of(0.0) <= delta:
+        return 0.0
+    while delta_of(hi) > delta:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    lo = 0.0
+    while hi - lo > 1e-7 * max(1.0, hi):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if delta_of(mid) <= delta else (mid, hi)
+    return hi
+
+
+def public_participation_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+    """Epsilon after `rounds` rounds at the same z, each joined with probability q:
+    delta(eps) = sum_k Binomial(k; rounds, q) delta_G(eps; sqrt(k) / z)."""
+    from scipy.stats import binom
+
+    if z <= 0:
+        return math.inf
+    k = np.arange(rounds + 1)
+    w = binom.pmf(k, rounds, q)
+    mu = np.sqrt(k) / z
+    return _epsilon_from_delta(lambda e: float(w @ gaussian_delta(e, mu)), delta)
+
+
+def calibrate_secure_noise(q: float, rounds: int, delta: float, target_epsilon: float,
+                           rtol: float = 1e-3) -> float:
+    """The smallest per-round z (to rtol) with public_participation_epsilon <= target."""
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
+    lo, hi = 1e-3, 1.0
+    while public_participation_epsilon(hi, q, rounds, delta) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise ValueError(f"target_epsilon={target_epsilon:g} is unreachable")
+    while hi > lo * (1 + rtol):
+        mid = math.sqrt(lo * hi)
+        if public_participation_epsilon(mid, q, rounds, delta) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def honest_quantile(num_clients: int, q: float, dropout: float, colluders: int,
+                    quantile: float = SECURE_QUANTILE) -> int:
+    """A low quantile of the honest noise shares a client can count on in a round: the
+    survivors (Binomial(num_clients, q (1 - dropout)) under Poisson sampling and independent
+    dropouts) less itself and the colluders."""
+    from scipy.stats import binom
+
+    survivors = int(binom.ppf(quantile, num_clients, q * (1 - dropout)))
+    return survivors - 1 - colluders
+
+
+class SecureAccountant:
+    """The running epsilon of DP-FedAvg under secure aggregation (the block comment above):
+    one z_r per round; z_r = 0 (no honest share besides the client's own) has infinite weight."""
+
+    def __init__(self, delta: float, q: float, z_plan: float):
+        _check_delta(delta)
+        self.delta, self.q, self.z_plan = delta, q, z_plan
+        self.step = 1.0 / (z_plan ** 2 * GRID_PER_ROUND)    # the grid of mu^2
+        self.zs: list[float] = []
+        self._pmf = np.ones(1)                              # of mu^2 / step, finite part
+        self._inf = 0.0                                     # P(i took part in a z_r = 0 round)
+
+    def _grid(self, z: float) -> int | None:
+        return None if z <= 0 else math.ceil((1.0 / z ** 2) / self.step * (1 - 1e-12))
+
+    def _compose_pmf(self, pmf, inf, z):
+        k = self._grid(z)
+        if k is None:
+            return pmf * (1 - self.q), inf + (1 - inf) * self.q
+        out = np.zeros(len(pmf) + k)
+        out[:len(pmf)] += (1 - self.q) * pmf
+        out[k:] += self.q * pmf
+        return out, inf
+
+    def compose(self, z: float) -> None:
+        self._pmf, self._inf = self._compose_pmf(self._pmf, self._inf, z)
+        self.zs.append(float(z))
+
+    def epsilon(self, *more: float) -> float:
+        """Epsilon so far, or after further rounds at the given z (for the check before one)."""
+        pmf, inf = self._pmf, self._inf
+        for z in more:
+            pmf, inf = self._compose_pmf(pmf, inf, z)
+        if inf > self.delta:
+            return math.inf
+        support = np.flatnonzero(pmf > 0)
+        w, mu = pmf[support], np.sqrt(support * self.step)
+        return _epsilon_from_delta(lambda e: inf + float(w @ gaussian_delta(e, mu)), self.delta)
+
+    def state(self) -> list[float]:
+        return list(self.zs)
+
+    def load_state(self, zs) -> None:
+        self.zs, self._pmf, self._inf = [], np.ones(1), 0.0
+        for z in zs:
+            self.compose(z)

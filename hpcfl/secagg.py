@@ -1,35 +1,62 @@
 """Secure aggregation, the pure protocol with no MPI and no I/O: the double masking of Bonawitz et
-al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine Learning") on the sparse
-neighbour graph of Bell et al. 2020 (SecAgg+). The caller moves every message, all `bytes`,
-between the processes; the masked inputs are uint32 arrays, summed by the caller (an MPI SUM on
-uint32 wraps mod 2^32, which is what the masks need) or by `Server.aggregate`.
+al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine Learning"), in its version
+secure against a malicious server (their section 6: signed keys and a consistency round), on the
+sparse neighbour graph of Bell et al. 2020 (SecAgg+). The caller moves every message, all
+`bytes`, between the processes; the masked inputs are uint32 arrays, summed by the caller (an MPI
+SUM on uint32 wraps mod 2^32, which is what the masks need) or by `Server.aggregate`.
 
-One round, for the sampled clients U (threat model: honest-but-curious server; up to t-1
-colluding clients learn nothing beyond the survivors' sum):
-  0 advertise_keys   each client: two X25519 key pairs, c (encrypts shares) and s (agrees masks)
-     collect_keys    server -> each client: its neighbours' public keys          U1 = who sent
-  1 share_keys       client i: self-mask seed b_i; Shamir shares of b_i and of its s secret key
-                     for its holders (itself + neighbours), AES-GCM-encrypted to each holder
+Threat model: the server may deviate arbitrarily (drop, alter, replay, reorder or invent any
+message it relays) and collude with fewer than t of a client's share holders; clients are
+honest-but-curious. It learns no honest client's input, and no sum over fewer than
+`min_survivors` clients or over a disconnected part of the survivors' graph: every honest client
+checks what the server sends it and aborts the round (SecAggViolation) instead of answering a
+message that no honest server would send. Each client holds a long-term Ed25519 identity key whose
+public half reaches the others through a trusted set-up (a PKI; in the MPI trainer the group
+leaders exchange them among themselves at start-up, not through the server).
+
+One round, for the sampled clients U:
+  0 advertise_keys   each client: two X25519 key pairs, c (encrypts shares) and s (agrees masks),
+                     signed with its identity key, bound to the round and its id
+     collect_keys    server -> every client: the list of all advertisements        U1 = who sent
+  1 share_keys       client i: checks its own advertisement is in the list unchanged, derives the
+                     graph from the list's hash (fixed only once every key is committed), checks
+                     its neighbours' signatures; then its self-mask seed b_i and Shamir shares of
+                     b_i and of its s secret key for its holders (itself + neighbours),
+                     AES-GCM-encrypted to each holder
      route_shares    server -> each client j: {sender: ciphertext for j}          U2 = who sent
-  2 masked_input     y_i = x_i + PRG(b_i) + sum_{j in N(i) & U2} sign(i,j) PRG(s_ij)   mod 2^32
+  2 masked_input     client i aborts unless it holds the shares of at least t - 1 neighbours;
+                     y_i = x_i + PRG(b_i) + sum_{j in N(i) & U2} sign(i,j) PRG(s_ij)   mod 2^32
      unmask_request  server names the survivors U3 (sent y) and the dropped D = U2 - U3
-  3 unmask           each survivor: b-shares of survivors, s-shares of the dropped, never both
+  3 consistency      client i aborts unless |U3| >= min_survivors and the graph induced on U3 is
+                     connected (a disconnected one would reveal each part's sum); it signs
+                     (round, transcript, U3, D)
+     signatures      server -> every survivor: the signatures it collected         U4
+  4 unmask           client i checks at least min_survivors valid signatures of U3 members on its
+                     own view, then sends b-shares of survivors, s-shares of the dropped, never both
      aggregate       sum y - PRG(b_j) for j in U3 - the masks the survivors shared with D
 
+min_survivors = max(t, floor((|U| + corrupt) / 2) + 1): two disjoint views of U3 cannot both
+collect that many signatures, even when `corrupt` colluders sign both.
+
 Wire formats (all integers little-endian):
-  keys message      c_pk (32 raw bytes) || s_pk (32 raw bytes)
+  advertisement     c_pk (32 raw bytes) || s_pk (32 raw bytes) || Ed25519 signature (64) over
+                    "hpcfl-secagg/keys" || round (i64) || id (u32) || c_pk || s_pk
   id map            u32 count, count x (u32 id, u32 length), then the payloads in that order;
-                    ids strictly increasing. Carries {id: bytes} (neighbour keys, ciphertexts,
-                    unmask responses).
+                    ids strictly increasing. Carries {id: bytes} (the advertisements, ciphertexts,
+                    signatures, unmask responses).
+  transcript        SHA-256("hpcfl-secagg/transcript" || round || the advertisements' id map)
   share ciphertext  nonce (12) || AES-GCM(b-share || s-share) with its 16-byte tag; 160 bytes.
                     A share is its y-value, 66 bytes big-endian (the field is mod 2^521 - 1);
                     its x is the receiver's id + 1.
   unmask request    u32 n_survivors, u32 n_dropped, then the survivor ids, then the dropped ids
+  consistency       Ed25519 signature over "hpcfl-secagg/consistency" || round || transcript ||
+                    the unmask request
   unmask response   id map {owner: kind (1 byte: 1 = b-share, 2 = s-share) || share (66 bytes)}
 
-Out of scope: a malicious server. Bonawitz's consistency check (signed views of U3) is left out,
-so a server that sent different unmask requests to different clients could collect both kinds
-of share of one client; the round seed of the graph is public, chosen by the caller.
+Not covered: a server that drops honest clients to steer which graph the hash gives (each try
+costs it real survivors, and every check above still holds for the graph it lands on); clients
+that deviate (a malicious client can send any input: robust aggregation cannot see it, see the
+README); traffic analysis (who talks when).
 """
 from __future__ import annotations
 
@@ -42,7 +69,8 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -54,10 +82,12 @@ from .errors import HpcflError
 PRIME = 2**521 - 1                 # Mersenne prime > 2^256: any 32-byte secret is a field element
 SHARE_BYTES = 66                   # ceil(521 / 8)
 KEY_BYTES = 32                     # X25519 keys, seeds and derived keys: full 256 bits
-KEYS_MESSAGE_BYTES = 2 * KEY_BYTES
+SIG_BYTES = 64                     # Ed25519
+KEYS_MESSAGE_BYTES = 2 * KEY_BYTES + SIG_BYTES
 NONCE_BYTES = 12
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + 16
 KIND_B, KIND_S = 1, 2
+SIGMA = 40                         # statistical security parameter: failure probability <= 2^-40
 _ZERO_IV = bytes(16)               # each PRG key expands exactly one stream, so a fixed IV is safe
 
 
@@ -69,13 +99,60 @@ class SecAggAbort(SecAggError):
     """Too few clients are left to finish the round securely: the caller skips the round."""
 
 
-class SecAggAuthError(SecAggError):
+class SecAggViolation(SecAggError):
+    """An honest client received what no honest server sends (a forged key, too few shares,
+    views that disagree, a disconnected survivor graph): it aborts the round. `client` names it."""
+
+    def __init__(self, client: int, message: str):
+        super().__init__(f"client {client} aborts the round: {message}")
+        self.client = client
+
+
+class SecAggAuthError(SecAggViolation):
     """A share ciphertext failed AES-GCM authentication: tampered, misrouted or truncated."""
 
     def __init__(self, sender: int, receiver: int, server_round: int):
-        super().__init__(f"round {server_round}: the share ciphertext from client {sender} to "
-                         f"client {receiver} failed authentication (AES-GCM)")
-        self.sender, self.receiver, self.server_round = sender, receiver, server_round
+        HpcflError.__init__(self, f"round {server_round}: the share ciphertext from client {sender} to "
+                                  f"client {receiver} failed authentication (AES-GCM)")
+        self.client, self.sender, self.receiver, self.server_round = receiver, sender, receiver, server_round
+
+
+# ------------------------------------------------------------------------------ identities (PKI)
+
+class Identity:
+    """A client's long-term Ed25519 signing key. Only its public half (`public`, 32 bytes) is
+    shared, through the trusted set-up, never through the server."""
+
+    def __init__(self, key: Ed25519PrivateKey | None = None):
+        self._key = key or Ed25519PrivateKey.generate()
+        self.public = self._key.public_key().public_bytes_raw()
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+
+def verify(public: bytes | None, signature: bytes, message: bytes) -> bool:
+    if public is None or len(signature) != SIG_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def _keys_message(server_round: int, cid: int, keys: bytes) -> bytes:
+    return b"hpcfl-secagg/keys" + struct.pack("<qI", server_round, cid) + keys
+
+
+def _consistency_message(server_round: int, transcript: bytes, request: bytes) -> bytes:
+    return b"hpcfl-secagg/consistency" + struct.pack("<q", server_round) + transcript + request
+
+
+def transcript_hash(server_round: int, advertisements: bytes) -> bytes:
+    """What every party's view of stage 0 is bound to: the graph seed and the consistency round."""
+    return hashlib.sha256(b"hpcfl-secagg/transcript" + struct.pack("<q", server_round)
+                          + advertisements).digest()
 
 
 # ---------------------------------------------------------------------------- round parameters
@@ -92,23 +169,64 @@ def default_threshold(n_holders: int) -> int:
     return check_threshold(n_holders // 2 + 1, n_holders)
 
 
+def holders_per_client(k: int | None, m: int) -> int:
+    """Share holders of each client (itself and its neighbours) in neighbor_graph(m clients, k)."""
+    if k is None or k >= m - 1:
+        return m
+    return k + 1 + (k % 2 and m % 2)
+
+
+def min_neighbors(m: int, max_dropout: float, corrupt: float, sigma: int = SIGMA) -> int | None:
+    """The smallest K for which the survivors' graph of a round of m clients stays connected
+    once the dropped and the corrupt clients (each a fraction of at most max_dropout and corrupt)
+    are removed, except with probability 2^-sigma (Bell et al. 2020's requirement, bounded for
+    this graph). The graph is the circulant with offsets 1..K/2 over a random ring: survivors
+    next to each other on the ring are joined unless K/2 consecutive clients between them are
+    gone, so it splits only if such a run occurs twice; a run starts at a given position with
+    probability at most p^(K/2), p = max_dropout + corrupt, hence P(split) <= m p^(K/2).
+    None: only the complete graph qualifies (the bound's K is m - 1 or more)."""
+    p = max_dropout + corrupt
+    if m < 3:
+        return None
+    if p <= 0:
+        half = 1
+    elif p >= 1:
+        return None
+    else:
+        half = math.ceil((sigma * math.log(2) + math.log(m)) / -math.log(p))
+    k = 2 * half
+    return k if k < m - 1 else None
+
+
+def _binom_sf(t: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) >= t)."""
+    return sum(math.comb(n, i) * p**i * (1 - p)**(n - i) for i in range(max(t, 0), n + 1))
+
+
+def sparse_threshold(holders: int, m: int, corrupt: float, sigma: int = SIGMA) -> int:
+    """t for a sparse graph: the smallest majority of the holders, raised until the corrupt
+    clients among one client's holders reach t with probability at most 2^-sigma / m (Bell et
+    al. 2020); at most the number of holders."""
+    t = default_threshold(holders)
+    while t < holders and corrupt > 0 and _binom_sf(t, holders, corrupt) > 2.0**-sigma / m:
+        t += 1
+    return t
+
+
 def neighbor_graph(clients: Iterable[int], k: int | None,
                    round_seed: bytes | int) -> dict[int, tuple[int, ...]]:
     """The SecAgg+ communication graph: complete when k is None or k >= m-1, otherwise the
     Harary graph H(k, m) over a permutation of the clients drawn from round_seed (each client
     is joined to the k/2 nearest on either side of a shuffled ring). Odd k: with m even each
     client also joins the one opposite on the ring (exactly k-regular); with m odd no k-regular
-    graph exists, so k+1 is used. Every process computes the same graph from the public seed."""
+    graph exists, so k+1 is used. Every process computes the same graph from the same seed."""
     clients = sorted(set(int(c) for c in clients))
     m = len(clients)
     if k is None or k >= m - 1:
         return {c: tuple(d for d in clients if d != c) for c in clients}
     if k < 1:
         raise ValueError(f"neighbour count k={k} must be at least 1")
-    seed = round_seed if isinstance(round_seed, bytes) else str(int(round_seed)).encode()
-    prefix = b"hpcfl-secagg/graph" + struct.pack("<I", len(seed)) + seed
-    # a permutation from a hash rather than a seeded numpy RNG: no 32-bit seed, same everywhere
-    ring = sorted(clients, key=lambda c: hashlib.sha256(prefix + struct.pack("<Q", c)).digest())
+    ring = shuffled_ring(clients, round_seed)
     if k % 2 and m % 2:
         k += 1
     offsets = list(range(1, k // 2 + 1)) + [-d for d in range(1, k // 2 + 1)]
@@ -117,44 +235,75 @@ def neighbor_graph(clients: Iterable[int], k: int | None,
     return {c: tuple(sorted(ring[(p + d) % m] for d in offsets)) for p, c in enumerate(ring)}
 
 
+def shuffled_ring(clients: Iterable[int], round_seed: bytes | int) -> list[int]:
+    """The clients in the ring order of neighbor_graph: a permutation from a hash rather than a
+    seeded numpy RNG (no 32-bit seed, the same everywhere)."""
+    seed = round_seed if isinstance(round_seed, bytes) else str(int(round_seed)).encode()
+    prefix = b"hpcfl-secagg/graph" + struct.pack("<I", len(seed)) + seed
+    return sorted(set(int(c) for c in clients),
+                  key=lambda c: hashlib.sha256(prefix + struct.pack("<Q", c)).digest())
+
+
+def is_connected(graph: Mapping[int, Sequence[int]], nodes: Iterable[int]) -> bool:
+    """Whether the subgraph of `graph` induced on `nodes` is connected (empty: False)."""
+    nodes = set(nodes)
+    if not nodes:
+        return False
+    start = min(nodes)
+    seen, todo = {start}, [start]
+    while todo:
+        for d in graph[todo.pop()]:
+            if d in nodes and d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen == nodes
+
+
 @dataclass(frozen=True)
 class RoundParams:
     """What every process knows before a round: server_round, the sampled clients U, the
-    neighbour graph, the Shamir threshold t and the vector length n (uint32 words)."""
+    neighbour count k (None: complete graph), the Shamir threshold t, the vector length n
+    (uint32 words) and min_survivors (module docstring). The graph itself is fixed only after
+    stage 0, from the transcript (graph())."""
 
     server_round: int
     clients: tuple[int, ...]
-    neighbors: Mapping[int, tuple[int, ...]]
+    k: int | None
     threshold: int
     n: int
+    min_survivors: int
 
     def __post_init__(self):
-        if sorted(self.neighbors) != list(self.clients) or list(self.clients) != sorted(set(self.clients)):
-            raise ValueError("clients must be sorted, distinct and match the neighbour graph")
+        if list(self.clients) != sorted(set(self.clients)):
+            raise ValueError("clients must be sorted and distinct")
         if self.clients and not 0 <= self.clients[0] <= self.clients[-1] < 2**32 - 1:
             raise ValueError("client ids must be in [0, 2^32 - 2]")
-        for c, nbrs in self.neighbors.items():
-            if c in nbrs or any(c not in self.neighbors.get(d, ()) for d in nbrs):
-                raise ValueError(f"the neighbour graph is not symmetric or has a loop at client {c}")
-        for c in self.clients:
-            check_threshold(self.threshold, len(self.holders(c)))
+        check_threshold(self.threshold, holders_per_client(self.k, len(self.clients)))
+        if not self.threshold <= self.min_survivors <= len(self.clients):
+            raise ValueError(f"min_survivors={self.min_survivors} must be between t={self.threshold} "
+                             f"and the {len(self.clients)} sampled clients")
         if self.n < 1:
             raise ValueError(f"vector length n={self.n} must be positive")
 
     @classmethod
     def make(cls, server_round: int, clients: Iterable[int], n: int, k: int | None = None,
-             threshold: int | None = None, round_seed: bytes | int | None = None) -> "RoundParams":
-        """Graph from round_seed (default: server_round; pass one derived from the run's seed
-        and the round); threshold defaults to the smallest majority of the holders."""
+             threshold: int | None = None, corrupt: int = 0) -> "RoundParams":
+        """threshold defaults to the smallest majority of the holders; `corrupt` is how many
+        colluding clients the consistency round must withstand."""
         clients = tuple(sorted(set(int(c) for c in clients)))
-        graph = neighbor_graph(clients, k, server_round if round_seed is None else round_seed)
+        m = len(clients)
         if threshold is None:
-            threshold = default_threshold(1 + min((len(v) for v in graph.values()), default=0))
-        return cls(int(server_round), clients, graph, int(threshold), int(n))
+            threshold = default_threshold(holders_per_client(k, m))
+        need = max(int(threshold), min((m + int(corrupt)) // 2 + 1, m))
+        return cls(int(server_round), clients, k, int(threshold), int(n), need)
 
-    def holders(self, cid: int) -> tuple[int, ...]:
-        """Who holds shares of cid's secrets: cid itself and its neighbours, sorted."""
-        return tuple(sorted((cid,) + tuple(self.neighbors[cid])))
+    def graph(self, members: Iterable[int], transcript: bytes) -> dict[int, tuple[int, ...]]:
+        return neighbor_graph(members, self.k, transcript)
+
+
+def holders(graph: Mapping[int, Sequence[int]], cid: int) -> tuple[int, ...]:
+    """Who holds shares of cid's secrets: cid itself and its neighbours, sorted."""
+    return tuple(sorted((cid,) + tuple(graph[cid])))
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -304,43 +453,63 @@ def _raw_public(sk: X25519PrivateKey) -> bytes:
 # -------------------------------------------------------------------------------------- client
 
 class Client:
-    """One client's side of a round; call the four stages in order, once each."""
+    """One honest client's side of a round; call the five stages in order, once each. `identity`
+    is its own signing key, `directory` {client: Ed25519 public key} the trusted set-up's."""
 
-    def __init__(self, cid: int, params: RoundParams):
-        if cid not in params.neighbors:
+    def __init__(self, cid: int, params: RoundParams, identity: Identity, directory: Mapping[int, bytes]):
+        if cid not in params.clients:
             raise ValueError(f"client {cid} is not sampled in round {params.server_round}")
         self.cid, self.params, self._stage = cid, params, 0
+        self._identity, self._directory = identity, directory
 
     def _advance(self, stage: int, name: str) -> None:
         if self._stage != stage:
             raise SecAggError(f"client {self.cid}: {name} called out of order")
         self._stage += 1
 
+    def _refuse(self, message: str):
+        raise SecAggViolation(self.cid, message)
+
     def advertise_keys(self) -> bytes:
         self._advance(0, "advertise_keys")
         self._c_sk, self._s_sk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-        return _raw_public(self._c_sk) + _raw_public(self._s_sk)
+        keys = _raw_public(self._c_sk) + _raw_public(self._s_sk)
+        self._advert = keys + self._identity.sign(_keys_message(self.params.server_round, self.cid, keys))
+        return self._advert
 
-    def share_keys(self, neighbour_keys: bytes) -> bytes:
-        """Shares of b_i and s_i for itself and every neighbour that advertised keys; returns
-        the id map {receiver: ciphertext}."""
+    def share_keys(self, advertisements: bytes) -> bytes:
+        """From the list of every advertisement: the graph, then shares of b_i and s_i for itself
+        and every neighbour; returns the id map {receiver: ciphertext}."""
         self._advance(1, "share_keys")
         p, me = self.params, self.cid
-        keys = decode_map(neighbour_keys)
-        if not set(keys) <= set(p.neighbors[me]) or any(len(v) != KEYS_MESSAGE_BYTES for v in keys.values()):
-            raise SecAggError(f"client {me}: neighbour keys name a non-neighbour or are malformed")
-        if 1 + len(keys) < p.threshold:
-            raise SecAggAbort(f"client {me}: {1 + len(keys)} share holders left, "
+        ads = decode_map(advertisements)
+        if ads.get(me) != self._advert:
+            self._refuse("its own key advertisement is missing from the list or altered")
+        if not set(ads) <= set(p.clients) or any(len(v) != KEYS_MESSAGE_BYTES for v in ads.values()):
+            self._refuse("the key list names an unsampled client or is malformed")
+        if len(ads) < p.min_survivors:
+            self._refuse(f"the key list has {len(ads)} clients, fewer than the {p.min_survivors} "
+                         f"a round needs")
+        self._transcript = transcript_hash(p.server_round, advertisements)
+        self._graph = p.graph(ads, self._transcript)
+        nbrs = self._graph[me]
+        for j in nbrs:
+            if not verify(self._directory.get(j), ads[j][2 * KEY_BYTES:],
+                          _keys_message(p.server_round, j, ads[j][:2 * KEY_BYTES])):
+                self._refuse(f"the keys advertised for client {j} are not signed by client {j}'s "
+                             f"identity key (substituted keys)")
+        if 1 + len(nbrs) < p.threshold:
+            raise SecAggAbort(f"client {me}: {1 + len(nbrs)} share holders left, "
                               f"the threshold is {p.threshold}")
-        self._c_pk = {j: v[:KEY_BYTES] for j, v in keys.items()}
-        self._s_pk = {j: v[KEY_BYTES:] for j, v in keys.items()}
+        self._c_pk = {j: ads[j][:KEY_BYTES] for j in nbrs}
+        self._s_pk = {j: ads[j][KEY_BYTES:2 * KEY_BYTES] for j in nbrs}
         self._b = secrets.token_bytes(KEY_BYTES)
-        xs = [h + 1 for h in [me] + sorted(keys)]
+        xs = [h + 1 for h in [me] + sorted(nbrs)]
         b_sh = shamir_split(int.from_bytes(self._b, "big"), xs, p.threshold)
         s_sh = shamir_split(int.from_bytes(self._s_sk.private_bytes_raw(), "big"), xs, p.threshold)
         self._own = (b_sh[me + 1], s_sh[me + 1])
         out = {}
-        for j in keys:
+        for j in nbrs:
             aead, aad = _share_aead(self._c_sk, self._c_pk[j], p.server_round, me, j)
             nonce = os.urandom(NONCE_BYTES)
             plain = _share_to_bytes(b_sh[j + 1]) + _share_to_bytes(s_sh[j + 1])
@@ -348,7 +517,9 @@ class Client:
         return encode_map(out)
 
     def masked_input(self, x_u32: np.ndarray, routed_ciphertexts: bytes) -> np.ndarray:
-        """y = x + PRG(b_i) + sum over neighbours j still in the round of sign(i,j) PRG(s_ij)."""
+        """y = x + PRG(b_i) + sum over neighbours j still in the round of sign(i,j) PRG(s_ij).
+        Refuses unless it holds the shares of at least t - 1 neighbours: with fewer, the server
+        could unmask y from b_i alone (too few pairwise masks)."""
         self._advance(2, "masked_input")
         p, me = self.params, self.cid
         x = np.asarray(x_u32)
@@ -356,7 +527,10 @@ class Client:
             raise ValueError(f"masked_input needs a uint32 vector of length {p.n}, got {x.dtype} {x.shape}")
         held = decode_map(routed_ciphertexts)
         if not set(held) <= set(self._c_pk):
-            raise SecAggError(f"client {me}: routed shares from clients it has no keys of")
+            self._refuse("routed shares from clients that are not its neighbours")
+        if 1 + len(held) < p.threshold:
+            self._refuse(f"it holds the shares of {len(held)} neighbours; with its own that is fewer "
+                         f"than the threshold {p.threshold}, so its masks would not protect its input")
         self._held = held                          # decrypted only at unmasking
         y = x.copy()
         g = Prg(p.n)
@@ -365,57 +539,78 @@ class Client:
             g.add(y, pair_key(self._s_sk, self._s_pk[j], p.server_round, me, j), _sign(me, j))
         return y
 
-    def unmask(self, request: bytes) -> bytes:
-        """For each client j whose share it holds: j's b-share if j survived, its s-share if j
-        dropped. Refuses a request that names a client both ways or leaves it out."""
-        self._advance(3, "unmask")
+    def consistency(self, request: bytes) -> bytes:
+        """Checks the unmask request (U3, D) and signs it: the consistency round."""
+        self._advance(3, "consistency")
         p, me = self.params, self.cid
         survivors, dropped = decode_unmask_request(request)
         if survivors & dropped:
-            raise SecAggError(f"client {me} refuses to unmask: client {min(survivors & dropped)} "
-                              f"is named both survivor and dropped")
+            self._refuse(f"the unmask request names client {min(survivors & dropped)} both survivor "
+                         f"and dropped")
         if me not in survivors:
-            raise SecAggError(f"client {me} refuses to unmask: the request names it as dropped")
-        if len(survivors) < p.threshold:
-            raise SecAggAbort(f"client {me} refuses to unmask: {len(survivors)} survivors, "
-                              f"the threshold is {p.threshold}")
+            self._refuse("the unmask request names it as dropped")
+        if not (survivors | dropped) <= set(self._graph):
+            self._refuse("the unmask request names clients that advertised no keys")
+        for j in sorted(set(self._held)):
+            if j not in survivors and j not in dropped:
+                self._refuse(f"client {j} is neither survivor nor dropped in the unmask request")
+        if len(survivors) < p.min_survivors:
+            self._refuse(f"{len(survivors)} survivors, fewer than the {p.min_survivors} whose sum "
+                         f"may be revealed")
+        if not is_connected(self._graph, survivors):
+            self._refuse("the survivors' graph is disconnected: unmasking would reveal the sum of "
+                         "each part")
+        self._request, self._survivors, self._dropped = request, survivors, dropped
+        return self._identity.sign(_consistency_message(p.server_round, self._transcript, request))
+
+    def unmask(self, signatures: bytes) -> bytes:
+        """With min_survivors valid signatures of survivors on its own view: for each client j
+        whose share it holds, j's b-share if j survived, its s-share if j dropped."""
+        self._advance(4, "unmask")
+        p, me = self.params, self.cid
+        sigs = decode_map(signatures)
+        message = _consistency_message(p.server_round, self._transcript, self._request)
+        valid = [j for j, s in sigs.items() if j in self._survivors and verify(self._directory.get(j), s, message)]
+        if len(valid) != len(sigs) or len(valid) < p.min_survivors:
+            self._refuse(f"{len(valid)} of {len(sigs)} consistency signatures are valid survivors' "
+                         f"signatures of its view, {p.min_survivors} needed: the views disagree")
         out = {}
         for j in sorted(set(self._held) | {me}):
-            if j not in survivors and j not in dropped:
-                raise SecAggError(f"client {me} refuses to unmask: client {j} is neither "
-                                  f"survivor nor dropped")
-            if j == me:
-                b, s = self._own
-            else:
-                b, s = self._decrypt(j)
-            kind, share = (KIND_B, b) if j in survivors else (KIND_S, s)
+            b, s = self._own if j == me else self._decrypt(j)
+            kind, share = (KIND_B, b) if j in self._survivors else (KIND_S, s)
             out[j] = bytes([kind]) + _share_to_bytes(share)
         return encode_map(out)
 
     def _decrypt(self, sender: int) -> tuple[int, int]:
-        ct, rnd = self._held[sender], self.params.server_round
-        aead, aad = _share_aead(self._c_sk, self._c_pk[sender], rnd, sender, self.cid)
-        try:
-            pt = aead.decrypt(ct[:NONCE_BYTES], ct[NONCE_BYTES:], aad)
-        except (InvalidTag, ValueError):
-            raise SecAggAuthError(sender, self.cid, rnd) from None
-        if len(pt) != 2 * SHARE_BYTES:
-            raise SecAggAuthError(sender, self.cid, rnd)
-        return _share_from_bytes(pt[:SHARE_BYTES]), _share_from_bytes(pt[SHARE_BYTES:])
+        return decrypt_shares(self._c_sk, self._c_pk[sender], self._held[sender], self.params.server_round,
+                              sender, self.cid)
+
+
+def decrypt_shares(c_sk: X25519PrivateKey, sender_c_pk: bytes, ciphertext: bytes, server_round: int,
+                   sender: int, receiver: int) -> tuple[int, int]:
+    """(b-share, s-share) of `sender` held by `receiver`; SecAggAuthError when it does not verify."""
+    aead, aad = _share_aead(c_sk, sender_c_pk, server_round, sender, receiver)
+    try:
+        pt = aead.decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
+    except (InvalidTag, ValueError):
+        raise SecAggAuthError(sender, receiver, server_round) from None
+    if len(pt) != 2 * SHARE_BYTES:
+        raise SecAggAuthError(sender, receiver, server_round)
+    return _share_from_bytes(pt[:SHARE_BYTES]), _share_from_bytes(pt[SHARE_BYTES:])
 
 
 # -------------------------------------------------------------------------------------- server
 
 MESSAGE_KINDS = ("keys_up", "keys_down", "shares_up", "shares_down", "masked_input_up",
-                 "unmask_down", "unmask_up")
+                 "unmask_down", "consistency_up", "consistency_down", "unmask_up")
 
 
 class Server:
-    """The server's side of a round. `traffic` counts the bytes of each message kind (all
+    """The honest server's side of a round. `traffic` counts the bytes of each message kind (all
     clients together); bytes_to_server / bytes_from_server add the *_up / *_down kinds."""
 
-    def __init__(self, params: RoundParams):
-        self.params, self._stage = params, 0
+    def __init__(self, params: RoundParams, directory: Mapping[int, bytes]):
+        self.params, self.directory, self._stage = params, directory, 0
         self.traffic = dict.fromkeys(MESSAGE_KINDS, 0)
         self._lagrange: dict[tuple[int, ...], list[int]] = {}
 
@@ -436,40 +631,51 @@ class Server:
         """SecAggAbort unless every owner's secrets still have t live holders."""
         p = self.params
         for j in sorted(owners):
-            h = p.holders(j)
+            h = holders(self.graph, j)
             left = sum(c in alive for c in h)
             if left < p.threshold:
                 raise SecAggAbort(f"round {p.server_round}: {len(alive)} of {len(p.clients)} clients {what}; "
                                   f"client {j} has {left} of its {len(h)} share holders left, "
                                   f"the threshold is {p.threshold}")
 
-    def collect_keys(self, keys: Mapping[int, bytes]) -> dict[int, bytes]:
-        """{client: advertised keys} -> {client: id map of its neighbours' keys}."""
+    def _check_count(self, alive: set[int], what: str) -> None:
+        p = self.params
+        if len(alive) < p.min_survivors:
+            raise SecAggAbort(f"round {p.server_round}: {len(alive)} of {len(p.clients)} clients {what}, "
+                              f"fewer than the {p.min_survivors} needed")
+
+    def collect_keys(self, adverts: Mapping[int, bytes]) -> bytes:
+        """{client: advertisement} -> the list every client of U1 gets (the same bytes for all)."""
         self._advance(0, "collect_keys")
         p = self.params
-        if not set(keys) <= set(p.clients) or any(len(v) != KEYS_MESSAGE_BYTES for v in keys.values()):
+        if not set(adverts) <= set(p.clients) or any(len(v) != KEYS_MESSAGE_BYTES for v in adverts.values()):
             raise SecAggError("advertised keys from an unsampled client, or of the wrong length")
-        self._keys = {c: bytes(v) for c, v in keys.items()}
-        self._u1 = set(keys)
+        for c, v in adverts.items():
+            if not verify(self.directory.get(c), v[2 * KEY_BYTES:], _keys_message(p.server_round, c, v[:2 * KEY_BYTES])):
+                raise SecAggError(f"client {c}'s key advertisement is not signed by its identity key")
+        self._keys = {c: bytes(v[:2 * KEY_BYTES]) for c, v in adverts.items()}
+        self._u1 = set(adverts)
+        self._check_count(self._u1, "advertised keys")
+        self.advertisements = encode_map(adverts)
+        self.transcript = transcript_hash(p.server_round, self.advertisements)
+        self.graph = p.graph(self._u1, self.transcript)
         self._check_holders(self._u1, self._u1, "advertised keys")
-        out = {i: encode_map({j: self._keys[j] for j in p.neighbors[i] if j in self._u1})
-               for i in sorted(self._u1)}
-        self.traffic["keys_up"] += sum(map(len, keys.values()))
-        self.traffic["keys_down"] += sum(map(len, out.values()))
-        return out
+        self.traffic["keys_up"] += sum(map(len, adverts.values()))
+        self.traffic["keys_down"] += len(self.advertisements) * len(self._u1)
+        return self.advertisements
 
     def route_shares(self, shares: Mapping[int, bytes]) -> dict[int, bytes]:
         """{sender: id map receiver -> ciphertext} -> {receiver: id map sender -> ciphertext},
         for the receivers that sent shares themselves (U2)."""
         self._advance(1, "route_shares")
-        p = self.params
         decoded = {i: decode_map(v) for i, v in shares.items()}
         for i, m in decoded.items():
-            if i not in self._u1 or set(m) != {j for j in p.neighbors[i] if j in self._u1}:
-                raise SecAggError(f"client {i}'s shares are not addressed to its neighbours with keys")
+            if i not in self._u1 or set(m) != set(self.graph[i]):
+                raise SecAggError(f"client {i}'s shares are not addressed to its neighbours")
         self._u2 = set(shares)
+        self._check_count(self._u2, "shared keys")
         self._check_holders(self._u2, self._u2, "shared keys")
-        out = {j: encode_map({i: decoded[i][j] for i in p.neighbors[j] if i in self._u2})
+        out = {j: encode_map({i: decoded[i][j] for i in self.graph[j] if i in self._u2})
                for j in sorted(self._u2)}
         self.traffic["shares_up"] += sum(map(len, shares.values()))
         self.traffic["shares_down"] += sum(map(len, out.values()))
@@ -478,19 +684,40 @@ class Server:
     def unmask_request(self, survivors: Iterable[int]) -> dict[int, bytes]:
         """survivors (U3: who sent y) -> {survivor: request naming U3 and D = U2 - U3}."""
         self._advance(2, "unmask_request")
+        p = self.params
         self._u3 = set(survivors)
         if not self._u3 <= self._u2:
             raise ValueError(f"survivors {sorted(self._u3 - self._u2)} did not share keys this round")
+        self._check_count(self._u3, "survived")
         self._check_holders(self._u3, self._u2, "survived")
+        if not is_connected(self.graph, self._u3):
+            raise SecAggAbort(f"round {p.server_round}: the graph of the {len(self._u3)} survivors is "
+                              f"disconnected; unmasking would reveal partial sums")
         req = encode_unmask_request(self._u3, self._u2 - self._u3)
+        self.request = req
         self.traffic["unmask_down"] += len(req) * len(self._u3)
-        self.traffic["masked_input_up"] += 4 * self.params.n * len(self._u3)
+        self.traffic["masked_input_up"] += 4 * p.n * len(self._u3)
         return {k: req for k in sorted(self._u3)}
+
+    def collect_signatures(self, signatures: Mapping[int, bytes]) -> bytes:
+        """{survivor: consistency signature} -> the id map every survivor gets (U4)."""
+        self._advance(3, "collect_signatures")
+        p = self.params
+        message = _consistency_message(p.server_round, self.transcript, self.request)
+        for c, s in signatures.items():
+            if c not in self._u3 or not verify(self.directory.get(c), s, message):
+                raise SecAggError(f"client {c}'s consistency signature does not verify")
+        self._u4 = set(signatures)
+        self._check_count(self._u4, "signed the survivor set")
+        out = encode_map(signatures)
+        self.traffic["consistency_up"] += sum(map(len, signatures.values()))
+        self.traffic["consistency_down"] += len(out) * len(self._u4)
+        return out
 
     def aggregate(self, y: np.ndarray | Iterable[np.ndarray], responses: Mapping[int, bytes]) -> np.ndarray:
         """The exact sum mod 2^32 of the survivors' x, from the sum of their y (or the list of
         y) and the unmask responses of any survivors that answered."""
-        self._advance(3, "aggregate")
+        self._advance(4, "aggregate")
         p, u2, u3 = self.params, self._u2, self._u3
         if isinstance(y, np.ndarray):
             total = y.copy()
@@ -503,34 +730,45 @@ class Server:
         if total.dtype != np.uint32 or total.shape != (p.n,):
             raise ValueError(f"aggregate needs uint32 vectors of length {p.n}, "
                              f"got {total.dtype} {total.shape}")
-        if not set(responses) <= u3:
-            raise SecAggError(f"unmask responses from non-survivors {sorted(set(responses) - u3)}")
+        if not set(responses) <= self._u4:
+            raise SecAggError(f"unmask responses from clients that did not sign {sorted(set(responses) - self._u4)}")
         self.traffic["unmask_up"] += sum(map(len, responses.values()))
         self._check_holders(set(responses), u2, "answered the unmask request")
-        shares: dict[int, dict[int, int]] = {j: {} for j in u2}
-        for k, msg in responses.items():
-            entries = decode_map(msg)
-            if set(entries) != {k} | {j for j in p.neighbors[k] if j in u2}:
-                raise SecAggError(f"client {k}'s unmask response covers the wrong clients")
-            for j, e in entries.items():
-                if len(e) != 1 + SHARE_BYTES or e[0] != (KIND_B if j in u3 else KIND_S):
-                    raise SecAggError(f"client {k} sent the wrong kind of share of client {j}")
-                shares[j][k + 1] = _share_from_bytes(e[1:])
+        shares = self.collect_shares(responses)
         g = Prg(p.n)
         for j in sorted(u3):
-            g.add(total, self._secret(shares[j], j, "self-mask seed"), -1)
+            g.add(total, self.secret(shares[j], j, "self-mask seed"), -1)
         for j in sorted(u2 - u3):
-            s_sk = X25519PrivateKey.from_private_bytes(self._secret(shares[j], j, "mask key"))
+            s_sk = X25519PrivateKey.from_private_bytes(self.secret(shares[j], j, "mask key"))
             if _raw_public(s_sk) != self._keys[j][KEY_BYTES:]:
                 raise SecAggError(f"client {j}'s reconstructed mask key does not match its public key")
-            for k in p.neighbors[j]:
+            for k in self.graph[j]:
                 if k in u3:                        # k added sign(k, j) PRG(s_kj): take it out
                     s_kj = pair_key(s_sk, self._keys[k][KEY_BYTES:], p.server_round, j, k)
                     g.add(total, s_kj, -_sign(k, j))
         return total
 
-    def _secret(self, shares: Mapping[int, int], owner: int, what: str) -> bytes:
+    def collect_shares(self, responses: Mapping[int, bytes], kinds: Mapping[int, int] | None = None
+                       ) -> dict[int, dict[int, int]]:
+        """{owner: {x: share}} from unmask responses, each entry checked to be of the kind the
+        request implies (b for survivors, s for the dropped), or of `kinds` when given."""
+        u2, u3 = self._u2, self._u3
+        shares: dict[int, dict[int, int]] = {j: {} for j in u2}
+        for k, msg in responses.items():
+            entries = decode_map(msg)
+            if set(entries) != {k} | {j for j in self.graph[k] if j in u2}:
+                raise SecAggError(f"client {k}'s unmask response covers the wrong clients")
+            for j, e in entries.items():
+                want = kinds[j] if kinds is not None else (KIND_B if j in u3 else KIND_S)
+                if len(e) != 1 + SHARE_BYTES or e[0] != want:
+                    raise SecAggError(f"client {k} sent the wrong kind of share of client {j}")
+                shares[j][k + 1] = _share_from_bytes(e[1:])
+        return shares
+
+    def secret(self, shares: Mapping[int, int], owner: int, what: str) -> bytes:
         """Lagrange at 0 from the t lowest holders; coefficients cached per holder set."""
+        if len(shares) < self.params.threshold:
+            raise SecAggError(f"{len(shares)} shares of client {owner}'s {what}, {self.params.threshold} needed")
         xs = tuple(sorted(shares)[:self.params.threshold])
         if xs not in self._lagrange:
             self._lagrange[xs] = lagrange_at_zero(xs)
@@ -583,19 +821,28 @@ class FixedPoint:
 
 # ------------------------------------------------------------------------------ in-process run
 
+def identities(clients: Iterable[int]) -> tuple[dict[int, Identity], dict[int, bytes]]:
+    """A trusted set-up for tests and simulations: an identity per client and the directory."""
+    ids = {int(c): Identity() for c in clients}
+    return ids, {c: i.public for c, i in ids.items()}
+
+
 def simulate(params: RoundParams, xs: Mapping[int, np.ndarray], drop_before_shares: Iterable[int] = (),
-             drop_before_input: Iterable[int] = (), drop_before_unmask: Iterable[int] = ()) -> np.ndarray:
+             drop_before_input: Iterable[int] = (), drop_before_unmask: Iterable[int] = (),
+             setup: tuple[Mapping[int, Identity], Mapping[int, bytes]] | None = None) -> np.ndarray:
     """One round in one process, the message flow an MPI trainer reproduces: each drop_* set
     stops sending from that stage on. Returns the server's sum (raises what the server raises)."""
+    ids, directory = setup or identities(params.clients)
     gone: set[int] = set()
-    clients = {c: Client(c, params) for c in params.clients}
-    server = Server(params)
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    clients = {c: Client(c, params, ids[c], directory) for c in params.clients}
+    server = Server(params, directory)
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
     gone |= set(drop_before_shares)
-    routed = server.route_shares({c: clients[c].share_keys(keys[c]) for c in keys if c not in gone})
+    routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients if c not in gone})
     gone |= set(drop_before_input)
     ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed if c not in gone}
     requests = server.unmask_request(ys)
+    sigs = server.collect_signatures({c: clients[c].consistency(requests[c]) for c in requests})
     gone |= set(drop_before_unmask)
-    responses = {c: clients[c].unmask(requests[c]) for c in requests if c not in gone}
+    responses = {c: clients[c].unmask(sigs) for c in requests if c not in gone}
     return server.aggregate(list(ys.values()), responses)

@@ -23,14 +23,31 @@ def plain_sum(xs, clients):
     return (sum(xs[c].astype(np.uint64) for c in clients) % 2**32).astype(np.uint32)
 
 
+def make_round(params):
+    """Honest clients with identities from a trusted set-up, and the server."""
+    ids, directory = secagg.identities(params.clients)
+    return {c: Client(c, params, ids[c], directory) for c in params.clients}, Server(params, directory)
+
+
 def run_to_unmask(params, xs, drop_before_input=()):
-    """Stages 0-2 by hand; returns (clients, server, ys, requests)."""
-    clients = {c: Client(c, params) for c in params.clients}
-    server = Server(params)
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
-    routed = server.route_shares({c: clients[c].share_keys(keys[c]) for c in keys})
-    ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed if c not in drop_before_input}
+    """Stages 0-2 by hand; returns (clients, server, ys, routed, requests)."""
+    clients, server = make_round(params)
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
+    drop = drop_before_input(server) if callable(drop_before_input) else drop_before_input
+    ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed if c not in drop}
     return clients, server, ys, routed, server.unmask_request(ys)
+
+
+def signed(clients, server, req):
+    """The consistency round: the signatures every survivor gets."""
+    return server.collect_signatures({c: clients[c].consistency(req[c]) for c in req})
+
+
+def run_round(params, xs, drop_before_input=()):
+    clients, server, ys, routed, req = run_to_unmask(params, xs, drop_before_input)
+    sigs = signed(clients, server, req)
+    return server, server.aggregate(list(ys.values()), {c: clients[c].unmask(sigs) for c in req})
 
 
 # ------------------------------------------------------------------------------ exact sums
@@ -38,7 +55,7 @@ def run_to_unmask(params, xs, drop_before_input=()):
 @pytest.mark.parametrize("m,k", [(2, None), (3, None), (5, None), (10, None), (10, 4),
                                  (30, 2 * round(math.log2(30))), (10, 3)])
 def test_unmasked_sum_is_the_exact_plain_sum(m, k):
-    params = RoundParams.make(4, range(m), 1001, k=k, round_seed=b"run-7/round-4")
+    params = RoundParams.make(4, range(m), 1001, k=k)
     xs = inputs(params.clients, params.n, seed=m)
     np.testing.assert_array_equal(secagg.simulate(params, xs), plain_sum(xs, params.clients))
 
@@ -46,16 +63,18 @@ def test_unmasked_sum_is_the_exact_plain_sum(m, k):
 def test_every_message_is_bytes_and_y_is_uint32():
     params = RoundParams.make(0, range(4), 64)
     xs = inputs(params.clients, 64)
-    clients = {c: Client(c, params) for c in params.clients}
-    server = Server(params)
+    clients, server = make_round(params)
     up = {c: cl.advertise_keys() for c, cl in clients.items()}
     down = server.collect_keys(up)
-    shares = {c: clients[c].share_keys(down[c]) for c in down}
+    assert type(down) is bytes
+    shares = {c: clients[c].share_keys(down) for c in clients}
     routed = server.route_shares(shares)
     ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed}
     req = server.unmask_request(ys)
-    resp = {c: clients[c].unmask(req[c]) for c in req}
-    for msgs in (up, down, shares, routed, req, resp):
+    sigs_up = {c: clients[c].consistency(req[c]) for c in req}
+    sigs = server.collect_signatures(sigs_up)
+    resp = {c: clients[c].unmask(sigs) for c in req}
+    for msgs in (up, shares, routed, req, sigs_up, resp):
         assert all(type(v) is bytes for v in msgs.values())
     assert all(y.dtype == np.uint32 and y.shape == (64,) for y in ys.values())
     summed = (sum(y.astype(np.uint64) for y in ys.values()) % 2**32).astype(np.uint32)
@@ -67,23 +86,37 @@ def test_every_message_is_bytes_and_y_is_uint32():
 @pytest.mark.parametrize("m,k", [(10, None), (10, 4)])
 def test_dropping_holders_minus_t_clients_after_share_keys_keeps_the_survivors_sum(m, k):
     params = RoundParams.make(2, range(m), 257, k=k)
-    t, holders = params.threshold, params.holders(0)
-    dropped = holders[:len(holders) - t]                  # all inside client 0's holder set
+    t, gone = params.threshold, []
+
+    def pick(server):                                     # all inside client 0's holder set
+        holders = secagg.holders(server.graph, 0)
+        gone[:] = [h for h in holders if h != 0][:len(holders) - t]
+        return gone
+
     xs = inputs(params.clients, params.n)
-    total = secagg.simulate(params, xs, drop_before_input=dropped)
-    np.testing.assert_array_equal(total, plain_sum(xs, set(params.clients) - set(dropped)))
+    _, total = run_round(params, xs, drop_before_input=pick)
+    np.testing.assert_array_equal(total, plain_sum(xs, set(params.clients) - set(gone)))
 
 
 @pytest.mark.parametrize("m,k", [(10, None), (10, 4)])
 def test_one_more_dropout_aborts_with_the_reason(m, k):
     params = RoundParams.make(2, range(m), 257, k=k)
-    t, holders = params.threshold, params.holders(0)
-    dropped = holders[:len(holders) - t + 1]
+    t, gone, size = params.threshold, [], []
+
+    def pick(server):
+        holders = secagg.holders(server.graph, 0)
+        size.append(len(holders))
+        gone[:] = [h for h in holders if h != 0][:len(holders) - t + 1]
+        return gone
+
     with pytest.raises(SecAggAbort) as err:
-        secagg.simulate(params, inputs(params.clients, params.n), drop_before_input=dropped)
+        run_round(params, inputs(params.clients, params.n), drop_before_input=pick)
     msg = str(err.value)
-    assert f"{m - len(dropped)} of {m} clients survived" in msg
-    assert f"{t - 1} of its {len(holders)} share holders" in msg and f"threshold is {t}" in msg
+    assert f"{m - len(gone)} of {m} clients survived" in msg
+    if k is None:      # complete graph: the survivors' count is what fails first
+        assert f"fewer than the {params.min_survivors} needed" in msg
+    else:
+        assert f"{t - 1} of its {size[0]} share holders" in msg and f"threshold is {t}" in msg
 
 
 def test_dropouts_at_every_stage():
@@ -98,9 +131,9 @@ def test_dropouts_at_every_stage():
 
 def test_too_few_keys_aborts_early():
     params = RoundParams.make(0, range(5), 8)            # t = 3
-    server = Server(params)
-    with pytest.raises(SecAggAbort, match="2 of 5 clients advertised keys"):
-        server.collect_keys({c: Client(c, params).advertise_keys() for c in (0, 1)})
+    clients, server = make_round(params)
+    with pytest.raises(SecAggAbort, match="2 of 5 clients advertised keys, fewer than the 3 needed"):
+        server.collect_keys({c: clients[c].advertise_keys() for c in (0, 1)})
 
 
 # ------------------------------------------------------------------------ authentication
@@ -108,36 +141,35 @@ def test_too_few_keys_aborts_early():
 def test_flipped_ciphertext_byte_raises_auth_error_naming_sender_and_receiver():
     params = RoundParams.make(9, range(5), 32)
     xs = inputs(params.clients, params.n)
-    clients = {c: Client(c, params) for c in params.clients}
-    server = Server(params)
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
-    routed = server.route_shares({c: clients[c].share_keys(keys[c]) for c in keys})
+    clients, server = make_round(params)
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     held = secagg.decode_map(routed[2])
     ct = bytearray(held[4])
     ct[40] ^= 0x01
     held[4] = bytes(ct)
     routed[2] = secagg.encode_map(held)
     ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed}
-    req = server.unmask_request(ys)
+    sigs = signed(clients, server, server.unmask_request(ys))
     with pytest.raises(SecAggAuthError) as err:
-        clients[2].unmask(req[2])
+        clients[2].unmask(sigs)
     assert (err.value.sender, err.value.receiver, err.value.server_round) == (4, 2, 9)
     assert "from client 4 to client 2" in str(err.value) and "round 9" in str(err.value)
-    clients[3].unmask(req[3])                              # the others are untouched
+    assert isinstance(err.value, secagg.SecAggViolation) and err.value.client == 2
+    clients[3].unmask(sigs)                                # the others are untouched
 
 
 def test_ciphertext_relabelled_as_another_senders_fails_authentication():
     params = RoundParams.make(1, range(4), 16)
-    clients = {c: Client(c, params) for c in params.clients}
-    server = Server(params)
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
-    routed = server.route_shares({c: clients[c].share_keys(keys[c]) for c in keys})
+    clients, server = make_round(params)
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     held = secagg.decode_map(routed[0])
     held[1], held[2] = held[2], held[1]                    # the AAD binds the sender
     routed[0] = secagg.encode_map(held)
     ys = {c: clients[c].masked_input(np.zeros(16, np.uint32), routed[c]) for c in routed}
     with pytest.raises(SecAggAuthError, match="from client 1 to client 0"):
-        clients[0].unmask(server.unmask_request(ys)[0])
+        clients[0].unmask(signed(clients, server, server.unmask_request(ys)))
 
 
 # ------------------------------------------------------------------ masked inputs look random
@@ -174,8 +206,8 @@ def test_unmask_request_naming_a_client_both_ways_is_refused():
     params = RoundParams.make(0, range(4), 16)
     clients, server, ys, routed, req = run_to_unmask(params, inputs(range(4), 16))
     assert req[0] == pack_request([0, 1, 2, 3], [])
-    with pytest.raises(SecAggError, match="client 3 is named both"):
-        clients[0].unmask(pack_request([0, 1, 2, 3], [3]))
+    with pytest.raises(secagg.SecAggViolation, match="names client 3 both"):
+        clients[0].consistency(pack_request([0, 1, 2, 3], [3]))
     with pytest.raises(ValueError, match="both"):
         secagg.encode_unmask_request([0, 1, 2], [2, 3])
 
@@ -183,17 +215,17 @@ def test_unmask_request_naming_a_client_both_ways_is_refused():
 def test_unmask_request_leaving_a_client_out_or_naming_the_receiver_dropped_is_refused():
     params = RoundParams.make(0, range(4), 16)
     clients, *_ = run_to_unmask(params, inputs(range(4), 16))
-    with pytest.raises(SecAggError, match="neither"):
-        clients[0].unmask(pack_request([0, 1, 2], []))
+    with pytest.raises(secagg.SecAggViolation, match="neither"):
+        clients[0].consistency(pack_request([0, 1, 2], []))
     clients, *_ = run_to_unmask(params, inputs(range(4), 16))
-    with pytest.raises(SecAggError, match="names it as dropped"):
-        clients[0].unmask(pack_request([1, 2, 3], [0]))
+    with pytest.raises(secagg.SecAggViolation, match="names it as dropped"):
+        clients[0].consistency(pack_request([1, 2, 3], [0]))
 
 
 def test_unmask_response_gives_one_kind_of_share_per_client():
     params = RoundParams.make(0, range(5), 16)              # t = 3
     clients, server, ys, routed, req = run_to_unmask(params, inputs(range(5), 16), drop_before_input=[4])
-    entries = secagg.decode_map(clients[0].unmask(req[0]))
+    entries = secagg.decode_map(clients[0].unmask(signed(clients, server, req)))
     assert sorted(entries) == [0, 1, 2, 3, 4]
     assert [e[0] for _, e in sorted(entries.items())] == [1, 1, 1, 1, 2]   # b b b b s
     assert all(len(e) == 1 + 66 for e in entries.values())
@@ -201,12 +233,11 @@ def test_unmask_response_gives_one_kind_of_share_per_client():
 
 def test_server_refuses_survivors_that_did_not_share_keys_and_calls_out_of_order():
     params = RoundParams.make(0, range(4), 8)
-    clients = {c: Client(c, params) for c in range(4)}
-    server = Server(params)
+    clients, server = make_round(params)
     with pytest.raises(SecAggError, match="out of order"):
         server.unmask_request([0, 1])
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
-    server.route_shares({c: clients[c].share_keys(keys[c]) for c in (0, 1, 2)})
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    server.route_shares({c: clients[c].share_keys(ads) for c in (0, 1, 2)})
     with pytest.raises(ValueError, match="did not share keys"):
         server.unmask_request([0, 1, 2, 3])
 
@@ -246,7 +277,7 @@ def test_invalid_thresholds_are_refused(t, n):
     with pytest.raises(ValueError, match=f"2 <= t <= {n}"):
         secagg.check_threshold(t, n)
     with pytest.raises(ValueError):
-        RoundParams(0, tuple(range(n)), secagg.neighbor_graph(range(n), None, 0), t, 8)
+        RoundParams(0, tuple(range(n)), None, t, 8, n)
 
 
 def test_a_single_client_cannot_aggregate_securely():
@@ -278,8 +309,10 @@ def test_neighbor_graph_is_complete_when_k_reaches_m_minus_1(k):
 
 def test_round_params_use_the_graph_and_the_holders_threshold():
     p = RoundParams.make(5, range(100), 10, k=14)
-    assert p.threshold == 8 and all(len(p.holders(c)) == 15 for c in p.clients)
-    assert p.neighbors != RoundParams.make(6, range(100), 10, k=14).neighbors
+    graph = p.graph(p.clients, b"transcript-1")
+    assert p.threshold == 8 and all(len(secagg.holders(graph, c)) == 15 for c in p.clients)
+    assert graph != p.graph(p.clients, b"transcript-2")    # the graph follows the transcript
+    assert p.min_survivors == 51 and RoundParams.make(5, range(100), 10, k=14, corrupt=10).min_survivors == 56
 
 
 # ----------------------------------------------------------------------------------- PRG
@@ -336,26 +369,27 @@ def test_id_map_round_trip_and_documented_layout():
 def test_traffic_accounting_matches_the_wire_format():
     m, n = 3, 10
     params = RoundParams.make(0, range(m), n)
-    server = Server(params)
-    clients = {c: Client(c, params) for c in range(m)}
-    keys = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
-    routed = server.route_shares({c: clients[c].share_keys(keys[c]) for c in keys})
+    clients, server = make_round(params)
+    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     ys = {c: clients[c].masked_input(np.zeros(n, np.uint32), routed[c]) for c in routed}
     req = server.unmask_request(ys)
-    server.aggregate(list(ys.values()), {c: clients[c].unmask(req[c]) for c in req})
-    two_entry_map = 4 + 2 * 8                              # header of an id map with 2 entries
+    sigs = signed(clients, server, req)
+    server.aggregate(list(ys.values()), {c: clients[c].unmask(sigs) for c in req})
+    two_entry_map, three_entry_map = 4 + 2 * 8, 4 + 3 * 8  # headers of id maps with 2 and 3 entries
     assert server.traffic == {
-        "keys_up": 3 * 64, "keys_down": 3 * (two_entry_map + 2 * 64),
+        "keys_up": 3 * 128, "keys_down": 3 * (three_entry_map + 3 * 128),
         "shares_up": 3 * (two_entry_map + 2 * 160), "shares_down": 3 * (two_entry_map + 2 * 160),
         "masked_input_up": 3 * 4 * n, "unmask_down": 3 * (8 + 3 * 4),
+        "consistency_up": 3 * 64, "consistency_down": 3 * (three_entry_map + 3 * 64),
         "unmask_up": 3 * (4 + 3 * 8 + 3 * 67)}
-    assert server.bytes_to_server == 192 + 3 * 340 + 120 + 3 * 229
-    assert server.bytes_from_server == 3 * 148 + 3 * 340 + 60
+    assert server.bytes_to_server == 384 + 3 * 340 + 120 + 192 + 3 * 229
+    assert server.bytes_from_server == 3 * 412 + 3 * 340 + 60 + 3 * 220
 
 
 def test_out_of_order_calls_are_refused():
     params = RoundParams.make(0, range(3), 8)
-    c = Client(0, params)
+    c = make_round(params)[0][0]
     with pytest.raises(SecAggError, match="out of order"):
         c.share_keys(secagg.encode_map({}))
     c.advertise_keys()
@@ -365,10 +399,9 @@ def test_out_of_order_calls_are_refused():
 
 def test_masked_input_rejects_non_uint32():
     params = RoundParams.make(0, range(3), 8)
-    c = [Client(i, params) for i in range(3)]
-    server = Server(params)
-    keys = server.collect_keys({i: c[i].advertise_keys() for i in range(3)})
-    routed = server.route_shares({i: c[i].share_keys(keys[i]) for i in range(3)})
+    c, server = make_round(params)
+    ads = server.collect_keys({i: c[i].advertise_keys() for i in range(3)})
+    routed = server.route_shares({i: c[i].share_keys(ads) for i in range(3)})
     with pytest.raises(ValueError, match="uint32"):
         c[0].masked_input(np.zeros(8, np.int64), routed[0])
 

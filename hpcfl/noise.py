@@ -1,0 +1,154 @@
+"""Gaussian noise for differential privacy from a CSPRNG: the AES-256-CTR keystream (OpenSSL
+through `cryptography`, AES-NI where the CPU has it) read as uniform integers and turned into
+normals by the ziggurat method in a compiled kernel. Used by DP-SGD, by DP-FedAvg's server
+and by each client's noise share under secure aggregation.
+
+Every stream is (key, stream id): the counter block is the 64-bit stream id followed by a 64-bit
+block counter from 0, so streams never overlap. Keys come from `derive_key`: HKDF-SHA256 of the
+run's 256-bit noise seed, bound to a purpose and its ids (a client and a round), so that no
+stream can be computed from another (a keyed derivation).
+
+The normals come from Marsaglia and Tsang's ziggurat (2000), with Doornik's (2005) fix: the
+layer and the value take separate bits of each 64-bit word. Its largest draw is about 14 (the
+tail method's uniforms have 53 bits): a cap whose mass, ~1e-44, is far below any delta used.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_BYTES = 32
+_kernel = None
+
+
+def derive_key(seed: int | bytes, purpose: str, *ids: int) -> bytes:
+    """A 256-bit AES key for one purpose ("dpsgd", "central", "share", ...) and its ids."""
+    material = seed if isinstance(seed, bytes) else int(seed).to_bytes(KEY_BYTES, "little") \
+        if 0 <= int(seed) < 2**256 else None
+    if material is None:
+        raise ValueError(f"a noise seed is an integer in [0, 2^256), got {seed!r}")
+    info = b"hpcfl-noise/" + purpose.encode() + b"".join(struct.pack("<q", int(i)) for i in ids)
+    return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=info).derive(material)
+
+
+def _tables():
+    """Marsaglia & Tsang's (2000) ziggurat for N(0, 1) with 128 layers: kn (acceptance bounds
+    on |hz|, a signed 32-bit integer), wn (its scale to x) and fn (the density at each layer)."""
+    kn, wn, fn = np.zeros(128, np.int64), np.zeros(128), np.zeros(128)
+    m1, dn, vn = 2147483648.0, 3.442619855899, 9.91256303526217e-3
+    tn, q = dn, vn / math.exp(-0.5 * dn * dn)
+    kn[0], kn[1] = int(dn / q * m1), 0
+    wn[0], wn[127] = q / m1, dn / m1
+    fn[0], fn[127] = 1.0, math.exp(-0.5 * dn * dn)
+    for i in range(126, 0, -1):
+        dn = math.sqrt(-2.0 * math.log(vn / dn + math.exp(-0.5 * dn * dn)))
+        kn[i + 1] = int(dn / tn * m1)
+        tn = dn
+        fn[i] = math.exp(-0.5 * dn * dn)
+        wn[i] = dn / m1
+    return kn, wn, fn
+
+
+def _ziggurat():
+    global _kernel
+    if _kernel is None:
+        from numba import njit
+
+        @njit(cache=True, nogil=True)
+        def ziggurat(words, kn, wn, fn, out, start):
+            """Fills out[start:] from the 64-bit words; returns (filled up to, words used). The
+            layer comes from the low 7 bits and the value from the high 32 (Doornik 2005: the
+            original's shared bits bias it); a slow path takes further words as uniforms."""
+            n, used, nw, i = out.shape[0], 0, words.shape[0], start
+            r = 3.442619855899
+            while i < n:
+                if used >= nw - 4:                  # at most 4 words more per sample below
+                    break
+                w = words[used]
+                used += 1
+                iz = np.int64(w & np.uint64(127))
+                hz = np.int64(np.int32(np.uint32(w >> np.uint64(32))))
+                if abs(hz) < kn[iz]:
+                    out[i] = hz * wn[iz]
+                    i += 1
+                    continue
+                while True:                          # the rare slow path (about 1.2%)
+                    x = hz * wn[iz]
+                    if iz == 0:                      # the tail beyond r (Marsaglia 1964)
+                        while True:
+                            if used >= nw - 2:
+                                return i, nw         # out of words: the caller draws more
+                            u1 = (np.float64(words[used] >> np.uint64(11)) + 1.0) * 1.1102230246251565e-16
+                            u2 = (np.float64(words[used + 1] >> np.uint64(11)) + 1.0) * 1.1102230246251565e-16
+                            used += 2
+                            xt = -math.log(u1) / r
+                            if -2.0 * math.log(u2) >= xt * xt:
+                                break
+                        x = r + xt if hz > 0 else -r - xt
+                        break
+                    if used >= nw - 2:
+                        return i, nw
+                    u = np.float64(words[used] >> np.uint64(11)) * 1.1102230246251565e-16
+                    used += 1
+                    if fn[iz] + u * (fn[iz - 1] - fn[iz]) < math.exp(-0.5 * x * x):
+                        break
+                    w = words[used]
+                    used += 1
+                    iz = np.int64(w & np.uint64(127))
+                    hz = np.int64(np.int32(np.uint32(w >> np.uint64(32))))
+                    if abs(hz) < kn[iz]:
+                        x = hz * wn[iz]
+                        break
+                out[i] = x
+                i += 1
+            return i, used
+
+        _kernel = ziggurat
+    return _kernel
+
+
+class Gaussian:
+    """Draws standard normals from (key, stream) into caller buffers; reuses its keystream
+    buffer across calls."""
+
+    def __init__(self):
+        self._buf = np.empty(0, np.uint8)
+        self._zeros = b""
+        self._kn, self._wn, self._fn = _tables()
+
+    def _words(self, key: bytes, stream: int, block: int, count: int) -> np.ndarray:
+        nbytes = 8 * count
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
+            self._buf = np.empty(nbytes + 16, np.uint8)
+        iv = struct.pack(">QQ", stream, block)
+        Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update_into(
+            memoryview(self._zeros)[:nbytes], self._buf)
+        return self._buf[:nbytes].view(np.uint64)
+
+    def standard_normal(self, key: bytes, stream: int, out: np.ndarray) -> np.ndarray:
+        """Fills out (float32 or float64, 1-D) with N(0, 1) draws of stream `stream` under key."""
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"noise keys are {KEY_BYTES} bytes, got {len(key)}")
+        if not 0 <= stream < 2**64:
+            raise ValueError(f"stream ids are 64-bit, got {stream}")
+        n, filled, block = out.shape[0], 0, 0
+        while filled < n:
+            count = 2 * ((n - filled) + (n - filled) // 16 + 64) // 2
+            words = self._words(key, stream, block, count)
+            filled, used = _ziggurat()(words, self._kn, self._wn, self._fn, out, filled)
+            block += -(-used // 2)                   # 16-byte AES blocks: a new chunk starts on the next
+        return out
+
+
+_shared = Gaussian()
+
+
+def standard_normal(key: bytes, stream: int, n: int, dtype=np.float64) -> np.ndarray:
+    """n standard normals of (key, stream), a new array."""
+    return _shared.standard_normal(key, stream, np.empty(n, dtype))
