@@ -262,6 +262,7 @@ class SecureCollector:
             for part in fed.leaders.allgather({k: i.public for k, i in self.identities.items()}):
                 self.directory.update(part)
         self.attack = cfg.server_attack
+        self.words = self.n if dp is not None else 2 * self.n     # uint32 words of the model part
         self.reproducible = dp is not None and cfg.dp_noise_seed is not None
         self.gaussian = None
 
@@ -276,13 +277,13 @@ class SecureCollector:
         else:
             k, t, corrupt = round_plan(self.cfg, m)
             try:
-                self.params = secagg.RoundParams.make(server_round, self.sampled, self.n + TAIL, k=k,
+                self.params = secagg.RoundParams.make(server_round, self.sampled, self.words + TAIL, k=k,
                                                       threshold=t, corrupt=corrupt)
             except ValueError as exc:
                 self.skip = f"{m} clients sampled: {exc}"
         # The sum of m contributions must not wrap mod 2^32 (FixedPoint raises if it could).
-        if self.dp is None:
-            self.model_fp = secagg.FixedPoint(self.max_client * self.range, max(m, 1))
+        if self.dp is None:         # two limbs: the plain model's float32 bits (WideFixedPoint)
+            self.model_fp = secagg.WideFixedPoint(self.max_client * self.range, max(m, 1))
         else:
             # 10 standard deviations: a noise share is clipped with probability ~1e-23 per coordinate
             self.model_fp = secagg.FixedPoint(self.dp.clip + 10 * self.dp.share_std, max(m, 1))
@@ -305,28 +306,29 @@ class SecureCollector:
         return out
 
     def add(self, k, w_k, n_k, loss_sum, seen, steps=1, dc=None) -> None:
-        n, x = self.n, np.zeros(self.n + TAIL, np.uint32)
+        n, w, x = self.n, self.words, np.zeros(self.words + TAIL, np.uint32)
         delta = w_k.astype(np.float64) - self.fed.global_w
         finite = bool(np.isfinite(delta).all() and math.isfinite(loss_sum))
         if not finite:
-            x[n + 4] = 1          # diverged: a zero update; the server learns only how many did
+            x[w + 4] = 1          # diverged: a zero update; the server learns only how many did
         if self.dp is None:
+            x[:w] = self.model_fp.encode(np.zeros(n))
             if finite:
                 weight = n_k / steps if self.cfg.straggler_rate > 0 else n_k      # FedNova, as in the clear
                 over = np.abs(delta) > self.range
-                x[:n] = self.model_fp.encode(weight * np.clip(delta, -self.range, self.range))
-                x[n:n + 2] = (n_k, n_k * steps)
-                x[n + 5] = int(over.sum())
+                x[:w] = self.model_fp.encode(weight * np.clip(delta, -self.range, self.range))
+                x[w:w + 2] = (n_k, n_k * steps)
+                x[w + 5] = int(over.sum())
         else:
             # every client adds its noise share, a diverged one to a zero update (zero-out: the
             # accounting counts every survivor's share)
             clipped, norm = privacy.clip_l2(delta, self.dp.clip) if finite else (np.zeros(n), 0.0)
             x[:n] = self.model_fp.encode(clipped + self.noise_share(k))
-            x[n:n + 2] = (1, steps) if finite else (0, 0)
-            x[n + 5] = int(finite and norm > self.dp.clip)
+            x[w:w + 2] = (1, steps) if finite else (0, 0)
+            x[w + 5] = int(finite and norm > self.dp.clip)
         if finite:
-            x[n + 2] = seen
-            x[n + 3] = self.loss_fp.encode(np.array([loss_sum]))[0]
+            x[w + 2] = seen
+            x[w + 3] = self.loss_fp.encode(np.array([loss_sum]))[0]
         self.inputs[k] = x
 
     # ---- the protocol's message flow, through rank 0
@@ -555,22 +557,22 @@ class SecureCollector:
         if "skip" in result:
             return None, {**stats, "skipped": result["skip"]}
         total = result["total"]
-        survivors = result["survivors"]
-        diverged = int(total[n + 4])
-        stats.update(loss_sum=float(self.loss_fp.decode(total[n + 3:n + 4], survivors)[0]),
-                     seen=int(total[n + 2]), survivors=survivors, nonfinite=diverged,
+        survivors, w = result["survivors"], self.words
+        diverged = int(total[w + 4])
+        stats.update(loss_sum=float(self.loss_fp.decode(total[w + 3:w + 4], survivors)[0]),
+                     seen=int(total[w + 2]), survivors=survivors, nonfinite=diverged,
                      rejected=[("?", "its training diverged")] * diverged)
-        summed = self.model_fp.decode(total[:n], len(self.sampled))
+        summed = self.model_fp.decode(total[:w], survivors)
         if self.dp is None:
-            stats["secagg_clipped"] = int(total[n + 5])
-            weight = int(total[n])
+            stats["secagg_clipped"] = int(total[w + 5])
+            weight = int(total[w])
             if weight == 0:
                 return None, {**stats, "skipped": "every client's training diverged"}
             mean = summed / weight
             if self.cfg.straggler_rate > 0:
-                mean *= int(total[n + 1]) / weight                 # FedNova's tau_eff
+                mean *= int(total[w + 1]) / weight                 # FedNova's tau_eff
             return (global_w + mean).astype(np.float32), stats
-        stats["clipped"] = int(total[n + 5])
+        stats["clipped"] = int(total[w + 5])
         stats["dp_noise"] = self.dp.round_noise(survivors)
         stats["dp_honest_shares"] = self.dp.honest_shares(survivors)
         # the noise was released with the sum: the round counts even if every client diverged

@@ -23,25 +23,34 @@ NOISE_BLOCK = 1 << 16        # coordinates per noise generator: the unit each ra
 class GaussianNoise:
     """DP-SGD's noise as a pre_reduce hook: N(0, (z C)^2) added exactly once to every coordinate
     of the summed gradient. The flat buffer is cut into blocks of 65,536 coordinates; each rank
-    adds the blocks shard_range gives it, each drawn from a generator seeded by (noise seed,
-    step, block), so the noise is the same for any number of ranks (P ranks give one process's
-    model), its cost is split across them, and a resumed run draws it again bitwise. The
-    generator is NumPy's PCG64 with a secret seed: statistical, not cryptographic (as Opacus
-    without its secure mode)."""
+    adds the blocks shard_range gives it, each the CSPRNG stream (step, block) under the run's
+    DP-SGD key (noise.py: AES-256-CTR keyed from the 256-bit secret seed), so the noise is the
+    same for any number of ranks (P ranks give one process's model), its cost is split across
+    them, and a resumed run draws it again bitwise."""
 
     def __init__(self, plan, n: int, rank: int, size: int, backend):
+        from . import noise
+
         blocks = math.ceil(n / NOISE_BLOCK)
         lo, hi = shard_range(blocks, rank, size)
         self.ranges = [(b, b * NOISE_BLOCK, min(n, (b + 1) * NOISE_BLOCK)) for b in range(lo, hi)]
         self.plan, self.std, self.backend = plan, np.float32(plan.z * plan.clip), backend
         self.buf = np.empty(NOISE_BLOCK, np.float32)
         self.step = 0
+        self.gaussian, self._keyed = noise.Gaussian(), (None, None)
+
+    def _key(self) -> bytes:
+        from . import noise
+
+        seed = self.plan.noise_seed                 # read now: a resumed run takes the checkpoint's
+        if self._keyed[0] != seed:
+            self._keyed = (seed, noise.derive_key(seed, "dpsgd"))
+        return self._keyed[1]
 
     def __call__(self, gradbuf) -> None:
+        key = self._key()
         for b, a, e in self.ranges:
-            noise = self.buf[:e - a]
-            # the plan's seed read now: a resumed run takes the checkpoint's
-            np.random.default_rng([self.plan.noise_seed, self.step, b, 0x5D]).standard_normal(e - a, np.float32, out=noise)
+            noise = self.gaussian.standard_normal(key, self.step * NOISE_BLOCK + b, self.buf[:e - a])
             noise *= self.std
             gradbuf[a:e] += self.backend.to_device(noise)
 

@@ -261,20 +261,7 @@ def test_clip_l2_norm_accumulates_in_float64():
     assert float(np.sqrt((clipped.astype(np.float64) ** 2).sum())) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_noise_std_and_secure_noise_multiplier_by_hand():
+def test_noise_std_by_hand():
     assert privacy.noise_std(1.1, 0.5) == pytest.approx(0.55)
-    assert privacy.secure_noise_multiplier(1.0, 10, 10) == pytest.approx(math.sqrt(0.9))   # 9 others
-    assert privacy.secure_noise_multiplier(2.0, 10, 5) == pytest.approx(2 * math.sqrt(0.4))
-    assert privacy.secure_noise_multiplier(1.0, 10, 15) == 1.0       # capped at the expected count
-    assert privacy.secure_noise_multiplier(1.0, 1, 2) == 1.0
-    assert privacy.secure_noise_multiplier(1.0, 10, 1) == 0.0        # alone: its noise is its own
-    assert privacy.secure_noise_multiplier(1.0, 10, 0) == 0.0
-    for bad in [(-1.0, 10, 5), (1.0, 0, 5), (1.0, 10, -1)]:
-        with pytest.raises(ValueError):
-            privacy.secure_noise_multiplier(*bad)
     with pytest.raises(ValueError):
         privacy.noise_std(1.0, 0.0)
-    # a round with one dropout is accounted with its own, smaller z
-    z = 1.0
-    rounds = [(1.0, privacy.secure_noise_multiplier(z, 10, s), 1) for s in (10, 9, 10)]
-    assert privacy.epsilon(rounds, 1e-5) > privacy.epsilon([(1.0, z * math.sqrt(0.9), 3)], 1e-5)

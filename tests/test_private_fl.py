@@ -18,9 +18,9 @@ def records(path):
 
 
 def test_secure_aggregation_end_to_end_reports_its_cost_and_matches_plain_fedavg(tmp_path):
-    # 7 share holders per secret (6 neighbours and itself), threshold 4: the 2 dropouts of the
-    # 0.2 rate among 10 sampled clients are recovered, every round completes
-    proc = run_hpcfl(3, *FL, "--secure-agg", "--secagg-neighbors", 6, "--dropout-rate", 0.2, "--quiet",
+    # 10 sampled clients: the complete graph (Bell et al.'s bound allows no sparser one), t = 6;
+    # the 0.2 rate's dropouts are recovered, every round completes
+    proc = run_hpcfl(3, *FL, "--secure-agg", "--dropout-rate", 0.2, "--quiet",
                      "--metrics", tmp_path / "m.jsonl", "--out", tmp_path / "secure")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rec in records(tmp_path / "m.jsonl"):
@@ -36,6 +36,14 @@ def test_secure_aggregation_end_to_end_reports_its_cost_and_matches_plain_fedavg
         assert proc.returncode == 0, proc.stdout + proc.stderr
     a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain", "secure2"))
     assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+    # finding 10: clients of 5000 samples take 500 local steps; the derived range clips nothing
+    big = ["--mode", "fl", "--rounds", 3, "--num-clients", 12, "--client-fraction", 0.5, "--seed", 4, "--quiet"]
+    for name, extra in (("plain12", []), ("secure12", ["--secure-agg", "--metrics", tmp_path / "s12.jsonl"])):
+        proc = run_hpcfl(3, *big, *extra, "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain12", "secure12"))
+    assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+    assert all(r["secagg_clipped"] == 0 for r in records(tmp_path / "s12.jsonl"))
 
 
 def test_dp_fedavg_end_to_end_reports_epsilon_and_calibrates_to_the_budget(tmp_path):
