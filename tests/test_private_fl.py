@@ -97,3 +97,67 @@ def test_dp_sgd_resumes_bitwise_with_its_secret_seed_from_the_checkpoint(tmp_pat
 def test_dp_sgd_refuses_the_overlapped_allreduce():
     assert_clean_failure(run_hpcfl(2, "--dp-sgd", "--dp-noise", 1, "--allreduce", "overlap"), 2,
                          "--dp-sgd needs every layer's per-sample norms")
+
+
+# ------------------------------------------- issue 25: secure DP runs reproduce and resume
+SECURE_DP = ["--mode", "fl", "--secure-agg", "--dp-clip", 0.2, "--dp-noise", 1.0, "--dp-noise-seed", 7,
+             "--seed", 3, "--quiet"]
+
+
+def test_secure_dp_with_a_noise_seed_reproduces_bitwise_and_resumes_bitwise(tmp_path):
+    for name in ("a", "b"):
+        proc = run_hpcfl(2, *SECURE_DP, "--rounds", 3, "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("a", "b"))
+    assert np.array_equal(a, b)                       # every share derived from (seed, client, round)
+    # SIGTERM on rank 1 in round 3: round 2's checkpoint, exit 75; resumed, the same model and epsilon
+    proc = run_hpcfl(2, *SECURE_DP, "--rounds", 4, "--out", tmp_path / "whole", "--metrics", tmp_path / "w.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(2, *SECURE_DP, "--rounds", 4, "--checkpoint-dir", tmp_path / "ck",
+                     env={"HPCFL_FAULT": "term:1:3"})
+    assert_clean_failure(proc, 75, "during round 3")
+    proc = run_hpcfl(2, *SECURE_DP, "--rounds", 4, "--checkpoint-dir", tmp_path / "ck", "--resume",
+                     "--out", tmp_path / "resumed", "--metrics", tmp_path / "r.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("whole", "resumed"))
+    assert np.array_equal(a, b)
+    assert records(tmp_path / "r.jsonl")[-1]["dp_epsilon"] == records(tmp_path / "w.jsonl")[-1]["dp_epsilon"]
+
+
+def test_secure_dp_without_a_seed_draws_secret_shares():
+    proc = run_hpcfl(2, *[a for a in SECURE_DP if a not in ("--dp-noise-seed", 7)], "--rounds", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_run_in_which_no_round_completes_fails_and_writes_no_model(tmp_path):
+    proc = run_hpcfl(2, "--mode", "fl", "--secure-agg", "--dropout-rate", 0.9, "--secagg-max-dropout", 0.9,
+                     "--rounds", 2, "--out", tmp_path / "out")
+    assert_clean_failure(proc, 1, "no round completed in 2 round(s)", "clients survived")
+    assert not (tmp_path / "out" / "model.npz").exists()
+
+
+# ------------------------------------------------- issue 20's commands, as a user types them
+@pytest.mark.parametrize("extra", [[], ["--dropout-rate", 0.1]])
+def test_secure_dp_epsilon_4_is_never_exceeded(tmp_path, extra):
+    proc = run_hpcfl(2, "--mode", "fl", "--secure-agg", "--dp-epsilon", 4, "--rounds", 20, *extra, "--quiet",
+                     "--metrics", tmp_path / "m.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = records(tmp_path / "m.jsonl")
+    assert recs and all(r["dp_epsilon"] <= 4 for r in recs)
+    assert all(r["dp_noise"] > 0 for r in recs if r.get("dp_honest_shares") is not None)
+
+
+def test_secagg_neighbors_below_bell_et_als_bound_exits_2_naming_it():
+    assert_clean_failure(run_hpcfl(2, "--mode", "fl", "--secure-agg", "--secagg-neighbors", 2, "--num-clients", 100),
+                         2, "--secagg-neighbors 2 is below Bell et al.'s bound", "2^-40")
+
+
+@pytest.mark.parametrize("attack", ["empty-route", "key-swap", "lie-dropped", "split-graph"])
+def test_every_server_attack_is_detected_and_learns_nothing(tmp_path, attack):
+    proc = run_hpcfl(2, *FL, "--secure-agg", "--server-attack", attack, "--quiet", "--metrics", tmp_path / "m.jsonl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = records(tmp_path / "m.jsonl")
+    assert len(recs) == 2
+    for r in recs:
+        assert r["server_attack"]["name"] == attack and r["server_attack"]["detected"]
+        assert r["server_attack"]["learned_individual"] is False

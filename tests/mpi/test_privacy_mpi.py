@@ -254,3 +254,16 @@ def test_central_dp_p_ranks_give_the_single_process_model(comm, mnist):
         other = run(Comm.self_(), data, **{**kw, "ranks_per_client": 1, "dp_noise_seed": 12})
         assert np.linalg.norm(other["params"] - single["params"]) > 100 * 1e-5 * np.linalg.norm(single["params"])
     assert comm.bcast(diff) < 1e-5
+
+
+@pytest.mark.mpi
+def test_a_round_that_would_pass_the_budget_is_withheld_and_training_stops(comm, mnist, monkeypatch):
+    # the plan believes in 3x the honest shares a round really has (the noise is sized too small),
+    # so real rounds cost more than planned: the one that would pass --dp-epsilon is never unmasked
+    real = privacy.honest_quantile
+    monkeypatch.setattr(privacy, "honest_quantile", lambda *a, **k: 3 * real(*a, **k))
+    out = run(comm, subset(mnist, 2000), rounds=8, dp_epsilon=6.0, secure_agg=True, dp_noise_seed=2)
+    recs = out["history"]
+    assert "budget_stop" in recs[-1] and "past --dp-epsilon 6" in recs[-1]["budget_stop"]
+    assert 1 <= len(recs) - 1 < 8 and all(r["dp_epsilon"] <= 6.0 for r in recs)
+    assert out["dp_epsilon"] <= 6.0 and recs[-1]["dp_epsilon"] == recs[-2]["dp_epsilon"]   # nothing released
