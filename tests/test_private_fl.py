@@ -137,14 +137,17 @@ def test_a_run_in_which_no_round_completes_fails_and_writes_no_model(tmp_path):
 
 
 # ------------------------------------------------- issue 20's commands, as a user types them
-@pytest.mark.parametrize("extra", [[], ["--dropout-rate", 0.1]])
+@pytest.mark.parametrize("extra", [[], ["--dropout-rate", 0.1], ["--dp-colluders", 1]])
 def test_secure_dp_epsilon_4_is_never_exceeded(tmp_path, extra):
     proc = run_hpcfl(2, "--mode", "fl", "--secure-agg", "--dp-epsilon", 4, "--rounds", 20, *extra, "--quiet",
                      "--metrics", tmp_path / "m.jsonl")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     recs = records(tmp_path / "m.jsonl")
     assert recs and all(r["dp_epsilon"] <= 4 for r in recs)
-    assert all(r["dp_noise"] > 0 for r in recs if r.get("dp_honest_shares") is not None)
+    colluders = 1 if "--dp-colluders" in extra else 0
+    for r in recs:
+        if r.get("dp_honest_shares") is not None:           # a released round
+            assert r["dp_honest_shares"] == r["clients"] - r["dropped"] - 1 - colluders and r["dp_noise"] > 0
 
 
 def test_secagg_neighbors_below_bell_et_als_bound_exits_2_naming_it():

