@@ -31,12 +31,14 @@ def train(cfg, comm, mnist):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_p_ranks_follow_the_single_process_trajectory(comm, mnist, optimizer):
     lr = 0.05 if optimizer == "sgd" else 1e-3
-    cfg = Config(max_steps=100, batch_size=128, backend="numba", optimizer=optimizer, lr=lr, quiet=True)
+    # 40 steps: at 100, Adam at 4 ranks met a ReLU pre-activation within rounding of zero on this
+    # machine's OpenBLAS (3.3e-3 apart, on landed main too); DESIGN.md: fewer steps or more seeds
+    cfg = Config(max_steps=40, batch_size=128, backend="numba", optimizer=optimizer, lr=lr, quiet=True)
     params = train(cfg, comm, mnist)
     result = None
     if comm.rank == 0:
         single = train(cfg, Comm.self_(), mnist)
-        one_more = train(cfg.replace(max_steps=101), Comm.self_(), mnist)
+        one_more = train(cfg.replace(max_steps=41), Comm.self_(), mnist)
         result = (rel_diff(params, single), rel_diff(one_more, single))
     diff, contrast = comm.bcast(result)
     assert diff < REL_TOL, f"{comm.size} ranks vs 1 process: relative weight difference {diff:.2e}"
