@@ -7,7 +7,7 @@ Settings: the FedAvg paper's MNIST 2NN (784-200-200-10, E = 1, B = 10, local lr 
   - 10 clients per round: 100 clients, C = 0.1; hpcfl plain vs --secure-agg (every sampled
     client a share holder), and Flower 1.42 plain FedAvg vs SecAgg+ (benchmarks/flower_secagg.py);
   - 100 clients per round: 100 clients, C = 1.0; hpcfl plain vs --secure-agg with its default
-    graph: Bell et al.'s bound for 10% dropouts and 5% colluders, K = 36 (SecAgg+'s sparse graph).
+    graph: Bell et al.'s bound for 10% dropouts and 5% colluders, K = 20 (SecAgg+'s sparse graph).
 The secure rows are the protocol against a malicious server (signed keys, the consistency round)
 and, without DP, two 32-bit limbs per coordinate (the plain model's bits).
 Each configuration runs --rounds rounds; the round time is the median over rounds 2.. (round 1
@@ -38,7 +38,7 @@ CONFIGS = [
     ("hpcfl FedAvg", 10, "hpcfl", ["--num-clients", 100, "--client-fraction", 0.1]),
     ("hpcfl SecAgg", 10, "hpcfl", ["--num-clients", 100, "--client-fraction", 0.1, "--secure-agg"]),
     ("hpcfl FedAvg", 100, "hpcfl", ["--num-clients", 100, "--client-fraction", 1.0]),
-    ("hpcfl SecAgg+ (K=36, the bound)", 100, "hpcfl", ["--num-clients", 100, "--client-fraction", 1.0,
+    ("hpcfl SecAgg+ (K=20, the bound)", 100, "hpcfl", ["--num-clients", 100, "--client-fraction", 1.0,
                                                         "--secure-agg"]),
 ]
 FLOWER = [("Flower FedAvg", 10, "flower", ["--secagg", "0"]), ("Flower SecAgg+", 10, "flower", ["--secagg", "1"])]
@@ -157,7 +157,7 @@ def render(rows, args, info) -> str:
     L.append("")
     L.append("Goals (issue): `--secure-agg` at most 1.5x plain FedAvg's round at 10 clients per round, and at "
              "most 2x at 100 clients per round with SecAgg+'s sparse graph. Since issue 20 the protocol is the "
-             "one secure against a malicious server, the graph's K comes from Bell et al.'s bound (36 here, was "
+             "one secure against a malicious server, the graph's K comes from Bell et al.'s bound (20 here, was "
              "14) and the model travels in two 32-bit limbs per coordinate without DP (was one).\n")
     L.append(MARK_END)
     return "\n".join(L) + "\n"

@@ -178,12 +178,12 @@ def holders_per_client(k: int | None, m: int) -> int:
 
 def min_neighbors(m: int, max_dropout: float, corrupt: float, sigma: int = SIGMA) -> int | None:
     """The smallest K for which the survivors' graph of a round of m clients stays connected
-    once the dropped and the corrupt clients (each a fraction of at most max_dropout and corrupt)
-    are removed, except with probability 2^-sigma (Bell et al. 2020's requirement, bounded for
-    this graph). The graph is the circulant with offsets 1..K/2 over a random ring: survivors
-    next to each other on the ring are joined unless K/2 consecutive clients between them are
-    gone, so it splits only if such a run occurs twice; a run starts at a given position with
-    probability at most p^(K/2), p = max_dropout + corrupt, hence P(split) <= m p^(K/2).
+    once the dropped and the corrupt clients (each independently, with probability at most
+    max_dropout and corrupt) are removed, except with probability 2^-sigma (Bell et al. 2020's
+    requirement, bounded for this graph). The graph is the circulant with offsets 1..h, h = K/2,
+    over a random ring: survivors next to each other on the ring are joined unless h consecutive
+    clients between them are gone, so it splits only if two such gaps occur, and two gaps hold two
+    disjoint windows of h removed clients: P(split) <= C(m, 2) p^(2h), p = max_dropout + corrupt.
     None: only the complete graph qualifies (the bound's K is m - 1 or more)."""
     p = max_dropout + corrupt
     if m < 3:
@@ -193,7 +193,7 @@ def min_neighbors(m: int, max_dropout: float, corrupt: float, sigma: int = SIGMA
     elif p >= 1:
         return None
     else:
-        half = math.ceil((sigma * math.log(2) + math.log(m)) / -math.log(p))
+        half = math.ceil((sigma * math.log(2) + math.log(math.comb(m, 2))) / (-2 * math.log(p)))
     k = 2 * half
     return k if k < m - 1 else None
 

@@ -121,10 +121,11 @@ def ring_split_probability(m, k, p, trials, seed):
 
 def test_min_neighbors_meets_its_stated_bound_and_smaller_k_splits_often():
     # the audit's setting: 100 clients, 10% dropouts. K = 2 splits nearly always, K = 4 often;
-    # the bound's K, by Monte Carlo, never (it promises m p^(K/2) <= 2^-40)
+    # the bound's K, by Monte Carlo, never (it promises C(m, 2) p^K <= 2^-40)
     k = secagg.min_neighbors(100, 0.1, 0.0)
-    assert k == 2 * math.ceil((40 * math.log(2) + math.log(100)) / -math.log(0.1))
-    assert 100 * 0.1 ** (k // 2) <= 2.0 ** -40
+    assert k == 2 * math.ceil((40 * math.log(2) + math.log(4950)) / (-2 * math.log(0.1)))
+    assert math.comb(100, 2) * 0.1 ** k <= 2.0 ** -40
+    assert secagg.min_neighbors(100, 0.1, 0.05) == 20           # the default setting's K
     assert ring_split_probability(100, 2, 0.1, 300, 1) > 0.9
     assert ring_split_probability(100, 4, 0.1, 2000, 2) > 0.02
     assert ring_split_probability(100, k, 0.1, 2000, 3) == 0.0
