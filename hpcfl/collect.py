@@ -312,13 +312,16 @@ class SecureCollector:
         if not finite:
             x[w + 4] = 1          # diverged: a zero update; the server learns only how many did
         if self.dp is None:
-            x[:w] = self.model_fp.encode(np.zeros(n))
             if finite:
                 weight = n_k / steps if self.cfg.straggler_rate > 0 else n_k      # FedNova, as in the clear
-                over = np.abs(delta) > self.range
-                x[:w] = self.model_fp.encode(weight * np.clip(delta, -self.range, self.range))
+                over = np.count_nonzero(np.abs(delta) > self.range)
+                np.clip(delta, -self.range, self.range, out=delta)
+                delta *= weight
+                self.model_fp.encode(delta, out=x[:w])
                 x[w:w + 2] = (n_k, n_k * steps)
-                x[w + 5] = int(over.sum())
+                x[w + 5] = over
+            else:
+                x[:w] = self.model_fp.encode(np.zeros(n))     # zero in the offset encoding
         else:
             # every client adds its noise share, a diverged one to a zero update (zero-out: the
             # accounting counts every survivor's share)

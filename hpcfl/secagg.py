@@ -410,11 +410,15 @@ def pair_key(s_sk: X25519PrivateKey, s_pk: bytes, server_round: int, i: int, j: 
     return _hkdf(shared, b"hpcfl-secagg/mask" + struct.pack("<qII", server_round, min(i, j), max(i, j)))
 
 
-def _share_aead(c_sk: X25519PrivateKey, c_pk: bytes, server_round: int, sender: int, receiver: int):
+def _share_aead(c_sk: X25519PrivateKey, c_pk: bytes, server_round: int, sender: int, receiver: int,
+                shared: bytes | None = None):
     """AES-GCM under HKDF(X25519(c_i, c_j)), the key and the AAD both bound to (round, sender,
-    receiver): a ciphertext replayed from another round or pair fails authentication."""
+    receiver): a ciphertext replayed from another round or pair fails authentication. `shared`:
+    the X25519 result when the caller already has it (one agreement per pair and round)."""
     info = b"hpcfl-secagg/share" + struct.pack("<qII", server_round, sender, receiver)
-    return AESGCM(_hkdf(c_sk.exchange(X25519PublicKey.from_public_bytes(c_pk)), info)), info
+    if shared is None:
+        shared = c_sk.exchange(X25519PublicKey.from_public_bytes(c_pk))
+    return AESGCM(_hkdf(shared, info)), info
 
 
 class Prg:
@@ -509,8 +513,9 @@ class Client:
         s_sh = shamir_split(int.from_bytes(self._s_sk.private_bytes_raw(), "big"), xs, p.threshold)
         self._own = (b_sh[me + 1], s_sh[me + 1])
         out = {}
+        self._c_shared = {j: self._c_sk.exchange(X25519PublicKey.from_public_bytes(self._c_pk[j])) for j in nbrs}
         for j in nbrs:
-            aead, aad = _share_aead(self._c_sk, self._c_pk[j], p.server_round, me, j)
+            aead, aad = _share_aead(self._c_sk, self._c_pk[j], p.server_round, me, j, self._c_shared[j])
             nonce = os.urandom(NONCE_BYTES)
             plain = _share_to_bytes(b_sh[j + 1]) + _share_to_bytes(s_sh[j + 1])
             out[j] = nonce + aead.encrypt(nonce, plain, aad)
@@ -570,10 +575,17 @@ class Client:
         p, me = self.params, self.cid
         sigs = decode_map(signatures)
         message = _consistency_message(p.server_round, self._transcript, self._request)
-        valid = [j for j, s in sigs.items() if j in self._survivors and verify(self._directory.get(j), s, message)]
-        if len(valid) != len(sigs) or len(valid) < p.min_survivors:
-            self._refuse(f"{len(valid)} of {len(sigs)} consistency signatures are valid survivors' "
-                         f"signatures of its view, {p.min_survivors} needed: the views disagree")
+        valid = 0                      # min_survivors valid ones are the proof: the rest go unread
+        for j in sorted(sigs):
+            if valid >= p.min_survivors:
+                break
+            if j not in self._survivors or not verify(self._directory.get(j), sigs[j], message):
+                self._refuse(f"client {j}'s consistency signature is not a survivor's signature of its "
+                             f"view: the views disagree")
+            valid += 1
+        if valid < p.min_survivors:
+            self._refuse(f"{valid} consistency signatures of its view, {p.min_survivors} needed: the "
+                         f"views disagree")
         out = {}
         for j in sorted(set(self._held) | {me}):
             b, s = self._own if j == me else self._decrypt(j)
@@ -583,13 +595,13 @@ class Client:
 
     def _decrypt(self, sender: int) -> tuple[int, int]:
         return decrypt_shares(self._c_sk, self._c_pk[sender], self._held[sender], self.params.server_round,
-                              sender, self.cid)
+                              sender, self.cid, self._c_shared[sender])
 
 
 def decrypt_shares(c_sk: X25519PrivateKey, sender_c_pk: bytes, ciphertext: bytes, server_round: int,
-                   sender: int, receiver: int) -> tuple[int, int]:
+                   sender: int, receiver: int, shared: bytes | None = None) -> tuple[int, int]:
     """(b-share, s-share) of `sender` held by `receiver`; SecAggAuthError when it does not verify."""
-    aead, aad = _share_aead(c_sk, sender_c_pk, server_round, sender, receiver)
+    aead, aad = _share_aead(c_sk, sender_c_pk, server_round, sender, receiver, shared)
     try:
         pt = aead.decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
     except (InvalidTag, ValueError):
@@ -839,15 +851,24 @@ class WideFixedPoint:
         self.q_max = 2 ** (2 * self.k - 1) - 1
         self.scale = self.q_max / self.bound
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[low limbs | high limbs] of x, into `out` (2n uint32 words) when given."""
         x = np.asarray(x, np.float64)
         if not np.isfinite(x).all():
             raise ValueError("fixed point cannot encode NaN or infinity")
-        q = np.rint(np.clip(x, -self.bound, self.bound) * self.scale)
+        q = np.clip(x, -self.bound, self.bound)
+        q *= self.scale
+        np.rint(q, out=q)
         np.clip(q, -self.q_max, self.q_max, out=q)
-        u = q.astype(np.int64) + self.q_max
-        mask = (1 << self.k) - 1
-        return np.concatenate([u & mask, u >> self.k]).astype(np.uint32)
+        u = q.astype(np.int64)
+        u += self.q_max
+        np.clip(u, 0, 2 * self.q_max, out=u)           # float64 cannot hold q_max itself exactly
+        n = len(u)
+        out = np.empty(2 * n, np.uint32) if out is None else out
+        np.bitwise_and(u, (1 << self.k) - 1, out=out[:n], casting="unsafe")
+        np.right_shift(u, self.k, out=u)
+        out[n:] = u
+        return out
 
     def decode(self, s_u32: np.ndarray, n_terms: int) -> np.ndarray:
         if not 0 <= n_terms <= self.max_terms:

@@ -454,3 +454,30 @@ def test_fixed_point_through_secure_aggregation():
     floats = {c: rng.uniform(-0.1, 0.1, n) for c in range(m)}
     total = secagg.simulate(RoundParams.make(0, range(m), n), {c: fp.encode(v) for c, v in floats.items()})
     np.testing.assert_allclose(fp.decode(total, m), sum(floats.values()), rtol=0, atol=fp.error_bound(m))
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 100])
+def test_wide_fixed_point_sums_match_float64_far_below_a_float32_ulp(m):
+    fp = secagg.WideFixedPoint(bound=3.0, max_terms=m)
+    rng = np.random.default_rng(m)
+    terms = [rng.uniform(-3, 3, 2001) for _ in range(m)]
+    total = np.zeros(2 * 2001, np.uint32)
+    for t in terms:
+        total += fp.encode(t)                                  # each limb's sum stays below 2^31
+    exact = np.sum(terms, axis=0)
+    np.testing.assert_allclose(fp.decode(total, m), exact, rtol=0, atol=fp.error_bound(m))
+    # the mean of m terms errs by error_bound / m: a millionth of a float32 ulp at 1 (48 bits at m = 100)
+    assert fp.error_bound(m) / m < 1e-6 * np.spacing(np.float32(1.0))
+    np.testing.assert_array_equal(fp.decode(fp.encode(np.zeros(5)), 1), np.zeros(5))
+    np.testing.assert_allclose(fp.decode(fp.encode([9.0, -9.0]), 1), [3.0, -3.0], atol=fp.error_bound())
+    with pytest.raises(ValueError, match="overflowed"):
+        fp.decode(total, m + 1)
+
+
+def test_wide_fixed_point_through_secure_aggregation():
+    m, n = 6, 500
+    fp = secagg.WideFixedPoint(bound=250000.0, max_terms=m)     # n_k x the range of 12 clients of 5000
+    rng = np.random.default_rng(9)
+    floats = {c: rng.uniform(-250000, 250000, n) for c in range(m)}
+    total = secagg.simulate(RoundParams.make(0, range(m), 2 * n), {c: fp.encode(v) for c, v in floats.items()})
+    np.testing.assert_allclose(fp.decode(total, m), sum(floats.values()), rtol=0, atol=fp.error_bound(m))
