@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 _kernel = None
+_kernel32 = None
 
 
 def derive_key(seed: int | bytes, purpose: str, *ids: int) -> bytes:
@@ -36,11 +37,12 @@ def derive_key(seed: int | bytes, purpose: str, *ids: int) -> bytes:
     return HKDF(algorithm=SHA256(), length=KEY_BYTES, salt=None, info=info).derive(material)
 
 
-def _tables():
+def _tables(value_bits: int = 32):
     """Marsaglia & Tsang's (2000) ziggurat for N(0, 1) with 128 layers: kn (acceptance bounds
-    on |hz|, a signed 32-bit integer), wn (its scale to x) and fn (the density at each layer)."""
+    on |hz|, a signed integer of value_bits bits), wn (its scale to x) and fn (the density at
+    each layer)."""
     kn, wn, fn = np.zeros(128, np.int64), np.zeros(128), np.zeros(128)
-    m1, dn, vn = 2147483648.0, 3.442619855899, 9.91256303526217e-3
+    m1, dn, vn = float(2 ** (value_bits - 1)), 3.442619855899, 9.91256303526217e-3
     tn, q = dn, vn / math.exp(-0.5 * dn * dn)
     kn[0], kn[1] = int(dn / q * m1), 0
     wn[0], wn[127] = q / m1, dn / m1
@@ -112,24 +114,88 @@ def _ziggurat():
     return _kernel
 
 
+def _ziggurat32():
+    """The same ziggurat from one 32-bit word per draw, for float32 output: the layer from the
+    low 7 bits, the value from the high 25 (more than a float32's 24-bit mantissa); the slow
+    path's uniforms take two words (53 bits), so the tail reaches as far as the 64-bit kernel's."""
+    global _kernel32
+    if _kernel32 is None:
+        from numba import njit
+
+        @njit(cache=True, nogil=True)
+        def ziggurat32(words, kn, wn, fn, out, start):
+            n, used, nw, i = out.shape[0], 0, words.shape[0], start
+            r = 3.442619855899
+            scale = 1.1102230246251565e-16                   # 2^-53
+            while i < n:
+                if used >= nw - 8:
+                    break
+                w = words[used]
+                used += 1
+                iz = np.int64(w & np.uint32(127))
+                hz = np.int64(np.int32(w) >> 7)
+                if abs(hz) < kn[iz]:
+                    out[i] = hz * wn[iz]
+                    i += 1
+                    continue
+                while True:
+                    x = hz * wn[iz]
+                    if iz == 0:
+                        while True:
+                            if used >= nw - 4:
+                                return i, nw
+                            a = (np.uint64(words[used]) >> np.uint64(5)) * np.uint64(67108864)
+                            u1 = (np.float64(a + (np.uint64(words[used + 1]) >> np.uint64(6))) + 1.0) * scale
+                            b = (np.uint64(words[used + 2]) >> np.uint64(5)) * np.uint64(67108864)
+                            u2 = (np.float64(b + (np.uint64(words[used + 3]) >> np.uint64(6))) + 1.0) * scale
+                            used += 4
+                            xt = -math.log(u1) / r
+                            if -2.0 * math.log(u2) >= xt * xt:
+                                break
+                        x = r + xt if hz > 0 else -r - xt
+                        break
+                    if used >= nw - 3:
+                        return i, nw
+                    a = (np.uint64(words[used]) >> np.uint64(5)) * np.uint64(67108864)
+                    u = np.float64(a + (np.uint64(words[used + 1]) >> np.uint64(6))) * scale
+                    used += 2
+                    if fn[iz] + u * (fn[iz - 1] - fn[iz]) < math.exp(-0.5 * x * x):
+                        break
+                    w = words[used]
+                    used += 1
+                    iz = np.int64(w & np.uint32(127))
+                    hz = np.int64(np.int32(w) >> 7)
+                    if abs(hz) < kn[iz]:
+                        x = hz * wn[iz]
+                        break
+                out[i] = x
+                i += 1
+            return i, used
+
+        _kernel32 = ziggurat32
+    return _kernel32
+
+
 class Gaussian:
     """Draws standard normals from (key, stream) into caller buffers; reuses its keystream
-    buffer across calls."""
+    buffer across calls. float64 buffers take a 64-bit word per draw, float32 ones a 32-bit
+    word (half the keystream: DP-SGD's noise)."""
 
     def __init__(self):
         self._buf = np.empty(0, np.uint8)
         self._zeros = b""
         self._kn, self._wn, self._fn = _tables()
+        self._kn32, self._wn32, _ = _tables(25)
 
-    def _words(self, key: bytes, stream: int, block: int, count: int) -> np.ndarray:
-        nbytes = 8 * count
+    def _words(self, key: bytes, stream: int, block: int, count: int, dtype=np.uint64) -> np.ndarray:
+        nbytes = np.dtype(dtype).itemsize * count
         if len(self._zeros) < nbytes:
             self._zeros = bytes(nbytes)
             self._buf = np.empty(nbytes + 16, np.uint8)
         iv = struct.pack(">QQ", stream, block)
         Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update_into(
             memoryview(self._zeros)[:nbytes], self._buf)
-        return self._buf[:nbytes].view(np.uint64)
+        return self._buf[:nbytes].view(dtype)
 
     def standard_normal(self, key: bytes, stream: int, out: np.ndarray) -> np.ndarray:
         """Fills out (float32 or float64, 1-D) with N(0, 1) draws of stream `stream` under key."""
@@ -138,11 +204,17 @@ class Gaussian:
         if not 0 <= stream < 2**64:
             raise ValueError(f"stream ids are 64-bit, got {stream}")
         n, filled, block = out.shape[0], 0, 0
+        narrow = out.dtype == np.float32
+        per_block = 4 if narrow else 2                # words per 16-byte AES block
         while filled < n:
-            count = 2 * ((n - filled) + (n - filled) // 16 + 64) // 2
-            words = self._words(key, stream, block, count)
-            filled, used = _ziggurat()(words, self._kn, self._wn, self._fn, out, filled)
-            block += -(-used // 2)                   # 16-byte AES blocks: a new chunk starts on the next
+            count = per_block * (((n - filled) + (n - filled) // 16 + 64) // per_block + 1)
+            if narrow:
+                words = self._words(key, stream, block, count, np.uint32)
+                filled, used = _ziggurat32()(words, self._kn32, self._wn32, self._fn, out, filled)
+            else:
+                words = self._words(key, stream, block, count)
+                filled, used = _ziggurat()(words, self._kn, self._wn, self._fn, out, filled)
+            block += -(-used // per_block)            # a new chunk starts on the next AES block
         return out
 
 
