@@ -208,7 +208,7 @@ class Config:
                                        "against the honest clients (every round; rounds build no "
                                        "model) and record whether it was detected and what it learned",
                                        choices=("empty-route", "key-swap", "lie-dropped", "split-graph"),
-                                       resume=FL_ONLY, group="privacy", modes=("fl",), metavar="ATTACK")
+                                       resume=FL_ONLY, group="privacy", modes=("fl",))
     dropout_rate: float = option(0.0, "fl: share of the sampled clients that drop out of each round "
                                  "(after the key exchange under --secure-agg), seeded by the round",
                                  check=below_one, resume=FL_ONLY, group="privacy", modes=("fl",), metavar="P")

@@ -161,3 +161,10 @@ def test_the_honest_server_never_unmasks_a_disconnected_survivor_graph():
     ys = {c: clients[c].masked_input(np.zeros(32, np.uint32), routed[c]) for c in routed if c not in gone}
     with pytest.raises(secagg.SecAggAbort, match="disconnected"):
         server.unmask_request(ys)
+
+
+def test_the_command_line_offers_every_attack_and_no_other():
+    from hpcfl.config import Config
+    import dataclasses
+    field = next(f for f in dataclasses.fields(Config) if f.name == "server_attack")
+    assert tuple(field.metadata["choices"]) == server_attacks.ATTACKS
