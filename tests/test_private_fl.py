@@ -37,12 +37,15 @@ def test_secure_aggregation_end_to_end_reports_its_cost_and_matches_plain_fedavg
     a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain", "secure2"))
     assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
     # finding 10: clients of 5000 samples take 500 local steps; the derived range clips nothing
-    big = ["--mode", "fl", "--rounds", 3, "--num-clients", 12, "--client-fraction", 0.5, "--seed", 4, "--quiet"]
+    # and one round is FedAvg in the clear to float32 (measured 2.2e-8). Not more rounds: 500
+    # local steps amplify that float32 rounding to 1.9e-2 after round 2 and 5.8e-2 after round 3
+    # (before the derived range as well: the 5.8e-2 was this, not clipping)
+    big = ["--mode", "fl", "--rounds", 1, "--num-clients", 12, "--client-fraction", 0.5, "--seed", 4, "--quiet"]
     for name, extra in (("plain12", []), ("secure12", ["--secure-agg", "--metrics", tmp_path / "s12.jsonl"])):
         proc = run_hpcfl(3, *big, *extra, "--out", tmp_path / name)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain12", "secure12"))
-    assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4
+    assert 0 < np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-6
     assert all(r["secagg_clipped"] == 0 for r in records(tmp_path / "s12.jsonl"))
 
 
