@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backends, config as config_mod, data as data_mod, datasets, faults, preempt
+from . import backends, config as config_mod, data as data_mod, datasets, faults, log, preempt
 from .comm import Comm, check_launch, host_name
 from .config import Config
 from .errors import HpcflError, UsageError
@@ -46,7 +46,8 @@ def _as_comm(comm) -> Comm:
     return Comm(comm)                  # an mpi4py communicator
 
 
-def train(config: Config, *, comm=None, callbacks=(), handle_signals: bool = False) -> Result:
+def train(config: Config, *, comm=None, callbacks=(), handle_signals: bool = False,
+          report_result: bool = False) -> Result:
     """Train per config.mode (dp or fl) on every rank of `comm` (default: MPI_COMM_WORLD; one
     process in a notebook). Every rank calls it and gets the same Result.
 
@@ -57,10 +58,15 @@ def train(config: Config, *, comm=None, callbacks=(), handle_signals: bool = Fal
     hpcfl.StopTraining ends training early (the result is then returned as usual).
     handle_signals: SIGTERM/SIGUSR1 then checkpoint and raise Preempted instead of killing the
     process (the command line always asks for this).
+    report_result: log the final accuracy even with quiet=True (the command line's --quiet);
+    without it a quiet run prints nothing on stdout. Messages go to the `hpcfl` logger (log.py).
     """
     comm = _as_comm(comm)
     with preempt.handling(handle_signals):
-        return guarded(comm, lambda: _train(config, comm, callbacks))
+        try:
+            return guarded(comm, lambda: _train(config, comm, callbacks, report_result))
+        finally:
+            log.reset()
 
 
 def guarded(comm: Comm, fn):
@@ -108,8 +114,8 @@ def _threads(cfg: Config, comm: Comm, reporter_rank0: bool) -> Config:
     cores = comm.allreduce(cores, "min")
     if cfg.threads > cores:
         if reporter_rank0:
-            print(f"hpcfl: warning: --threads {cfg.threads} is more than the {cores} core"
-                  f"{'s' if cores > 1 else ''} a rank may use here: using {cores}", file=sys.stderr, flush=True)
+            log.warning(f"--threads {cfg.threads} is more than the {cores} core"
+                        f"{'s' if cores > 1 else ''} a rank may use here: using {cores}")
         cfg = cfg.replace(threads=cores)
     backends.set_threads(cfg.threads)
     return cfg
@@ -126,8 +132,8 @@ def resolve_backend(cfg: Config, comm: Comm):
         best = [next(n for n in ("cupy", "numba", "numpy") if n in u) for u in usable]
         if comm.rank == 0 and any(b != name for b in best):
             ranks = [r for r, b in enumerate(best) if b != name]
-            print(f"hpcfl: warning: --backend auto: using {name} on every rank ({', '.join(map(str, ranks))} "
-                  f"of {comm.size} could use another backend, but not every rank can)", file=sys.stderr, flush=True)
+            log.warning(f"--backend auto: using {name} on every rank ({', '.join(map(str, ranks))} "
+                        f"of {comm.size} could use another backend, but not every rank can)")
     else:
         name = cfg.backend
 
@@ -151,13 +157,40 @@ def _check_outputs(cfg: Config, comm: Comm) -> None:
                              "it (give the path of a regular file)")
         if cfg.metrics and Path(cfg.metrics).is_dir():
             raise UsageError(f"--metrics {cfg.metrics}: is a folder; give the path of a file (e.g. run.jsonl)")
+        if cfg.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboardX") is None:
+                raise UsageError("--tensorboard needs tensorboardX: pip install -e '.[tensorboard]'")
         for what, path in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir),
+                           ("--tensorboard", cfg.tensorboard),
                            ("--metrics", cfg.metrics and str(Path(cfg.metrics).parent))):
             if path:
                 try:
                     check_writable_dir(path)
                 except OSError as exc:
                     raise UsageError(f"{what} {path}: cannot write there ({exc.strerror or exc})")
+
+    comm.agree(check)
+
+
+def _check_not_replacing(cfg: Config, comm: Comm) -> None:
+    """A run never replaces an earlier run's metrics, model or TensorBoard events: refused by name
+    unless --overwrite (or --resume, which continues that run)."""
+    if cfg.overwrite or cfg.resume:
+        return
+
+    def check():
+        found = []
+        if cfg.metrics and Path(cfg.metrics).is_file() and Path(cfg.metrics).stat().st_size:
+            found.append(f"--metrics {cfg.metrics}")
+        if cfg.out and (Path(cfg.out) / "model.npz").exists():
+            found.append(f"--out {cfg.out} (its model.npz)")
+        if cfg.tensorboard and any(Path(cfg.tensorboard).glob("events.out.tfevents.*")):
+            found.append(f"--tensorboard {cfg.tensorboard} (its event files)")
+        if found:
+            raise UsageError(f"{found[0]} holds the results of an earlier run: give another path, "
+                             f"--overwrite to replace them, or --resume to continue that run")
 
     comm.agree(check)
 
@@ -285,11 +318,13 @@ def plan_privacy(cfg: Config, comm: Comm, data):
                           target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders)
 
 
-def _train(config: Config, comm: Comm, callbacks) -> Result:
+def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result:
     from . import model
 
     cfg = config
     _collective(lambda: config_mod.validate(cfg, comm.size))
+    comm.agree_all(lambda: log.configure(comm.rank, cfg.log_level, quiet=cfg.quiet,
+                                         show_result=report_result, log_file=cfg.log_file))
     if comm.is_world():
         check_launch(comm.size)
     comm.agree_all(lambda: faults.arm(comm.rank))
@@ -315,6 +350,7 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
         where = local_rank(comm)
         comm.agree_all(lambda: backend.select_device(where))
     _check_outputs(cfg, comm)
+    _check_not_replacing(cfg, comm)
     data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
     layout = model.layout(cfg.hidden, data.input_size, data.num_classes)
     _check_memory(cfg, comm, layout, data)
@@ -338,6 +374,10 @@ def _train(config: Config, comm: Comm, callbacks) -> Result:
             data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
                                                 for k in ("train_x", "train_y", "test_x", "test_y")})
         reporter = Reporter(cfg, comm.rank, callbacks, dataset=data)
+        made = config_mod.derived(cfg)
+        if made:
+            reporter.info("derived settings: " + ", ".join(f"{config_mod.flag(n)} {config_mod._text(v)}"
+                                                          for n, v in made.items()))
         try:
             faults.at_step(comm.rank, 0)      # tests only: step 0 is start-up
             timeout = cfg.stall_timeout if comm.size > 1 else 0

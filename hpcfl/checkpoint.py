@@ -19,12 +19,12 @@ import hashlib
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import log
 from .errors import HpcflError, TrainingError, UsageError
 from .files import atomic_write
 
@@ -104,8 +104,8 @@ def save(directory, cfg, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
     try:
         _rotate(directory, path, cfg.keep_checkpoints)
     except OSError as exc:     # the new checkpoint is durable: an old one left over is no failure
-        print(f"hpcfl: warning: {path} is saved, but an older checkpoint could not be removed "
-              f"({exc.strerror or exc})", file=sys.stderr, flush=True)
+        log.warning(f"{path} is saved, but an older checkpoint could not be removed "
+                    f"({exc.strerror or exc})")
     return path
 
 
@@ -162,8 +162,7 @@ def load_latest(directory, cfg, data_id: str | None = None) -> Checkpoint | None
         try:
             ckpt = load(path)
         except CorruptCheckpoint as exc:
-            print(f"hpcfl: warning: skipping checkpoint {path}: corrupt or truncated ({exc})",
-                  file=sys.stderr, flush=True)
+            log.warning(f"skipping checkpoint {path}: corrupt or truncated ({exc})")
             continue
         check_compatible(ckpt, cfg, data_id)
         return ckpt

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
 
+from . import config as config_mod
 from .config import FIELDS, Config, flag, shown_default
 from .errors import UsageError
 
@@ -22,10 +24,30 @@ GROUPS = {"mode": None, "training": "model and optimisation (dp)", "federated": 
           "checkpoints": "checkpoints and preemption"}
 
 
+def prog(command: str | None = None) -> str:
+    """The program as the user invoked it: `hpcfl` (the console script) or `python -m hpcfl`."""
+    name = "hpcfl" if os.path.basename(sys.argv[0] if sys.argv else "") == "hpcfl" else "python -m hpcfl"
+    return f"{name} {command}" if command else name
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing and exiting (which every rank would do)."""
+    """argparse that raises instead of printing and exiting (which every rank would do), and
+    takes no abbreviations (--epoch must not silently mean --epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            flags = [o for a in self._actions for o in a.option_strings]
+            first = message.split(": ", 1)[1].split()[0].split("=")[0]
+            message += did_you_mean(first, flags)
         raise UsageError(f"{message} (see --help)", collective=True)
 
     def exit(self, status=0, message=None):
@@ -69,15 +91,35 @@ def _value_parser(name: str, f):
     return parse
 
 
+COMMAND_HELP = {"train": "train a model (the default command)",
+                "info": "MPI library, ranks, backends and GPU",
+                "fetch-data": "download a catalogue data set and build its cache",
+                "evaluate": "test accuracy, per-class accuracy and confusion matrix of a saved model",
+                "predict": "the class of every image in a file",
+                "plot": "accuracy and loss curves of runs",
+                "export": "a saved model as ONNX, for ONNX Runtime and other serving stacks"}
+
+
 def train_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m hpcfl", argument_default=argparse.SUPPRESS,
+    from . import __version__
+
+    commands = ",".join(COMMAND_HELP)
+    p = _Parser(prog=prog(), argument_default=argparse.SUPPRESS,
+                usage=f"%(prog)s [{{{commands}}}] [options]",
                 description="Train an MLP on MNIST (or a data set of its form) with MPI: data "
                             "parallel or federated. Run under mpirun/srun for several ranks.",
-                epilog="Other commands: info, fetch-data, evaluate, predict, plot (python -m hpcfl "
-                       "COMMAND --help). Exit codes: 0 done, 1 error, 2 bad usage, 75 stopped by "
-                       "SIGTERM/SIGUSR1 (checkpointed: run again with --resume).")
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="commands (%(prog)s COMMAND --help):\n"
+                       + "".join(f"  {c:11s} {h}\n" for c, h in COMMAND_HELP.items())
+                       + "\nexit codes: 0 done, 1 error, 2 bad usage, 75 stopped by SIGTERM/SIGUSR1 "
+                         "(checkpointed:\nrun again with --resume); the README's reference lists "
+                         "them all.")
+    p.add_argument("--version", action="version", version=f"hpcfl {__version__}",
+                   help="print the version and exit")
     p.add_argument("--config", metavar="FILE", help="settings from a TOML file or a config.json "
                    "written by --out; options given here override them")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML "
+                   "(derived ones marked; loadable by --config) and exit without training")
     groups = {}
     for name, f in FIELDS.items():
         meta = f.metadata
@@ -85,9 +127,11 @@ def train_parser() -> argparse.ArgumentParser:
             continue
         title = GROUPS[meta["group"]]
         g = p if title is None else groups.setdefault(title, p.add_argument_group(title))
-        help_text = f"{meta['help']} (default: {shown_default(name, f.default)})"
+        help_text = meta["help"]
+        if "(default:" not in help_text:           # some spell out a derived default themselves
+            help_text += f" (default: {shown_default(name, f.default)})"
         if f.type in ("bool", bool):
-            g.add_argument(flag(name), action="store_true", help=help_text)
+            g.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = str(f.type)
             metavar = meta["metavar"] or (None if meta["choices"] else "N" if "int" in kind
@@ -100,6 +144,7 @@ def train_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str], world_size: int | None = None) -> Config:
     """The Config of `python -m hpcfl train ARGV`: --config's settings, then the options given."""
     given = vars(train_parser().parse_args(argv))
+    given.pop("print_config", None)
     settings = {}
     if "config" in given:
         settings = Config.from_file(given.pop("config"))
@@ -119,15 +164,49 @@ def parse_config(argv: list[str], world_size: int | None = None) -> Config:
 def train(comm, argv) -> int:
     from . import api
 
+    if "--print-config" in argv:
+        cfg = parse_config(argv, world_size=comm.size)
+        notes = comm.agree(lambda: _noise_note(cfg))
+        if comm.rank == 0:
+            sys.stdout.write(config_mod.to_toml(cfg, notes))
+        return 0
     cfg = parse_config(argv)
-    api.train(cfg, comm=comm, handle_signals=True)
+    api.train(cfg, comm=comm, handle_signals=True, report_result=True)
     return 0
+
+
+def _noise_note(cfg) -> dict:
+    """--print-config: the noise multiplier --dp-epsilon calibrates to, where it can be computed
+    without the data (fl mode; dp mode on a catalogue data set of known size)."""
+    from . import datasets, privacy
+
+    if not config_mod.dp_on(cfg) or cfg.dp_epsilon is None:
+        return {}
+    try:
+        return _calibrated(cfg, datasets, privacy)
+    except ValueError as exc:
+        raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
+
+
+def _calibrated(cfg, datasets, privacy) -> dict:
+    if cfg.mode == "fl":
+        calibrate = privacy.calibrate_secure_noise if cfg.secure_agg else privacy.calibrate_noise
+        z = calibrate(cfg.client_fraction, cfg.rounds, cfg.dp_delta, cfg.dp_epsilon)
+    else:
+        counts = getattr(datasets.CATALOGUE.get(cfg.dataset), "counts", None)
+        if not counts:
+            return {"dp_noise": "derived at start: calibrated to --dp-epsilon on the data's size"}
+        n = counts["train"]
+        steps = cfg.epochs * (n // cfg.batch_size)
+        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        z = privacy.calibrate_noise(cfg.batch_size / n, steps, cfg.dp_delta, cfg.dp_epsilon)
+    return {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g}"}
 
 
 def info(comm, argv) -> int:
     from . import backends, comm as comm_mod
 
-    _Parser(prog="python -m hpcfl info", description="Show MPI, ranks, backends and GPU.").parse_args(argv)
+    _Parser(prog=prog("info"), description="Show MPI, ranks, backends and GPU.").parse_args(argv)
     avail = backends.available()
     hosts = comm.allgather(comm_mod.host_name())
     if comm.rank == 0:
@@ -154,7 +233,7 @@ def _data_options(p, required=False):
 def fetch_data(comm, argv) -> int:
     from . import api
 
-    p = _Parser(prog="python -m hpcfl fetch-data",
+    p = _Parser(prog=prog("fetch-data"),
                 description="Download a catalogue data set, verify its published checksums and build "
                             "the cache (run once on a login node with internet).")
     _data_options(p, required=True)
@@ -172,13 +251,14 @@ def evaluate(comm, argv) -> int:
     from . import api
     from .inference import load_model
 
-    p = _Parser(prog="python -m hpcfl evaluate",
+    p = _Parser(prog=prog("evaluate"),
                 description="Test accuracy and loss of a saved model, per-class accuracy and the "
                             "confusion matrix (rows: true class, columns: predicted).")
     p.add_argument("--model", required=True, help="a folder written by --out, or a model .npz")
     _data_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ns = p.parse_args(argv)
+    _model_exists(ns.model)
     model = comm.agree_all(lambda: load_model(ns.model))
     ds = api.load_dataset(ns.dataset or model.dataset, ns.data_dir, comm=comm)
     if (ds.input_size, ds.num_classes) != (model.sizes[0], model.sizes[-1]):
@@ -215,12 +295,13 @@ def _read_images(path: str):
 def predict(comm, argv) -> int:
     from .inference import load_model
 
-    p = _Parser(prog="python -m hpcfl predict",
+    p = _Parser(prog=prog("predict"),
                 description="Predict the class of every image in FILE (an IDX images file, .gz or "
                             "raw, or a .npy of uint8 images): one label per line.")
     p.add_argument("--model", required=True, help="a folder written by --out, or a model .npz")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the images: IDX (.gz or raw) or .npy of uint8")
     ns = p.parse_args(argv)
+    _model_exists(ns.model)
 
     def work():
         model = load_model(ns.model)
@@ -235,11 +316,12 @@ def predict(comm, argv) -> int:
 def plot(comm, argv) -> int:
     from . import plots
 
-    p = _Parser(prog="python -m hpcfl plot",
+    p = _Parser(prog=prog("plot"),
                 description="Test accuracy and training loss against epoch or round and against "
                             "wall time, one line per run (needs matplotlib: pip install -e '.[plot]').")
-    p.add_argument("runs", nargs="+", metavar="RUN.jsonl")
-    p.add_argument("-o", "--output", required=True, metavar="FIGURE.png")
+    p.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="metrics files written by --metrics")
+    p.add_argument("-o", "--output", required=True, metavar="FIGURE.png",
+                   help="the figure to write (its suffix picks the format: .png, .pdf, .svg)")
     ns = p.parse_args(argv)
     where = comm.agree(lambda: plots.plot_runs(ns.runs, ns.output))
     if comm.rank == 0:
@@ -247,15 +329,48 @@ def plot(comm, argv) -> int:
     return 0
 
 
+def export(comm, argv) -> int:
+    from . import export as export_mod
+
+    p = _Parser(prog=prog("export"),
+                description="Write a saved model as ONNX: input `pixels` (uint8, N x H x W), outputs "
+                            "`logits` and `class`; the input normalisation is inside the graph "
+                            "(needs the onnx package: pip install -e '.[onnx]').")
+    p.add_argument("--model", required=True, help="a folder written by --out, or a model .npz")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    ns = p.parse_args(argv)
+    _model_exists(ns.model)
+    where = comm.agree(lambda: export_mod.export(ns.model, ns.onnx))
+    if comm.rank == 0:
+        print(f"wrote {where}")
+    return 0
+
+
+def _model_exists(path: str) -> None:
+    if not os.path.exists(path):
+        raise UsageError(f"--model {path}: no such file or folder", collective=True)
+
+
 COMMANDS = {"train": train, "info": info, "fetch-data": fetch_data, "evaluate": evaluate,
-            "predict": predict, "plot": plot}
+            "predict": predict, "plot": plot, "export": export}
+
+
+def _command(argv):
+    """The command named first, else train; a word that names no command is refused (a mistyped
+    `evalute` must not be trained on)."""
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]], argv[1:]
+    if argv and not argv[0].startswith("-"):
+        raise UsageError(f"unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)} (commands: "
+                         f"{', '.join(COMMANDS)}; see --help)", collective=True)
+    return train, argv
 
 
 def _dispatch(comm, argv) -> int:
-    if argv and argv[0] in COMMANDS:
-        command, argv = COMMANDS[argv[0]], argv[1:]
-    else:
-        command = train
+    from . import log
+
+    log.configure(comm.rank)
+    command, argv = _command(argv)
     try:
         return command(comm, argv)
     except SystemExit as exc:  # --help: printed on rank 0 only (below), exit 0 everywhere
@@ -271,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv or "--version" in argv:
         return _help(argv)
     return run_main(_dispatch, argv)
 
@@ -294,9 +409,21 @@ def _launcher_rank() -> int:
 
 
 def _help(argv) -> int:
-    """Print help on rank 0 only; never touches data, backends or MPI."""
+    """Print help (or the version) on rank 0 only; never touches data, backends or MPI."""
+    if "--version" in argv and "-h" not in argv and "--help" not in argv:
+        from . import __version__
+
+        if _launcher_rank() == 0:
+            print(f"hpcfl {__version__}")
+        return 0
+    try:
+        _command(argv)
+    except UsageError as exc:
+        if _launcher_rank() == 0:
+            print(f"hpcfl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     if _launcher_rank() == 0:
-        parsers = {"info": lambda: _Parser(prog="python -m hpcfl info",
+        parsers = {"info": lambda: _Parser(prog=prog("info"),
                                            description="Show MPI library, ranks, backends and GPU."),
                    "train": train_parser}
         if argv and argv[0] in COMMANDS and argv[0] not in parsers:
@@ -314,4 +441,29 @@ class _NoComm:
     rank, size = 0, 1
 
 
-__all__ = ["main", "parse_config", "train_parser", "dataclasses"]
+OPTIONS_BEGIN = "<!-- options table: generated by python -m hpcfl.cli options-table; do not edit -->"
+OPTIONS_END = "<!-- end of options table -->"
+
+
+def options_table() -> str:
+    """The README's reference table of the train options, from the Config fields."""
+    rows, group = [], None
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        if meta["group"] != group:
+            group = meta["group"]
+            rows.append(f"| **{GROUPS[group] or 'mode'}** | | |")
+        spelled = f"`{flag(name)}`" if f.type not in ("bool", bool) else f"`{flag(name)}`, `--no-{flag(name)[2:]}`"
+        choices = f" ({', '.join(map(str, meta['choices']))})" if meta["choices"] else ""
+        text = meta["help"].replace("|", "\\|")
+        default = "" if "(default:" in text else shown_default(name, f.default).replace("|", "\\|")
+        rows.append(f"| {spelled} | {default} | {text}{choices} |")
+    return "\n".join(["| option | default | what it sets |", "|---|---|---|", *rows]) + "\n"
+
+
+__all__ = ["main", "parse_config", "train_parser", "options_table", "dataclasses"]
+
+if __name__ == "__main__" and sys.argv[1:] == ["options-table"]:
+    sys.stdout.write(options_table())

@@ -512,7 +512,7 @@ class SecureCollector:
             self.oracle = {c: self.inputs[c] for c in mine[1:] if c in self.inputs}
 
     def finish(self, server_round: int, global_w: np.ndarray, clients: int):
-        fed, n = self.fed, self.n
+        fed = self.fed
         t0 = time.perf_counter()
         self.traffic_up = self.traffic_down = 0
         # wall seconds of each stage on rank 0 (key agreement, share generation and encryption,

@@ -67,16 +67,19 @@ def layer_sizes(v):
 
 
 def option(default, help: str, *, check=None, choices=None, resume=WARN, group="training",
-           metavar=None, cli=True, modes=None):
+           metavar=None, cli=True, modes=None, defines_run=True):
     """A Config field with its help, check, resume rule (str, or {"dp": rule, "fl": rule}) and
     the modes it applies to (default: fl for the federated group, dp for the dp-only training
-    settings, else both); config.json records only the settings of the run's mode."""
+    settings, else both); config.json records only the settings of the run's mode, and of those
+    only the ones that define the run (not where it wrote or how it talked: defines_run=False)."""
     rules = resume if isinstance(resume, dict) else {m: resume for m in MODES}
     if modes is None:
-        modes = ("fl",) if group == "federated" else ("dp",) if rules == DP_ONLY else MODES
+        modes = (("fl",) if group == "federated" or rules in (FL_ONLY, FL_MUST)
+                 else ("dp",) if rules == DP_ONLY else MODES)
     return field(default=default, metadata={"help": help, "check": check, "choices": choices,
                                             "resume": rules, "group": group, "metavar": metavar,
-                                            "cli": cli, "modes": tuple(modes)})
+                                            "cli": cli, "modes": tuple(modes),
+                                            "defines_run": defines_run})
 
 
 
@@ -264,8 +267,9 @@ class Config:
     dataset: str = option("mnist", "dataset: a catalogue name, or idx / npz with --data-dir",
                           resume=MUST, group="data")
     data_dir: str | None = option(None, "data folder (idx), .npz file (npz), or where a catalogue "
-                                  "dataset is (default: $HPCFL_DATA_DIR for mnist, else a user cache "
-                                  "folder)", resume=IGNORE, group="data", metavar="PATH")
+                                  "dataset is (default: $HPCFL_DATA_DIR_<NAME>, e.g. "
+                                  "HPCFL_DATA_DIR_FASHION_MNIST, or $HPCFL_DATA_DIR for mnist; "
+                                  "else a user cache folder)", resume=IGNORE, group="data", metavar="PATH")
     seed: int = option(0, "seed of the initial model, batch orders, partitions and sampling",
                        check=non_negative, resume={"dp": WARN, "fl": MUST}, group="data")
     # ---- machinery
@@ -282,21 +286,34 @@ class Config:
                                   "collective completing) before it aborts the job; 0: never",
                                   check=non_negative, resume=IGNORE, group="machinery", metavar="S")
     metrics: str | None = option(None, "JSON Lines file, one record per epoch/round (rank 0)",
-                                 resume=IGNORE, group="output", metavar="FILE")
+                                 resume=IGNORE, group="output", metavar="FILE", defines_run=False)
     out: str | None = option(None, "folder for the final model.npz and config.json",
-                             resume=IGNORE, group="output", metavar="DIR")
+                             resume=IGNORE, group="output", metavar="DIR", defines_run=False)
+    overwrite: bool = option(False, "replace the metrics, model and TensorBoard events of an earlier "
+                             "run at the same paths (without it such a run is refused)",
+                             resume=IGNORE, group="output", defines_run=False)
+    tensorboard: str | None = option(None, "folder for TensorBoard event files: the scalars of every "
+                                     "epoch/round (needs tensorboardX: pip install -e '.[tensorboard]')",
+                                     resume=IGNORE, group="output", metavar="DIR", defines_run=False)
     quiet: bool = option(False, "print only warnings, errors and the final accuracy",
-                         resume=IGNORE, group="output")
+                         resume=IGNORE, group="output", defines_run=False)
+    log_level: str = option("info", "the least severe messages shown (logger 'hpcfl', rank 0)",
+                            choices=("debug", "info", "warning", "error"), resume=IGNORE,
+                            group="output", defines_run=False)
+    log_file: str | None = option(None, "also write the messages, with time stamps and the rank, to "
+                                  "this file (appended)", resume=IGNORE, group="output",
+                                  metavar="FILE", defines_run=False)
     checkpoint_dir: str | None = option(None, "folder for checkpoints (ckpt-<step>.npz); on "
                                         "SIGTERM/SIGUSR1 one is saved there and the run exits 75",
-                                        resume=IGNORE, group="checkpoints", metavar="DIR")
+                                        resume=IGNORE, group="checkpoints", metavar="DIR",
+                                        defines_run=False)
     checkpoint_every: int = option(0, "epochs (dp) or rounds (fl) between checkpoints; 0: only on "
                                    "a stop signal and at the end", check=non_negative,
                                    resume=IGNORE, group="checkpoints")
     keep_checkpoints: int = option(2, "how many of the newest checkpoints to keep", check=positive,
                                    resume=IGNORE, group="checkpoints")
     resume: bool = option(False, "continue from the newest valid checkpoint in --checkpoint-dir",
-                          resume=IGNORE, group="checkpoints")
+                          resume=IGNORE, group="checkpoints", defines_run=False)
 
     def __post_init__(self):
         # the settings left None are derived from the others (derived_defaults) and remembered,
@@ -314,9 +331,17 @@ class Config:
 
     def to_dict(self, this_mode_only: bool = False) -> dict:
         d = dataclasses.asdict(self)
-        if this_mode_only:
-            d = {k: v for k, v in d.items() if self.mode in FIELDS[k].metadata["modes"]}
+        if this_mode_only:                  # what config.json keeps: what defines this run
+            d = {k: v for k, v in d.items() if self.mode in FIELDS[k].metadata["modes"]
+                 and FIELDS[k].metadata["defines_run"]
+                 and not (k in self._derived and not_applying(self, k))}   # loads back as it ran
         return d
+
+    def given(self, name: str) -> bool:
+        """Was the setting chosen (not left at its default, nor derived from others)?"""
+        if name in self._derived:
+            return False
+        return getattr(self, name) != FIELDS[name].default
 
     def to_json(self, this_mode_only: bool = False) -> str:
         return json.dumps(self.to_dict(this_mode_only), indent=2, sort_keys=True)
@@ -358,8 +383,59 @@ class Config:
                              f"({exc})")
         if not isinstance(d, dict):
             raise UsageError(f"--config {path}: expected a table of settings")
-        cls.from_dict(d)                                    # unknown keys refused here, by name
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {key: _file_value(path, key, value) if key.replace("-", "_") in names else value
+             for key, value in d.items()}
+        try:
+            cls.from_dict(d)                                # unknown keys refused here, by name
+        except UsageError as exc:
+            raise UsageError(f"--config {path}: {exc}")
         return d
+
+
+def _numeric(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _file_value(path, key: str, value):
+    """A setting from a file, of the type its field takes, else an error naming the file, the key
+    and the type: `epochs = "3"` is a TOML string, not the number it looks like."""
+    name = key.replace("-", "_")
+    kind, f = str(FIELDS[name].type), FIELDS[name]
+    if value is None and "None" in kind:
+        return value
+    if name == "hidden":
+        if isinstance(value, str):                  # the command line's form, 256,128
+            try:
+                return tuple(int(t) for t in value.split(",") if t.strip())
+            except ValueError:
+                pass
+        elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise UsageError(f"--config {path}: {key} = {value!r}: expected an array of layer sizes "
+                         f"such as [256, 128] (or the string \"256,128\")")
+    expected = ("a boolean (true or false)" if kind == "bool" else "an integer" if kind.startswith("int")
+                else "a number" if kind.startswith("float") else "a string")
+    ok = (isinstance(value, bool) if kind == "bool"
+          else isinstance(value, int) and not isinstance(value, bool) if kind.startswith("int")
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind.startswith("float")
+          else isinstance(value, str))
+    if not ok:
+        hint = f" (unquoted in TOML: {key} = {value})" if isinstance(value, str) and _numeric(value) else ""
+        raise UsageError(f"--config {path}: {key} = {value!r} is {type(value).__name__}: expected "
+                         f"{expected}{hint}")
+    if f.metadata["check"] is not None:
+        try:
+            f.metadata["check"](value)
+        except ValueError as exc:
+            raise UsageError(f"--config {path}: {key} {exc}")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise UsageError(f"--config {path}: {key} = {value!r}: choose from "
+                         f"{', '.join(map(str, f.metadata['choices']))}")
+    return value
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -425,6 +501,7 @@ def validate(cfg: Config, world_size: int) -> None:
                              f"--ranks-per-client {cfg.ranks_per_client}")
     _validate_privacy(cfg)
     _validate_robustness(cfg)
+    _validate_applies(cfg)
     if cfg.allreduce == "shm" and cfg.mode != "dp":
         raise UsageError("--allreduce shm is for --mode dp (fl clients reduce with fused, overlap or nccl)")
     if cfg.resume and not cfg.checkpoint_dir:
@@ -437,6 +514,91 @@ def validate(cfg: Config, world_size: int) -> None:
             raise UsageError(f"{flag(name)}: empty path")
 
 
+# The option a user of the other mode reaches for (a Flower user types --lr in fl mode).
+COUNTERPART = {"lr": "local_lr", "epochs": "rounds", "batch_size": "local_batch_size",
+               "momentum": "server_momentum", "optimizer": "server_opt", "max_steps": "rounds",
+               "weight_decay": "mu", "dp_sgd": "dp_clip", "local_lr": "lr", "rounds": "epochs",
+               "local_epochs": "epochs", "local_batch_size": "batch_size", "server_momentum": "momentum",
+               "server_opt": "optimizer", "eval_every": None}
+# Settings read only when another has a given value: (the setting, its values, why).
+ONLY_WITH = {
+    "momentum": ("optimizer", ("sgd",), "Adam's moment decay is fixed (beta1 0.9, beta2 0.999)"),
+    "server_momentum": ("server_opt", ("fedavgm",), "use --server-opt fedavgm"),
+    "server_beta1": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
+    "server_beta2": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
+    "server_eps": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
+    "trim_fraction": ("aggregator", ("trimmed-mean",), "use --aggregator trimmed-mean"),
+    "byzantine": ("aggregator", ("krum", "multi-krum"), "use --aggregator krum or multi-krum"),
+    "krum_m": ("aggregator", ("multi-krum",), "use --aggregator multi-krum"),
+    "alpha": ("partition", ("dirichlet",), "use --partition dirichlet"),
+    "attack_scale": ("attack", ("signflip", "scale"), "use --attack signflip or scale"),
+    "secagg_neighbors": ("secure_agg", (True,), "use --secure-agg"),
+    "secagg_threshold": ("secure_agg", (True,), "use --secure-agg"),
+    "secagg_range": ("secure_agg", (True,), "use --secure-agg"),
+    "secagg_max_dropout": ("secure_agg", (True,), "use --secure-agg"),
+    "secagg_corrupt_fraction": ("secure_agg", (True,), "use --secure-agg"),
+}
+
+
+def not_applying(cfg: Config, name: str) -> str | None:
+    """Why setting `name` is not read by this run (its mode, or a setting it depends on), or None."""
+    f = FIELDS[name]
+    if cfg.mode not in f.metadata["modes"]:
+        other = next(m for m in f.metadata["modes"] if m != cfg.mode)
+        hint = COUNTERPART.get(name)
+        return (f"{flag(name)} applies to --mode {other} only, and this run is --mode {cfg.mode}"
+                + (f": use {flag(hint)}" if hint else ""))
+    if name in ONLY_WITH:
+        setting, values, why = ONLY_WITH[name]
+        if getattr(cfg, setting) not in values:
+            shown = "off" if setting == "secure_agg" else _text(getattr(cfg, setting))
+            return f"{flag(name)} is not read with {flag(setting)} {shown}: {why}"
+    if name in ("dp_delta", "dp_noise_seed") and not dp_on(cfg):
+        return (f"{flag(name)} is not read without differential privacy (--dp-sgd in dp mode; "
+                "--dp-clip with --dp-noise or --dp-epsilon in fl mode)")
+    return None
+
+
+def _validate_applies(cfg: Config) -> None:
+    """An option given that this run would ignore is refused by name, pointing at the one that
+    applies: silently training with another learning rate than the one typed is worse."""
+    for name, f in FIELDS.items():
+        if f.metadata["cli"] and cfg.given(name):
+            why = not_applying(cfg, name)
+            if why:
+                raise UsageError(why)
+
+
+def derived(cfg: Config) -> dict:
+    """The settings of this run that were derived from others (not given), with their values."""
+    return {n: getattr(cfg, n) for n in cfg._derived if not_applying(cfg, n) is None}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)              # a TOML basic string is a JSON string
+    return repr(value)
+
+
+def to_toml(cfg: Config, notes: dict | None = None) -> str:
+    """The settings of the run's mode as TOML that --config loads back to the same Config: unset
+    settings as comments, derived ones marked `# derived`, `notes` (name -> text) as comments."""
+    notes = notes or {}
+    made = derived(cfg)
+    lines = [f"# hpcfl {cfg.mode} run: python -m hpcfl --config FILE (command-line options override)"]
+    for name, f in FIELDS.items():
+        if cfg.mode not in f.metadata["modes"] or (name in cfg._derived and name not in made):
+            continue
+        value = getattr(cfg, name)
+        note = f"  # {notes[name]}" if name in notes else "  # derived" if name in made else ""
+        lines.append(f"# {name} = (not set){note}" if value is None else f"{name} = {_toml_value(value)}{note}")
+    return "\n".join(lines) + "\n"
+
+
 def _validate_privacy(cfg: Config) -> None:
     """Combinations of the privacy settings that cannot work (every rank alike)."""
     if cfg.mode == "dp" and cfg.secure_agg:
@@ -445,7 +607,8 @@ def _validate_privacy(cfg: Config) -> None:
     if cfg.mode == "fl" and cfg.dp_sgd:
         raise UsageError("--dp-sgd is for --mode dp; in fl mode privacy is per client: --dp-clip with "
                          "--dp-noise or --dp-epsilon (DP-FedAvg)")
-    asked = [flag(n) for n in ("dp_clip", "dp_noise", "dp_epsilon") if getattr(cfg, n) is not None]
+    asked = [flag(n) for n in ("dp_clip", "dp_noise", "dp_epsilon") if getattr(cfg, n) is not None
+             and n not in cfg._derived]             # name what the user gave, not a default
     if cfg.mode == "dp" and asked and not cfg.dp_sgd:
         raise UsageError(f"{asked[0]} needs --dp-sgd in dp mode")
     if cfg.dp_sgd and cfg.allreduce == "overlap":

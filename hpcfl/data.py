@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -55,7 +54,9 @@ STALE_TEMP_SECONDS = 86400  # temp folders of crashed cache builds older than th
 
 
 def warn(message: str) -> None:
-    print(f"hpcfl: warning: {message}", file=sys.stderr, flush=True)
+    from . import log
+
+    log.warning(message)
 
 
 # ---------------------------------------------------------------- IDX reading
@@ -120,10 +121,17 @@ def default_data_dir(dataset: str = "mnist") -> Path:
     return _cache_home() / "hpcfl" / dataset
 
 
+def data_dir_variable(dataset: str) -> str:
+    """The environment variable naming a catalogue data set's folder: HPCFL_DATA_DIR_FASHION_MNIST
+    for fashion-mnist (HPCFL_DATA_DIR, where the tests and CI keep MNIST, also works for mnist)."""
+    return "HPCFL_DATA_DIR_" + dataset.upper().replace("-", "_")
+
+
 def resolve_data_dir(cli_value: str | None, dataset: str = "mnist") -> Path:
-    """--data-dir, else $HPCFL_DATA_DIR (for mnist: it is where the tests and CI keep it), else
-    the user cache folder of the dataset."""
-    value = cli_value or (os.environ.get("HPCFL_DATA_DIR") if dataset == "mnist" else None)
+    """--data-dir, else $HPCFL_DATA_DIR_<NAME> (or $HPCFL_DATA_DIR for mnist), else the user
+    cache folder of the dataset."""
+    value = (cli_value or os.environ.get(data_dir_variable(dataset))
+             or (os.environ.get("HPCFL_DATA_DIR") if dataset == "mnist" else None))
     if not value and dataset in ("idx", "npz"):
         from .errors import UsageError
 
@@ -243,7 +251,8 @@ def _fetch_files(data_dir: Path, spec: Spec, urls, timeout) -> None:
             raise DataError(
                 f"{final}: download failed from every URL ({tried}). To stage the data by hand, "
                 f"copy the four {spec.name} files ({', '.join(f + '.gz' for f in spec.file_names)}) "
-                f"into {data_dir}, or pass --data-dir / set HPCFL_DATA_DIR to a folder that has them.")
+                f"into {data_dir}, or pass --data-dir / set {data_dir_variable(spec.name)} to a folder "
+                f"that has them.")
 
 
 def _fetch_archive(data_dir: Path, spec: Spec, urls, timeout) -> None:
@@ -532,7 +541,7 @@ def prepare_cache(data_dir: str | os.PathLike, cache_root: str | os.PathLike | N
         raise DataError(f"{data_dir}: missing {what}: {', '.join(missing)}"
                         + ("" if spec.format == "npz" else " (each as NAME.gz or NAME)")
                         + "; download them (fetch-data) or copy them in and pass --data-dir"
-                        + (" / set HPCFL_DATA_DIR" if spec.name == "mnist" else ""))
+                        + ("" if spec.format == "npz" else f" / set {data_dir_variable(spec.name)}"))
     root = globals()["cache_root"](cache_root)
     final, sources = _cache_dir_for(data_dir, root, spec)
     if _is_complete(final):

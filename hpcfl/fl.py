@@ -15,12 +15,11 @@ checkpoints the state at its start, so a resumed run redoes it bitwise.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import numpy as np
 
-from . import aggregate, attacks, checkpoint, collect, faults, partition, preempt, watchdog
+from . import aggregate, attacks, checkpoint, collect, faults, log, partition, preempt, watchdog
 from .comm import StopNotice
 from .dp import finish, gradient_reducer
 from .errors import Preempted, TrainingError, UsageError
@@ -350,7 +349,7 @@ class Federation:
 
 def reporter_warn(comm, message: str) -> None:
     if comm.rank == 0:
-        print(f"hpcfl: warning: {message}", file=sys.stderr, flush=True)
+        log.warning(message)
 
 
 def buffer_bytes(cfg, layout, server: bool, groups: int = 1) -> int:

@@ -125,9 +125,16 @@ def load_model(path) -> Model:
     if path.is_dir():
         path = path / "model.npz"
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":           # np.load would offer to unpickle anything else
+            raise DataError(f"{path}: not an hpcfl model (a model.npz is a zip archive; this file "
+                            f"starts with {magic!r})")
         with np.load(path, allow_pickle=False) as z:
             params, sizes = z["params"], z["sizes"]
             meta = json.loads(z["meta"].tobytes()) if "meta" in z.files else {}
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: no such model file (a folder written by --out holds model.npz)") from None
     except OSError as e:

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import log
 from .errors import UsageError
 from .files import atomic_write
 
@@ -114,8 +115,7 @@ class RunLock:
                     raise UsageError(f"{what} {path} is in use by another run ({_describe(theirs)}; "
                                      f"lock file {lock}): wait for it to end or use another "
                                      "folder; if that run is gone, remove the lock file") from None
-                print(f"hpcfl: warning: taking over the lock {lock} of a run that has ended ({why})",
-                      file=sys.stderr, flush=True)
+                log.warning(f"taking over the lock {lock} of a run that has ended ({why})")
                 atomic_write(lock, lambda f: f.write(text))
                 self.held.append(lock)
                 return

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import log
 from .errors import StopTraining
 from .files import append_record, atomic_write, open_append
 
@@ -49,11 +50,19 @@ class Reporter:
         self.bar = None
         self.use_bar = self.active and not cfg.quiet and on_terminal()
         self._fd = None
+        self.tensorboard = None                # opened with the metrics file, in begin()
 
     def begin(self, position: int | None = None, key: str = "step") -> None:
         """Open the metrics file: a fresh run truncates it; a resumed run (position = the
         checkpoint's step, or round in fl mode) keeps the records up to it and drops the ones
         it will write again."""
+        if self.active and self.cfg.tensorboard and self.tensorboard is None:
+            from .tensorboard import TensorBoardWriter
+
+            if position is None:               # a fresh run (--overwrite): the old events go
+                for old in Path(self.cfg.tensorboard).glob("events.out.tfevents.*"):
+                    old.unlink()
+            self.tensorboard = TensorBoardWriter(self.cfg.tensorboard)
         if not (self.active and self.cfg.metrics) or self._fd is not None:
             return
         path = Path(self.cfg.metrics)
@@ -65,22 +74,25 @@ class Reporter:
         self._fd = open_append(path, truncate=position is None)
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def info(self, msg: str) -> None:
-        if self.active and not self.cfg.quiet:
-            print(msg, flush=True)
+        if self.active:
+            log.info(msg)
 
     def result(self, msg: str) -> None:
-        """The run's outcome (the final accuracy): printed even with --quiet."""
+        """The run's outcome (the final accuracy): shown even with --quiet (log.RESULT)."""
         if self.active:
-            print(msg, flush=True)
+            log.result(msg)
 
     def warn(self, msg: str) -> None:
         if self.active:
-            print(f"hpcfl: warning: {msg}", file=sys.stderr, flush=True)
+            log.warning(msg)
 
     def start_progress(self, total: int, desc: str) -> None:
         if self.use_bar:
@@ -104,9 +116,11 @@ class Reporter:
             self.bar.close()
             self.bar = None
         self.info(line)
+        self.begin()
         if self.cfg.metrics:
-            self.begin()
             append_record(self._fd, json.dumps(rec) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard(dict(rec))
         for callback in self.callbacks:
             try:
                 callback(dict(rec))

@@ -29,3 +29,14 @@ def pytest_sessionstart(session):
                     "to a folder with the four files (python -m hpcfl fetch-data --data-dir DIR downloads "
                     "them), or set HPCFL_TESTS_WITHOUT_DATA=1 to run only the tests that need none",
                     returncode=4)
+
+
+@pytest.fixture(autouse=True)
+def hpcfl_messages():
+    """hpcfl's messages shown as a run shows them (log.configure: rank 0 on stdout and stderr),
+    also for the tests that call its parts directly, without hpcfl.train or the command line."""
+    from hpcfl import cli, log
+
+    log.configure(cli._launcher_rank())
+    yield
+    log.reset()

@@ -45,14 +45,16 @@ def test_1_refused_runs_leave_metrics_and_checkpoints_as_they_were(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     before = snapshot(r)
     assert "m.jsonl" in before and before["m.jsonl"]
-    for args, code, words in [
-        ([], 2, ["already holds checkpoints", "--resume"]),
-        (["--batch-size", 60001], 2, ["--batch-size 60001 is larger than the training set"]),
-        (["--mode", "fl", "--partition", "dirichlet", "--alpha", 0.001, "--num-clients", 2000], 2, ["get no data"]),
-        (["--hidden", "100000,100000"], 2, ["--hidden", "GiB"]),
-        (["--resume", "--max-steps", 5], 2, ["at step 20", "past this run's last step 5"]),
+    for base, args, code, words in [
+        (SHORT, [], 2, ["holds the results of an earlier run", "--overwrite"]),
+        (SHORT, ["--overwrite"], 2, ["already holds checkpoints", "--resume"]),
+        (SHORT, ["--overwrite", "--batch-size", 60001], 2, ["--batch-size 60001 is larger than the training set"]),
+        (["--quiet"], ["--overwrite", "--mode", "fl", "--partition", "dirichlet", "--alpha", 0.001,
+                       "--num-clients", 2000], 2, ["get no data"]),
+        (SHORT, ["--overwrite", "--hidden", "100000,100000"], 2, ["--hidden", "GiB"]),
+        (["--quiet"], ["--resume", "--max-steps", 5], 2, ["at step 20", "past this run's last step 5"]),
     ]:
-        proc, seconds = timed(2, *SHORT, *outputs, *args)
+        proc, seconds = timed(2, *base, *outputs, *args)
         assert_clean_failure(proc, code, *words)
         assert seconds < 60
         assert snapshot(r) == before, args          # byte for byte, and no new file
@@ -195,10 +197,12 @@ def test_5_fl_resume_refuses_changed_data_settings(tmp_path):
         proc = run_hpcfl(2, *FLR, "--rounds", 3, "--checkpoint-dir", tmp_path / "ck", "--resume", *change)
         assert_clean_failure(proc, 2, flag, "use the same settings")
         assert snapshot(tmp_path) == before
-    # --optimizer means nothing in fl mode: no refusal, no warning about it
+    # --optimizer means nothing in fl mode: refused by name (not silently ignored), the
+    # checkpoints as they were
     proc = run_hpcfl(2, *FLR, "--rounds", 3, "--checkpoint-dir", tmp_path / "ck", "--resume",
                      "--optimizer", "adam")
-    assert proc.returncode == 0 and "--optimizer" not in proc.stderr, proc.stdout + proc.stderr
+    assert_clean_failure(proc, 2, "--optimizer applies to --mode dp only", "--server-opt")
+    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- 6. values that can work
