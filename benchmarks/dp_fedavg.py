@@ -178,7 +178,7 @@ def section(rows: list[dict], args, rounds: int, info: dict, seconds: float) -> 
     goal = find.get((6000, 8, "tuned"))
     if goal and goal["final_accuracy"] is not None and rounds == ROUNDS:
         met = goal["final_accuracy"] >= GOAL and goal["epsilon_reached"] <= 8
-        lines += ["", f"The issue's goal, at least {100 * GOAL:g}% at epsilon <= 8 (delta {DELTA:g}) for "
+        lines += ["", f"The goal, at least {100 * GOAL:g}% at epsilon <= 8 (delta {DELTA:g}) for "
                   f"N = 6000 in {rounds} rounds: **{'met' if met else 'not met'}** with the settings below "
                   f"({pct(goal['final_accuracy'])}, epsilon {goal['epsilon_reached']:.4g}; per seed "
                   f"{goal['per_seed']})."]

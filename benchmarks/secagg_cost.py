@@ -155,8 +155,8 @@ def render(rows, args, info) -> str:
                  f"{fmt(st['keys'])} | {fmt(st['shares'])} | {fmt(st['masking'])} | {fmt(st['unmasking'])} | "
                  f"{fmt(to / 1e6 if to else None, '.1f')} | {fmt(frm / 1e6 if frm else None, '.1f')} |")
     L.append("")
-    L.append("Goals (issue): `--secure-agg` at most 1.5x plain FedAvg's round at 10 clients per round, and at "
-             "most 2x at 100 clients per round with SecAgg+'s sparse graph. Since issue 20 the protocol is the "
+    L.append("Goals: `--secure-agg` at most 1.5x plain FedAvg's round at 10 clients per round, and at "
+             "most 2x at 100 clients per round with SecAgg+'s sparse graph. The protocol is the "
              "one secure against a malicious server, the graph's K comes from Bell et al.'s bound (20 here, was "
              "14) and the model travels in two 32-bit limbs per coordinate without DP (was one).\n")
     L.append(MARK_END)

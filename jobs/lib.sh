@@ -1,4 +1,5 @@
-# Shared by the batch scripts in jobs/ (sourced, not run). See README, "Running on clusters".
+# Shared by the batch scripts in jobs/ (sourced, not run). See README, "On a cluster", and its
+# reference, "Environment variables" and "Exit codes".
 #
 # Knobs, read from the environment (sbatch passes the submitting shell's environment on):
 #   HPCFL_PYTHON        Python with hpcfl installed (default: python3 on PATH, e.g. an activated venv)
@@ -12,6 +13,8 @@
 #   HPCFL_MAX_REQUEUES  how many times a preempted job requeues itself (default 5; an integer)
 #   HPCFL_LAUNCHER      srun or mpirun (default: srun when there is one)
 #   HPCFL_SRUN_MPI      srun's --mpi plugin (default pmi2: the mpich wheel speaks it, not pmix)
+#   HPCFL_JOBS_DIR      the jobs/ folder holding this file (read by the scripts before they source
+#                       it; default: found from the path of the submitted script)
 
 EXIT_PREEMPTED=75   # hpcfl's exit code after it checkpointed on SIGTERM/SIGUSR1 (EX_TEMPFAIL)
 
