@@ -54,7 +54,7 @@ DELTA = 1e-5
 EPSILONS = (0.5, 1, 2, 4, 8)
 QUICK_EPSILONS, QUICK_EPOCHS = (2, 8), 3
 # What did best at epsilon 2 (the issue's command) in the search of OUT/dp_sgd_tuning.csv (see
-# PRIVACY.md, "How the settings were chosen"); hpcfl's DP-SGD defaults (config.DP_DEFAULTS) are these.
+# PRIVACY.md, "How the settings were chosen"): hpcfl's DP-SGD defaults with --dp-noise (config.DP_DEFAULTS).
 SETTINGS = {"--batch-size": "4096", "--epochs": "60", "--lr": "20", "--momentum": "0", "--schedule": "cosine",
             "--dp-clip": "0.5", "--hidden": "128", "--weight-decay": "0.0001"}
 # What did best at epsilon 8 in the same search (a larger model, smaller batches, more epochs)
@@ -67,7 +67,7 @@ PRIVATE_ONLY = ("--dp-clip",)            # options that only mean something with
 NON_PRIVATE = {"--batch-size": "128", "--epochs": "12", "--lr": "0.05", "--momentum": "0.9", "--schedule": "cosine",
                "--weight-decay": "0.0001"}
 # the settings that a run's config.json records, shown by name for the as-written command
-SHOWN = ("batch_size", "epochs", "lr", "momentum", "schedule", "optimizer", "dp_clip", "hidden", "weight_decay")
+SHOWN = ("batch_size", "epochs", "lr", "momentum", "schedule", "optimizer", "dp_clip", "hidden", "weight_decay", "dp_pca")
 
 # ---- speed
 SPEED_BATCH, SPEED_HIDDEN = 512, "256,128"
@@ -85,7 +85,7 @@ def hpcfl_args(epsilon: float | None, kind: str, epochs: int | None = None) -> l
     "clip-only" (SETTINGS, DP-SGD's sampling and clipping with z = 0: what the noise costs) or
     "as-written" (the issue's command: --dp-sgd --dp-epsilon E with hpcfl's own defaults).
     epochs: overrides the epochs (--quick)."""
-    if kind == "as-written":
+    if kind in ("as-written", "defaults"):     # defaults: the same, with --dp-noise-seed S
         return ["--dp-sgd", "--dp-epsilon", f"{epsilon:g}"] + (["--epochs", str(epochs)] if epochs else [])
     if kind == "non-private":
         options = {"--hidden": SETTINGS["--hidden"], **NON_PRIVATE}
@@ -129,6 +129,8 @@ def accuracy_grid(quick: bool):
     for eps in (QUICK_EPSILONS if quick else EPSILONS):
         yield eps, "tuned"
     yield 8, "best-8"
+    for eps in (QUICK_EPSILONS if quick else EPSILONS):
+        yield eps, "defaults"
     yield 2, "as-written"
 
 
@@ -386,7 +388,9 @@ def accuracy_lines(rows: list[dict], quick: bool) -> list[str]:
     seeds = sorted({r["seed"] for r in rows})
     ranks = rows[0]["ranks"]
     lines = ["### Accuracy against epsilon", "",
-             f"MNIST, delta = {DELTA:g}, no PCA, {ranks} MPI ranks; final test accuracy after the last "
+             f"MNIST, delta = {DELTA:g}, {ranks} MPI ranks, with hpcfl's defaults (DP-PCA, the settings of "
+             "the budget: `config.DP_SGD_BUDGETS`) and, for comparison, the earlier settings without PCA; "
+             "final test accuracy after the last "
              f"epoch, median over seeds {', '.join(map(str, seeds))} (each seed also fixes the noise seed, "
              "`--dp-noise-seed`, except in the as-written run, which draws a secret one as a user's run "
              "does). \"Reached\" is the accountant's epsilon after the last step; z is the noise multiplier "
@@ -398,8 +402,10 @@ def accuracy_lines(rows: list[dict], quick: bool) -> list[str]:
         ok = [r for r in runs if r["status"] == "ok"]
         label = {"non-private": "non-private (same model, hpcfl's non-private training)",
                  "clip-only": "none: clipping without noise (z = 0)"}.get(kind) or \
-            f"{eps:g}" + {"as-written": " (as written: hpcfl's defaults)",
-                          "best-8": " (the settings that did best at 8)"}.get(kind, "")
+            f"{eps:g}" + {"as-written": " (as written, secret noise seed: hpcfl's defaults)",
+                          "defaults": " (**hpcfl's defaults: DP-PCA**)",
+                          "tuned": " (no PCA: the earlier defaults)",
+                          "best-8": " (no PCA: the earlier settings that did best at 8)"}.get(kind, "")
         per = ", ".join(pct(r["final_accuracy"]) if r["status"] == "ok" else str(r["status"]) for r in runs)
         acc = med(ok, "final_accuracy") if len(ok) == len(runs) else None
         reached = med(ok, "epsilon_reached")
@@ -439,13 +445,26 @@ def accuracy_lines(rows: list[dict], quick: bool) -> list[str]:
                      f"with {shown} and reached {pct(m_aw)} in the median, {pct(w)} on its worst seed: "
                      + ("met" if w is not None and w >= 0.95 else "met in the median, not by every seed"
                         if m_aw is not None and m_aw >= 0.95 else "**not met**"))
+    defaults = {eps: [r for r in runs if r["status"] == "ok"] for (eps, kind), runs in groups.items()
+                if kind == "defaults"}
+    judged = []
+    for eps, target in ((0.5, 0.90), (2, 0.95), (8, 0.97)):
+        runs = defaults.get(eps)
+        if runs:
+            w, m = min(r["final_accuracy"] for r in runs), med(runs, "final_accuracy")
+            judged.append(f"epsilon {eps:g}: {pct(m)} median, {pct(w)} worst seed, goal {100 * target:.0f}% "
+                          + ("**met** by every seed" if w >= target else "met in the median, not by every seed"
+                             if m >= target else "**not met**"))
     lines += [""]
     if quick:
         lines += [f"(--quick: {QUICK_EPOCHS} epochs only; the goals are not judged)", ""]
-    elif goals:
-        lines += ["Goals (95% at epsilon <= 2, 97% at epsilon <= 8, delta 1e-5, no PCA): " + "; ".join(goals) + ".", ""]
-    lines += [f"Settings of every private run but one: `{' '.join(flat(SETTINGS))}` (hpcfl's defaults with "
-              f"`--dp-sgd`); the row \"the settings that did best at 8\": `{' '.join(flat(SETTINGS_EPS8))}`. "
+    elif judged:
+        lines += ["Goals with hpcfl's defaults and no option but the budget (`--dp-sgd --dp-epsilon E`; Abadi "
+                  "et al. 2016's points, delta 1e-5): " + "; ".join(judged) + ".", ""]
+    if goals and not quick:
+        lines += ["Without DP-PCA (the rows marked \"no PCA\"): " + "; ".join(goals) + ".", ""]
+    lines += [f"Settings of the runs without PCA but one: `{' '.join(flat(SETTINGS))}` (hpcfl's defaults with "
+              f"`--dp-sgd --dp-noise`, and with `--dp-epsilon` before DP-PCA); the row \"the settings that did best at 8\": `{' '.join(flat(SETTINGS_EPS8))}`. "
               "(Poisson batches of the expected "
               "size, each sample's gradient clipped to `--dp-clip`, the noise added once to the sum, the sum "
               "divided by the expected batch). The non-private run trains the same model as hpcfl does without "
@@ -593,6 +612,8 @@ def main() -> int:
                     "(default: benchmarks/PRIVACY.md, or OUT/PRIVACY.md with --quick)")
     ap.add_argument("--rerun", metavar="KIND", help="accuracy: run again only the rows of this kind (tuned, "
                     "best-8, as-written, non-private, clip-only) of OUT/dp_sgd_accuracy.csv, keep the others")
+    ap.add_argument("--add", metavar="KIND", help="accuracy: run the rows of this kind (e.g. defaults) for "
+                    "every seed of --seeds and put them in the CSV in place of that kind's old rows")
     ap.add_argument("--report-only", action="store_true", help="run nothing: rewrite the section from the CSVs")
     ap.add_argument("--worker", choices=("torch", "opacus-hooks", "opacus-ghost", "profile"), help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=2, help=argparse.SUPPRESS)
@@ -612,7 +633,20 @@ def main() -> int:
     info = common.machine_info()
     for key in ("torch",):
         info.setdefault(key, "absent")
-    if args.rerun:
+    if args.add:               # a kind of run for every seed, appended to the CSV's other rows
+        rows = [r for r in common.read_csv(out / f"dp_sgd_accuracy{suffix}.csv") if r["kind"] != args.add]
+        grid = [(eps, kind) for eps, kind in accuracy_grid(args.quick) if kind == args.add]
+        for eps, kind in grid:
+            hargs = hpcfl_args(eps, kind, QUICK_EPOCHS if args.quick else None)
+            for seed in map(int, args.seeds.split(",")):
+                res = run_accuracy(hargs, args.ranks, seed, private=True, noise_seed=kind != "as-written")
+                rows.append({"target_epsilon": eps, "delta": DELTA, "kind": kind, "seed": seed,
+                             "noise_seed": seed if kind != "as-written" else None, "ranks": args.ranks, **res,
+                             "command": command_line(hargs, args.ranks), "date": info["date"],
+                             "load": common.uptime(), "machine": machine(info)})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "accuracy_by_epoch"}), flush=True)
+        common.write_csv(out / f"dp_sgd_accuracy{suffix}.csv", rows)
+    elif args.rerun:
         rows = common.read_csv(out / f"dp_sgd_accuracy{suffix}.csv")
         for i, r in enumerate(rows):
             if r["kind"] == args.rerun:
@@ -633,7 +667,7 @@ def main() -> int:
         for r in rows:
             r["machine"] = machine(info)
         common.write_csv(out / f"dp_sgd_accuracy{suffix}.csv", rows)
-    if args.part in ("speed", "all") and not args.rerun and not args.report_only:
+    if args.part in ("speed", "all") and not args.rerun and not args.add and not args.report_only:
         rows, prows = speed_part(args, info)
         for r in rows + prows:
             r["machine"] = machine(info)

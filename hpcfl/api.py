@@ -288,17 +288,20 @@ def plan_privacy(cfg: Config, comm: Comm, data):
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
         expected = float(cfg.batch_size)
     secure = cfg.mode == "fl" and cfg.secure_agg
+    pca = (cfg.dp_pca or 0) if cfg.mode == "dp" else 0
     if cfg.dp_noise is not None:
-        z = cfg.dp_noise
+        z, pca_noise = cfg.dp_noise, cfg.dp_pca_noise or 0.0
     else:
         def calibrate():
             try:
                 if secure:
-                    return privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
-                return privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
+                    return 0.0, privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
+                sigma = (cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)) if pca else 0.0
+                prior = [(1.0, sigma, 1)] if pca else []
+                return sigma, privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon, prior=prior)
             except ValueError as exc:
                 raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
-        z = comm.agree(calibrate)
+        pca_noise, z = comm.agree(calibrate)
     share_std = 0.0
     if secure:
         # each share is sized so that a low quantile of the honest survivors still adds up to z
@@ -315,7 +318,8 @@ def plan_privacy(cfg: Config, comm: Comm, data):
     seed = cfg.dp_noise_seed if cfg.dp_noise_seed is not None else comm.bcast(
         secrets.randbits(256) if comm.rank == 0 else None)
     return privacy.DpPlan(clip=cfg.dp_clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta,
-                          target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders)
+                          target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders,
+                          pca=pca, pca_noise=pca_noise)
 
 
 def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result:
@@ -352,7 +356,11 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
     _check_outputs(cfg, comm)
     _check_not_replacing(cfg, comm)
     data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
-    layout = model.layout(cfg.hidden, data.input_size, data.num_classes)
+    inputs = cfg.dp_pca if cfg.mode == "dp" and cfg.dp_sgd and cfg.dp_pca else data.input_size
+    if inputs > data.input_size:
+        raise UsageError(f"--dp-pca {cfg.dp_pca}: more directions than the {data.input_size} values of "
+                         f"a {data.name} image", collective=True)
+    layout = model.layout(cfg.hidden, inputs, data.num_classes)
     _check_memory(cfg, comm, layout, data)
     dp_plan = plan_privacy(cfg, comm, data)
     lock = RunLock()
@@ -399,7 +407,8 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
             lock.release()
     trained = Model(tuple(layout.sizes), summary["params"], dataset=data.name,
                     image_shape=tuple(data.image_shape), num_classes=data.num_classes,
-                    mean=data.mean, std=data.std)
-    extra = {k: v for k, v in summary.items() if k not in ("history", "test_accuracy", "params", "best_accuracy")}
+                    mean=data.mean, std=data.std, projection=summary.get("projection"))
+    extra = {k: v for k, v in summary.items()
+             if k not in ("history", "test_accuracy", "params", "best_accuracy", "projection")}
     return Result(summary["test_accuracy"], summary["history"], trained, cfg,
                   summary.get("best_accuracy"), extra)

@@ -130,6 +130,7 @@ def train_parser() -> argparse.ArgumentParser:
         help_text = meta["help"]
         if "(default:" not in help_text:           # some spell out a derived default themselves
             help_text += f" (default: {shown_default(name, f.default)})"
+        help_text = help_text.replace("%", "%%")    # argparse formats help with %
         if f.type in ("bool", bool):
             g.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -199,6 +200,12 @@ def _calibrated(cfg, datasets, privacy) -> dict:
         n = counts["train"]
         steps = cfg.epochs * (n // cfg.batch_size)
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        if cfg.dp_pca:
+            sigma = cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)
+            z = privacy.calibrate_noise(cfg.batch_size / n, steps, cfg.dp_delta, cfg.dp_epsilon,
+                                        prior=[(1.0, sigma, 1)])
+            return {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g} "
+                                f"after DP-PCA's share", "dp_pca_noise": f"derived at start: {sigma:.4g}"}
         z = privacy.calibrate_noise(cfg.batch_size / n, steps, cfg.dp_delta, cfg.dp_epsilon)
     return {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g}"}
 
@@ -261,8 +268,8 @@ def evaluate(comm, argv) -> int:
     _model_exists(ns.model)
     model = comm.agree_all(lambda: load_model(ns.model))
     ds = api.load_dataset(ns.dataset or model.dataset, ns.data_dir, comm=comm)
-    if (ds.input_size, ds.num_classes) != (model.sizes[0], model.sizes[-1]):
-        raise UsageError(f"{ns.model} takes {model.sizes[0]} inputs and {model.sizes[-1]} classes, "
+    if (ds.input_size, ds.num_classes) != (model.input_size, model.sizes[-1]):
+        raise UsageError(f"{ns.model} takes {model.input_size} inputs and {model.sizes[-1]} classes, "
                          f"but {ds.name} has {ds.input_size} and {ds.num_classes}", collective=True)
     if comm.rank == 0:
         r = model.evaluate(ds.test_x, ds.test_y)

@@ -129,8 +129,9 @@ def train(cfg, comm, data, backend, reporter, layout=None, dp=None) -> dict:
     # DP-SGD's Poisson batches vary: the buffers hold a batch that is exceeded with probability
     # below 1e-12 per step (privacy.poisson_capacity's Chernoff bound); a larger one goes in chunks
     capacity = privacy.poisson_capacity(data.n_train, dp.q, 1e-12) if dp is not None else B
+    norm = PROJECTED_NORM if dp is not None and dp.pca else (data.mean, data.std)
     rep = Replica(cfg, backend, max_local_batch=math.ceil(capacity / comm.size),
-                  reducer=gradient_reducer(cfg, comm), layout=layout, norm=(data.mean, data.std), comm=comm)
+                  reducer=gradient_reducer(cfg, comm), layout=layout, norm=norm, comm=comm)
     if dp is not None:
         rep.model.clip = dp.clip
         rep.noise = GaussianNoise(dp, rep.layout.n_params, comm.rank, comm.size, backend)
@@ -152,6 +153,11 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps, 
         reporter.info(f"DP-SGD: Poisson batches of {B} expected (q = {dp.q:.3g}), per-sample clip "
                       f"{dp.clip:g}, noise z = {dp.z:.4g}, delta {dp.delta:g}")
     step, loss_sum = _resume(cfg, comm, rep, reporter, data, total_steps, dp)
+    projection = None
+    if dp is not None and dp.pca:   # after _resume: the projection is a function of the run's seed
+        data, projection = _project(comm, backend, data, dp)
+        reporter.info(f"DP-PCA: {dp.pca} directions, noise multiplier {dp.pca_noise:.4g} (its epsilon is "
+                      f"part of eps)")
     if step >= total_steps > 0:
         reporter.info(f"the checkpoint is at the last step ({total_steps}): nothing left to train")
     history, stop, finished_early = [], None, False
@@ -224,15 +230,46 @@ def _run(cfg, comm, data, backend, reporter, rep, steps_per_epoch, total_steps, 
         raise Preempted(f"stopped by {stop} after step {step} (epoch {epoch + 1}, batch {in_epoch} "
                         f"of {steps_per_epoch}): {kept}", collective=True)
     params = rep.host_params()
-    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, data, step, steps_per_epoch, dp=dp))
+    finish(reporter, params, rep.layout.sizes, lambda: _save(cfg, comm, rep, data, step, steps_per_epoch, dp=dp),
+           projection)
     out = {"history": history, "test_accuracy": history[-1]["test_accuracy"] if history else None,
-           "params": params, "steps": step}
+           "params": params, "steps": step, "projection": projection}
     if dp is not None:
         out.update(dp_epsilon=dp.accountant.epsilon(), dp_noise=dp.z, dp_delta=dp.delta)
     return out
 
 
-def finish(reporter, params, sizes, save_checkpoint) -> None:
+# The kernels read a row as (x / 255 - mean) / std; rows already standardised and projected by
+# DP-PCA go through unchanged with mean 0 and std 1/255.
+PROJECTED_NORM = (0.0, 1.0 / 255.0)
+
+
+def _project(comm, backend, data, dp):
+    """DP-PCA (privacy.dp_pca) on rank 0 from the raw training images, keyed by the run's noise
+    seed; every rank gets the (D, K) projection and trains on the standardised images times it."""
+    import dataclasses
+
+    from . import noise
+
+    def pca():
+        key = noise.derive_key(dp.noise_seed, "dp-pca")
+        return privacy.dp_pca(backend.to_host(data.train_x), dp.pca, dp.pca_noise, key)
+
+    projection = comm.bcast(pca() if comm.rank == 0 else None)
+
+    def rows(x):
+        x = backend.to_host(x)
+        out = np.empty((len(x), projection.shape[1]), np.float32)
+        for a in range(0, len(x), 10_000):     # (x / 255 - mean) / std, then @ P: in float32
+            part = x[a:a + 10_000].astype(np.float32) * np.float32(1 / (255 * data.std)) \
+                - np.float32(data.mean / data.std)
+            out[a:a + len(part)] = part @ projection
+        return backend.upload_images(out) if hasattr(backend, "upload_images") else out
+
+    return dataclasses.replace(data, train_x=rows(data.train_x), test_x=rows(data.test_x)), projection
+
+
+def finish(reporter, params, sizes, save_checkpoint, projection=None) -> None:
     """The end of a run: the final checkpoint, then the --out model. A checkpoint that cannot be
     written (disk full) does not cost the model: its error is raised after the model is saved."""
     error = None
@@ -240,6 +277,6 @@ def finish(reporter, params, sizes, save_checkpoint) -> None:
         save_checkpoint()
     except HpcflError as exc:
         error = exc
-    reporter.save_model(params, sizes)
+    reporter.save_model(params, sizes, projection)
     if error is not None:
         raise error

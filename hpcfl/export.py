@@ -4,7 +4,7 @@ The ONNX graph is the whole of `Model.logits` and `Model.predict`, normalisation
 runtime feeds it raw images:
 
     pixels  uint8 [N, H, W]  -> Flatten [N, H*W] -> Cast float32 -> Mul 1/(255 std) -> Sub mean/std
-            -> (Gemm -> Relu) per hidden layer -> Gemm -> logits float32 [N, classes]
+            [-> MatMul projection, a model trained with --dp-pca] -> (Gemm -> Relu) per hidden layer -> Gemm -> logits float32 [N, classes]
                                                           -> ArgMax axis 1 -> class int64 [N]
 
 metadata_props carries dataset, image_shape, num_classes, mean, std, input and hpcfl_version.
@@ -52,6 +52,10 @@ def to_onnx(model) -> bytes:
              helper.make_node("Mul", ["flat_f", "input_scale"], ["scaled"]),
              helper.make_node("Sub", ["scaled", "input_shift"], ["x"])]
     h_in = "x"
+    if model.projection is not None:           # --dp-pca: the standardised image times the directions
+        inits.append(numpy_helper.from_array(model.projection, "projection"))
+        nodes.append(helper.make_node("MatMul", ["x", "projection"], ["x_projected"], name="dp_pca"))
+        h_in = "x_projected"
     views = model.layout.views(model.params)
     for i, (wt, b) in enumerate(views, start=1):
         last = i == len(views)

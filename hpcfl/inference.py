@@ -9,9 +9,11 @@ pickling disabled):
     meta     uint8          UTF-8 JSON: {"format": 2, "dataset": "mnist", "image_shape": [28, 28],
                             "num_classes": 10, "mean": 0.1307, "std": 0.3081, "activation": "relu",
                             "input": "(pixel / 255 - mean) / std"}
+    projection float32 (H*W, K)  only in a model trained with --dp-pca K (format 3; "input" then
+                            says "((pixel / 255 - mean) / std) @ projection"); sizes[0] is K
 
 The network: x = (pixel / 255 - mean) / std over the flattened uint8 image (row-major, H*W
-values); h = relu(h @ W + b) for every hidden layer; logits = h @ W_L + b_L; probabilities =
+values), times the projection if there is one; h = relu(h @ W + b) for every hidden layer; logits = h @ W_L + b_L; probabilities =
 softmax(logits); the predicted class is the first largest logit. A model.npz without `meta`
 (hpcfl 0.1) is an MNIST model with mean 0.1307 and std 0.3081.
 """
@@ -27,7 +29,7 @@ from . import model as model_mod
 from .errors import DataError, UsageError
 from .files import atomic_write
 
-FORMAT = 2
+FORMAT = 3           # 3: with a DP-PCA projection; a model without one is still written as 2
 CHUNK = 1000      # rows per forward pass, as in training's evaluation (the same float32 results)
 
 
@@ -40,26 +42,39 @@ class Model:
     num_classes: int = 10
     mean: float = 0.1307
     std: float = 0.3081
+    projection: np.ndarray | None = None     # DP-PCA's (H*W, K) directions (--dp-pca K)
 
     def __post_init__(self):
         self.sizes = tuple(int(s) for s in self.sizes)
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
+        if self.projection is not None:
+            self.projection = np.ascontiguousarray(self.projection, dtype=np.float32)
+            if self.projection.ndim != 2 or self.projection.shape[1] != self.sizes[0]:
+                raise DataError(f"model: a projection of shape {self.projection.shape} does not feed "
+                                f"{self.sizes[0]} inputs")
         self.layout = model_mod.Layout(self.sizes)
         if self.params.shape != (self.layout.n_params,):
             raise DataError(f"model: {self.params.size} parameters, but sizes {list(self.sizes)} "
                             f"need {self.layout.n_params}")
 
     @property
+    def input_size(self) -> int:
+        """Values per image the model takes (H*W; the projection's rows under DP-PCA)."""
+        return self.sizes[0] if self.projection is None else self.projection.shape[0]
+
+    @property
     def meta(self) -> dict:
-        return {"format": FORMAT, "dataset": self.dataset, "image_shape": list(self.image_shape),
-                "num_classes": self.num_classes, "mean": self.mean, "std": self.std,
-                "activation": "relu", "input": "(pixel / 255 - mean) / std"}
+        plain = self.projection is None
+        return {"format": 2 if plain else FORMAT, "dataset": self.dataset,
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes, "mean": self.mean,
+                "std": self.std, "activation": "relu",
+                "input": "(pixel / 255 - mean) / std" + ("" if plain else " @ projection")}
 
     def _rows(self, images) -> np.ndarray:
         x = np.asarray(images)
         if x.dtype != np.uint8:
             raise UsageError(f"images must be uint8 (0..255), got {x.dtype}")
-        d = self.sizes[0]
+        d = self.input_size
         if x.ndim >= 2 and int(np.prod(x.shape[1:])) == d:
             return x.reshape(len(x), d)
         raise UsageError(f"images of shape {x.shape} do not fit this model: it takes "
@@ -75,6 +90,8 @@ class Model:
         scale, shift = np.float32(1.0 / (255.0 * self.std)), np.float32(self.mean / self.std)
         for start in range(0, len(x), CHUNK):
             rows = x[start:start + CHUNK].astype(np.float32) * scale - shift
+            if self.projection is not None:
+                rows = rows @ self.projection
             out[start:start + len(rows)] = ref._forward(views, rows)[-1]
         return out
 
@@ -114,8 +131,9 @@ class Model:
             path.mkdir(parents=True, exist_ok=True)
             path = path / "model.npz"
         meta = np.frombuffer(json.dumps(self.meta, sort_keys=True).encode(), np.uint8)
+        extra = {} if self.projection is None else {"projection": self.projection}
         atomic_write(path, lambda f: np.savez(f, params=self.params, sizes=np.array(self.sizes, np.int64),
-                                              meta=meta))
+                                              meta=meta, **extra))
         return path
 
 
@@ -133,6 +151,7 @@ def load_model(path) -> Model:
         with np.load(path, allow_pickle=False) as z:
             params, sizes = z["params"], z["sizes"]
             meta = json.loads(z["meta"].tobytes()) if "meta" in z.files else {}
+            projection = z["projection"] if "projection" in z.files else None
     except DataError:
         raise
     except FileNotFoundError:
@@ -146,4 +165,5 @@ def load_model(path) -> Model:
     return Model(tuple(sizes.tolist()), params, dataset=meta.get("dataset", "mnist"),
                  image_shape=tuple(meta.get("image_shape", (28, 28))),
                  num_classes=int(meta.get("num_classes", int(sizes[-1]))),
-                 mean=float(meta.get("mean", 0.1307)), std=float(meta.get("std", 0.3081)))
+                 mean=float(meta.get("mean", 0.1307)), std=float(meta.get("std", 0.3081)),
+                 projection=projection)

@@ -116,9 +116,10 @@ def _epsilon_floor(delta: float) -> float:
 
 
 def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float,
-                    rtol: float = 1e-3) -> float:
+                    rtol: float = 1e-3, prior: Iterable[tuple[float, float, int]] = ()) -> float:
     """The smallest noise multiplier z, to a relative `rtol`, such that `steps` compositions of
-    the Gaussian mechanism on Poisson samples of rate q end at epsilon(delta) <= target_epsilon.
+    the Gaussian mechanism on Poisson samples of rate q end at epsilon(delta) <= target_epsilon,
+    after the `prior` events (q, z, count) of the same run (DP-PCA's release: --dp-pca).
     Bisection on log z keeps a bracket eps(lo) > target >= eps(hi) and returns hi: the result
     always meets the target, and z / (1 + rtol) does not.
     Raises ValueError for bad arguments, and when the target is at or below what RDP over ORDERS
@@ -139,9 +140,13 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float,
                    f"ask for a larger epsilon or delta")
     if target_epsilon <= floor:
         raise ValueError(unreachable)
+    prior = list(prior)
+    if prior and epsilon(prior, delta) >= target_epsilon:
+        raise ValueError(f"target_epsilon={target_epsilon:g} is spent before training: the earlier "
+                         f"releases alone cost {epsilon(prior, delta):.4g}")
 
     def meets(z: float) -> bool:
-        return epsilon([(q, z, steps)], delta) <= target_epsilon
+        return epsilon([*prior, (q, z, steps)], delta) <= target_epsilon
 
     lo = hi = 1.0
     if meets(hi):                                      # walk down until the target fails
@@ -167,6 +172,47 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float,
         else:
             lo = mid
     return hi
+
+
+# ------------------------------------------------------------------------------------ DP-PCA
+# Abadi et al. 2016, section 4: each training image as a vector scaled to unit L2 norm, their
+# Gram matrix A = sum x x^T (one image changes it by x x^T: Frobenius norm 1, and its upper
+# triangle, the part released, has L2 norm <= 1), the Gaussian mechanism on the upper triangle
+# (mirrored: a symmetric release), then the top K eigenvectors of the noisy matrix. The input
+# of the MLP is then the standardised image times those K directions.
+PCA_SHARE = 0.1     # the share of --dp-epsilon the DP-PCA release spends when its noise is derived
+
+
+def pca_noise_for(target_epsilon: float, delta: float, share: float = PCA_SHARE) -> float:
+    """The noise multiplier of the DP-PCA release that alone spends `share` of the budget."""
+    return calibrate_noise(1.0, 1, delta, share * target_epsilon)
+
+
+def dp_pca(images: np.ndarray, k: int, sigma: float, key: bytes) -> np.ndarray:
+    """The (d, k) float32 matrix of the top-k eigenvectors (columns, eigenvalue descending, each
+    with its largest entry positive) of sum_i x_i x_i^T + N, x_i = image i / ||image i|| (a zero
+    image stays zero) and N symmetric with N(0, sigma^2) upper-triangle entries drawn from the
+    CSPRNG stream of `key` (noise.py). images: (n, d) or (n, h, w), any dtype."""
+    from . import noise
+
+    images = np.asarray(images)
+    d = int(np.prod(images.shape[1:]))
+    if not 1 <= k <= d:
+        raise ValueError(f"--dp-pca {k}: must be between 1 and the {d} input values")
+    gram = np.zeros((d, d))
+    for a in range(0, len(images), 10_000):        # in float64, 10,000 rows at a time
+        x = images[a:a + 10_000].reshape(-1, d).astype(np.float64)
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        gram += x.T @ x
+    upper = np.triu_indices(d)
+    e = np.zeros((d, d))
+    e[upper] = sigma * noise.standard_normal(key, 0, len(upper[0]))
+    gram += np.triu(e) + np.triu(e, 1).T
+    values, vectors = np.linalg.eigh(gram)
+    top = vectors[:, np.argsort(values)[::-1][:k]]
+    top *= np.sign(top[np.abs(top).argmax(axis=0), np.arange(k)])      # a fixed sign per column
+    return top.astype(np.float32)
 
 
 def poisson_sample(n: int, q: float, seed: int, step: int) -> np.ndarray:
@@ -307,11 +353,15 @@ class DpPlan:
     secure: bool = False               # DP-FedAvg under secure aggregation (SecureAccountant)
     share_std: float = 0.0             # secure: each client's noise share, per coordinate
     colluders: int = 0                 # secure: clients whose shares do not count (--dp-colluders)
+    pca: int = 0                       # DP-SGD: --dp-pca K (0: off)
+    pca_noise: float = 0.0             # its release's noise multiplier
 
     def __post_init__(self):
         if self.accountant is None:
             self.accountant = (SecureAccountant(self.delta, self.q, self.z) if self.secure
                                else Accountant(self.delta))
+            if self.pca:               # released once, before training, from every image
+                self.accountant.compose(1.0, self.pca_noise, 1)
 
     def honest_shares(self, survivors: int) -> int:
         """The noise shares of a round of `survivors` that protect a client: not its own, not

@@ -129,7 +129,7 @@ class Reporter:
                 return True
         return False
 
-    def save_model(self, params, sizes) -> None:
+    def save_model(self, params, sizes, projection=None) -> None:
         """--out: model.npz (inference.py documents the format) and config.json, atomically."""
         if not (self.active and self.cfg.out):
             return
@@ -139,6 +139,6 @@ class Reporter:
         meta = {} if d is None else {"dataset": d.name, "image_shape": tuple(d.image_shape),
                                      "num_classes": d.num_classes, "mean": d.mean, "std": d.std}
         out = Path(self.cfg.out)
-        path = Model(tuple(sizes), params, **meta).save(out)
+        path = Model(tuple(sizes), params, projection=projection, **meta).save(out)
         atomic_write(out / "config.json", lambda f: f.write(self.cfg.to_json(this_mode_only=True).encode()))
         self.info(f"saved model to {path}")

@@ -174,13 +174,15 @@ def test_print_config_marks_derived_values_and_the_calibrated_noise():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "lr = 20.0  # derived" in lines and "batch_size = 4096  # derived" in lines
+    assert "dp_pca = 100  # derived" in lines
     noise = next(line for line in lines if line.startswith("# dp_noise"))
     assert "calibrated to --dp-epsilon 2" in noise
     z = float(noise.split("derived at start: ")[1].split(",")[0])
     from hpcfl import privacy
 
     steps = 60 * (60000 // 4096)
-    assert z == pytest.approx(privacy.calibrate_noise(4096 / 60000, steps, 1e-5, 2.0), rel=1e-3)
+    prior = [(1.0, privacy.pca_noise_for(2.0, 1e-5), 1)]                      # DP-PCA's share first
+    assert z == pytest.approx(privacy.calibrate_noise(4096 / 60000, steps, 1e-5, 2.0, prior=prior), rel=1e-3)
 
 
 def test_config_json_keeps_what_defines_the_run_not_where_it_wrote():
