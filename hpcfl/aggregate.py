@@ -84,15 +84,31 @@ def make(cfg, n: int):
 
 # ---- SCAFFOLD (Karimireddy et al. 2020, Algorithm 1 with option II control variates)
 
+def scaffold_correction(c: np.ndarray, c_i: np.ndarray | None, age: int, max_age: int) -> tuple[np.ndarray, bool]:
+    """What each local step adds to the client's gradient: c - c_i (Algorithm 1), and whether
+    c_i was left out: then it is c alone, as in the client's first round (no c_i yet), also when
+    max_age > 0 and c_i was computed more than max_age rounds ago. A c_i is a mean of gradients
+    at an old global model: with 10% of the clients per round it is ~10 rounds old, and the
+    paper has no rule for that (its client-sampling analysis only shrinks the step size);
+    correcting with old c_i made SCAFFOLD diverge at local lr 0.1 (benchmarks/ROBUSTNESS.md)."""
+    if c_i is None or (max_age > 0 and age > max_age):
+        return c.copy(), True
+    return c - c_i, False
+
+
 def scaffold_client_variate(c_i: np.ndarray, c: np.ndarray, x: np.ndarray, y: np.ndarray,
-                            steps: int, local_lr: float) -> tuple[np.ndarray, np.ndarray]:
-    """c_i+ = c_i - c + (x - y) / (K eta_l), from the global model x, the client's model y after
-    its K local steps at learning rate eta_l (option II: no extra gradient pass); returns
-    (c_i+, delta c_i = c_i+ - c_i)."""
-    new = c_i - c + (x - y) / (steps * local_lr)
+                            steps: int, local_lr: float, left_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """c_i+ = c_i - c + (x - y) / (K eta_l) (option II, eq. 4: no extra gradient pass), from the
+    global model x and the client's model y after its K local steps at learning rate eta_l:
+    the mean of the client's own gradients along those steps, since each moved y by
+    -eta_l (g_i(y) - c_i + c). When the correction left c_i out (scaffold_correction), each step
+    moved y by -eta_l (g_i(y) + c), and that mean is -c + (x - y) / (K eta_l). Returns (c_i+,
+    delta c_i = c_i+ - c_i): against the stored c_i, the one the server's c holds."""
+    new = (-c if left_out else c_i - c) + (x - y) / (steps * local_lr)
     return new, new - c_i
 
 
 def scaffold_server_variate(c: np.ndarray, dc_sum: np.ndarray, count: int, num_clients: int) -> np.ndarray:
-    """c <- c + (|S| / N) * mean over the round's clients S of delta c_i = c + sum / N."""
+    """c <- c + (|S| / N) * mean over the round's clients S of delta c_i = c + sum / N (eq. 5):
+    c stays the mean of all N stored c_i (0 for a client not seen yet)."""
     return c + dc_sum / num_clients if count else c

@@ -173,7 +173,7 @@ class Federation:
             self.rep.load_params(self.global_w)
             self.rep.reset_optimizer()
             if self.scaffold is not None:
-                self.scaffold.start(k)
+                self.scaffold.start(k, server_round)
             cut = None
             if k in stragglers:               # it finishes only this share of its local steps
                 cut = max(1, math.ceil(stragglers[k] * local_steps(cfg, int(self.sizes[k]))))
@@ -183,7 +183,7 @@ class Federation:
             if stopped:
                 break
             w_k = be.to_host(self.rep.params)
-            dc = self.scaffold.finish(k, w_k, steps) if self.scaffold is not None else None
+            dc = self.scaffold.finish(k, w_k, steps, server_round) if self.scaffold is not None else None
             if self.leader:                                    # one copy per client, not one per rank
                 if k in self.malicious and cfg.attack in attacks.UPDATE_KINDS:
                     w_k = self.poisoned(k, w_k, server_round)

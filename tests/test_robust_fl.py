@@ -69,15 +69,22 @@ SCAFFOLD = ["--mode", "fl", "--num-clients", 10, "--client-fraction", 0.5, "--ro
             "--partition", "shards", "--scaffold", "--local-lr", 0.05, "--quiet"]
 
 
-def test_scaffold_state_survives_resume_bitwise(tmp_path):
-    proc = run_hpcfl(3, *SCAFFOLD, "--out", tmp_path / "plain")
+# --scaffold-max-age 1: rounds 3 and 4 leave out the c_i of round 1, which only the rounds kept
+# in the checkpoint tell from those of round 2
+@pytest.mark.parametrize("max_age", [[], ["--scaffold-max-age", 1]], ids=["default", "max-age-1"])
+def test_scaffold_state_survives_resume_bitwise(tmp_path, max_age):
+    args = SCAFFOLD + max_age
+    proc = run_hpcfl(3, *args, "--out", tmp_path / "plain")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_hpcfl(3, *SCAFFOLD, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:3"})
+    proc = run_hpcfl(3, *args, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:3"})
     assert_clean_failure(proc, 75, "during round 3")
     ck = next((tmp_path / "ck").iterdir())
     with np.load(ck) as z:          # c and the c_i of the clients that took part in rounds 1-2
         assert "scaffold.c" in z.files and sum(f.startswith("scaffold.c_") for f in z.files) >= 5
-    proc = run_hpcfl(3, *SCAFFOLD, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed")
+        rounds = z["scaffold.rounds"]           # the round each c_i was computed in (0: none yet)
+        assert set(rounds.tolist()) <= {0, 1, 2}
+        assert (rounds > 0).sum() == sum(f.startswith("scaffold.c_") for f in z.files)
+    proc = run_hpcfl(3, *args, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain", "resumed"))
     assert np.array_equal(a, b)
@@ -95,6 +102,7 @@ def test_scaffold_state_survives_resume_bitwise(tmp_path):
     (ALL20 + ["--dropout-rate", -0.1], ["--dropout-rate", "[0, 1)"]),
     (ALL20 + ["--aggregator", "norm-bounded"], ["norm-bounded clips each update to --max-update-norm"]),
     (ALL20 + ["--scaffold", "--aggregator", "median"], ["--scaffold works with --aggregator mean only"]),
+    (ALL20 + ["--scaffold-max-age", 3], ["--scaffold-max-age is not read with --scaffold off: use --scaffold"]),
 ])
 def test_robustness_settings_that_cannot_work_exit_2_with_one_message(args, words):
     assert_clean_failure(run_hpcfl(2, *args), 2, *words)
