@@ -103,6 +103,27 @@ DP_DEFAULTS = {
     "dp": {"hidden": (128,), "batch_size": 4096, "epochs": 60, "lr": 20.0, "momentum": 0.0, "dp_clip": 0.5},
     "fl": {"server_opt": "fedavgm", "dp_clip": 0.2},
 }
+# DP-SGD with --dp-epsilon E: per budget, DP-PCA's projection and the settings that did best
+# with it on a validation split (benchmarks/dp_pca_search.py; PRIVACY.md, "How the DP-SGD defaults
+# were chosen"): the smaller the budget, the fewer and larger the steps (each step's noise is
+# paid per step), the larger the budget, the longer and wider the training. (upper E, settings)
+DP_SGD_BUDGETS = (
+    (1.0, {"hidden": (128,), "batch_size": 8192, "epochs": 60, "lr": 20.0, "momentum": 0.0, "dp_clip": 0.5,
+           "dp_pca": 60}),
+    (4.0, {"hidden": (256,), "batch_size": 4096, "epochs": 60, "lr": 20.0, "momentum": 0.0, "dp_clip": 0.5,
+           "dp_pca": 100}),
+    (math.inf, {"hidden": (256,), "batch_size": 4096, "epochs": 240, "lr": 20.0, "momentum": 0.0,
+                "dp_clip": 1.0, "dp_pca": 60}),
+)
+
+
+def dp_sgd_defaults(epsilon: float | None) -> dict:
+    """DP-SGD's derived settings: DP_DEFAULTS["dp"] with --dp-noise, else those of the budget."""
+    if epsilon is None:
+        return DP_DEFAULTS["dp"]
+    return next(s for upper, s in DP_SGD_BUDGETS if epsilon <= upper)
+
+
 # ... and the server lr, when not given, in proportion to the expected clients per round q N: the
 # noise of the server's step, server_lr z S / (q N), then stays at what did best for N = 6000
 # (q N = 300, lr 1); for N = 1000 (q N = 50) that is 0.17: 92.49% at epsilon 8, where lr 1 gave 81%
@@ -121,8 +142,17 @@ def shown_default(name: str, default) -> str:
         return (f"1.0 for fedavg and fedavgm, 0.01 for fedadam; with DP in fl mode fedavg(m) takes "
                 f"min(1, clients per round / {DP_FULL_STEP_CLIENTS})")
     parts = [_text(PLAIN_DEFAULTS.get(name, default))]
-    if name in DP_DEFAULTS["dp"]:
-        parts.append(f"{_text(DP_DEFAULTS['dp'][name])} with --dp-sgd")
+    if name in DP_DEFAULTS["dp"] or name in DP_SGD_BUDGETS[0][1]:
+        by_budget, lower = [], 0.0
+        for upper, settings in DP_SGD_BUDGETS:
+            span = f"E <= {upper:g}" if lower == 0 else f"E > {lower:g}" if upper == math.inf else \
+                f"{lower:g} < E <= {upper:g}"
+            by_budget.append(f"{_text(settings.get(name))} for {span}")
+            lower = upper
+        values = {s.get(name) for _, s in DP_SGD_BUDGETS}
+        budget = (f"{_text(values.pop())}" if len(values) == 1 else ", ".join(by_budget))
+        noise = f"; {_text(DP_DEFAULTS['dp'][name])} with --dp-noise" if name in DP_DEFAULTS["dp"] else ""
+        parts.append(f"with --dp-sgd --dp-epsilon E: {budget}{noise}")
     if name in DP_DEFAULTS["fl"]:
         parts.append(f"{_text(DP_DEFAULTS['fl'][name])} with DP in fl mode")
     return "; ".join(parts)
@@ -218,6 +248,16 @@ class Config:
     dp_sgd: bool = option(False, "dp: DP-SGD (Abadi et al. 2016): Poisson batches, per-sample clipping to "
                           "--dp-clip, Gaussian noise", resume={"dp": MUST, "fl": IGNORE}, group="privacy",
                           modes=("dp",))
+    dp_pca: int | None = option(None, "DP-SGD: train on the input's projection onto K principal "
+                                "directions found by DP-PCA (Abadi et al. 2016, section 4: the Gaussian "
+                                "mechanism on the Gram matrix of the unit-norm training images); its "
+                                "cost is part of --dp-epsilon and the projection part of the model; 0: off",
+                                check=non_negative, resume={"dp": MUST, "fl": IGNORE}, group="privacy",
+                                modes=("dp",), metavar="K")
+    dp_pca_noise: float | None = option(None, "DP-SGD: noise multiplier of the DP-PCA release (default: "
+                                        "the noise that alone spends 10% of --dp-epsilon)",
+                                        check=positive, resume={"dp": MUST, "fl": IGNORE}, group="privacy",
+                                        modes=("dp",), metavar="SIGMA")
     dp_clip: float | None = option(None, "DP: L2 norm each client's update (fl) or each sample's gradient "
                                    "(dp, --dp-sgd) is clipped to",
                                    check=positive, resume=MUST, group="privacy", metavar="S")
@@ -263,6 +303,11 @@ class Config:
                                    check=below_one, resume=FL_ONLY, group="robustness", metavar="S")
     scaffold: bool = option(False, "SCAFFOLD (Karimireddy et al. 2020, option II control variates) "
                             "against client drift", resume=FL_MUST, group="robustness")
+    scaffold_max_age: int = option(5, "SCAFFOLD: a client's control variate c_i computed more than R "
+                                   "rounds ago is left out of its correction (c alone, as in its first "
+                                   "round): old c_i made SCAFFOLD diverge at 10% participation; 0: "
+                                   "always used, as in the paper", check=non_negative, resume=FL_MUST,
+                                   group="robustness", modes=("fl",), metavar="R")
     # ---- data
     dataset: str = option("mnist", "dataset: a catalogue name, or idx / npz with --data-dir",
                           resume=MUST, group="data")
@@ -474,7 +519,7 @@ def derived_defaults(cfg: Config) -> dict:
     private = dp_on(cfg)
     table = dict(PLAIN_DEFAULTS)
     if private:
-        table.update(DP_DEFAULTS.get(cfg.mode, {}))
+        table.update(dp_sgd_defaults(cfg.dp_epsilon) if cfg.mode == "dp" else DP_DEFAULTS["fl"])
     out = {name: value for name, value in table.items() if getattr(cfg, name) is None}
     if cfg.server_lr is None:
         opt = out.get("server_opt", cfg.server_opt)
@@ -530,6 +575,7 @@ ONLY_WITH = {
     "trim_fraction": ("aggregator", ("trimmed-mean",), "use --aggregator trimmed-mean"),
     "byzantine": ("aggregator", ("krum", "multi-krum"), "use --aggregator krum or multi-krum"),
     "krum_m": ("aggregator", ("multi-krum",), "use --aggregator multi-krum"),
+    "scaffold_max_age": ("scaffold", (True,), "use --scaffold"),
     "alpha": ("partition", ("dirichlet",), "use --partition dirichlet"),
     "attack_scale": ("attack", ("signflip", "scale"), "use --attack signflip or scale"),
     "secagg_neighbors": ("secure_agg", (True,), "use --secure-agg"),
@@ -537,6 +583,8 @@ ONLY_WITH = {
     "secagg_range": ("secure_agg", (True,), "use --secure-agg"),
     "secagg_max_dropout": ("secure_agg", (True,), "use --secure-agg"),
     "secagg_corrupt_fraction": ("secure_agg", (True,), "use --secure-agg"),
+    "dp_pca": ("dp_sgd", (True,), "DP-PCA is part of DP-SGD: use --dp-sgd"),
+    "dp_pca_noise": ("dp_sgd", (True,), "DP-PCA is part of DP-SGD: use --dp-sgd"),
 }
 
 
@@ -551,7 +599,8 @@ def not_applying(cfg: Config, name: str) -> str | None:
     if name in ONLY_WITH:
         setting, values, why = ONLY_WITH[name]
         if getattr(cfg, setting) not in values:
-            shown = "off" if setting == "secure_agg" else _text(getattr(cfg, setting))
+            value = getattr(cfg, setting)
+            shown = ("on" if value else "off") if isinstance(value, bool) else _text(value)
             return f"{flag(name)} is not read with {flag(setting)} {shown}: {why}"
     if name in ("dp_delta", "dp_noise_seed") and not dp_on(cfg):
         return (f"{flag(name)} is not read without differential privacy (--dp-sgd in dp mode; "
@@ -616,6 +665,11 @@ def _validate_privacy(cfg: Config) -> None:
                          "there is nothing to overlap: use --allreduce fused (or nccl)")
     if cfg.dp_noise is not None and cfg.dp_epsilon is not None:
         raise UsageError("give --dp-noise or --dp-epsilon, not both: the noise is calibrated from the epsilon")
+    if cfg.dp_pca_noise is not None and not cfg.dp_pca:
+        raise UsageError("--dp-pca-noise is the noise of --dp-pca K: give K too (or leave it out)")
+    if cfg.dp_pca and cfg.dp_noise is not None and cfg.dp_pca_noise is None:
+        raise UsageError("--dp-pca with --dp-noise: give --dp-pca-noise SIGMA too (its default is sized "
+                         "from --dp-epsilon, which this run does not give)")
     if dp_on(cfg) and cfg.dp_noise is None and cfg.dp_epsilon is None:
         raise UsageError(f"{asked[0] if asked else '--dp-sgd'} needs --dp-noise Z or --dp-epsilon E "
                          "(the noise, or the privacy budget it is calibrated for)")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hpcfl import cli
-from hpcfl.config import DP_DEFAULTS, FIELDS, IGNORE, MODES, MUST, WARN, Config, check_fields
+from hpcfl.config import DP_DEFAULTS, DP_SGD_BUDGETS, FIELDS, IGNORE, MODES, MUST, WARN, Config, check_fields
 from hpcfl.errors import UsageError
 
 
@@ -28,13 +28,19 @@ def test_seed_and_data_settings_must_match_in_fl():
 
 
 def test_help_lists_every_option_with_its_default(capsys):
-    cli.train_parser().print_help()
+    parser = cli.train_parser()
+    parser.print_help()
     text = " ".join(capsys.readouterr().out.split())
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 12; 60 with --dp-sgd)" in text and "(default: 256,128; 128 with --dp-sgd)" in text and "(default: 0.05; 20.0 with --dp-sgd)" in text \
-        and "(default: auto)" in text
+    # each option's own help (argparse wraps lines at hyphens when it prints them)
+    text = " ".join(a.help.replace("%%", "%") for a in parser._actions if a.help)
+    assert "(default: 12; with --dp-sgd --dp-epsilon E: 60 for E <= 1, 60 for 1 < E <= 4, 240 for E > 4; " \
+           "60 with --dp-noise)" in text
+    assert "(default: 0.05; with --dp-sgd --dp-epsilon E: 20.0; 20.0 with --dp-noise)" in text
+    assert "(default: none; with --dp-sgd --dp-epsilon E: 60 for E <= 1, 100 for 1 < E <= 4, 60 for E > 4)" in text
+    assert "(default: auto)" in text
 
 
 def test_float_options_refuse_inf_and_nan():
@@ -78,8 +84,17 @@ def test_dp_defaults_apply_to_the_settings_not_given():
     # --dp-sgd / --dp-epsilon alone: the tuned settings of benchmarks/PRIVACY.md (DP_DEFAULTS)
     plain, private = Config(), Config(dp_sgd=True, dp_epsilon=2)
     assert (plain.batch_size, plain.lr, plain.momentum, plain.epochs, plain.dp_clip) == (128, 0.05, 0.9, 12, None)
+    assert plain.dp_pca is None
+    # with a budget, the settings of its range (DP_SGD_BUDGETS: DP-PCA's among them); with --dp-noise
+    # (no budget to size DP-PCA's noise from), DP_DEFAULTS["dp"] and no DP-PCA
+    for eps in (0.5, 1.0, 2, 4.0, 8, 100):
+        settings = next(s for upper, s in DP_SGD_BUDGETS if eps <= upper)
+        for name, value in settings.items():
+            assert getattr(Config(dp_sgd=True, dp_epsilon=eps), name) == value, (eps, name)
+    by_noise = Config(dp_sgd=True, dp_noise=1.0)
     for name, value in DP_DEFAULTS["dp"].items():
-        assert getattr(private, name) == value, name
+        assert getattr(by_noise, name) == value, name
+    assert by_noise.dp_pca is None and private.dp_pca == DP_SGD_BUDGETS[1][1]["dp_pca"]
     assert Config(dp_sgd=True, lr=1.0, dp_clip=3.0).lr == 1.0 and Config(dp_sgd=True, dp_clip=3.0).dp_clip == 3.0
     fl = Config(mode="fl", dp_epsilon=8, num_clients=6000, client_fraction=0.05)
     assert (fl.server_opt, fl.server_lr, fl.local_lr, fl.dp_clip) == ("fedavgm", 1.0, 0.1, 0.2)
@@ -95,4 +110,5 @@ def test_dp_defaults_apply_to_the_settings_not_given():
     assert fl.replace(dp_epsilon=None).server_opt == "fedavg"
     # the CLI gets the same, and the help says so
     assert cli.parse_config(["--dp-sgd", "--dp-epsilon", "2"]) == private
-    assert "(default: 0.05; 20.0 with --dp-sgd)" in " ".join(cli.train_parser().format_help().split())
+    lr_help = next(a.help for a in cli.train_parser()._actions if "--lr" in a.option_strings)
+    assert "(default: 0.05; with --dp-sgd --dp-epsilon E: 20.0; 20.0 with --dp-noise)" in lr_help

@@ -81,7 +81,9 @@ def test_the_budget_share_and_the_composed_epsilon_against_dp_accounting():
 def test_options_that_cannot_work_exit_2():
     assert_clean_failure(run_hpcfl(1, "--dp-pca", 60), 2, "--dp-pca is not read with --dp-sgd off")
     assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-noise", 1, "--dp-pca", 60), 2, "--dp-pca-noise")
-    assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca-noise", 9), 2, "--dp-pca K")
+    assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-noise", 1, "--dp-pca-noise", 9), 2, "--dp-pca K")
+    assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 0, "--dp-pca-noise", 9), 2,
+                         "--dp-pca K")
     assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 785), 2, "more directions than the 784")
 
 
