@@ -270,6 +270,33 @@ def _client_sizes(cfg, data):
     return np.array([len(p) for p in parts])
 
 
+def dp_sampling(cfg: Config, n_train: int) -> tuple[float, int, float]:
+    """(q, steps, expected) of a DP run: the sampling rate, the steps (dp) or rounds (fl) the
+    noise is calibrated for, and the expected count sampled (the fixed denominator)."""
+    if cfg.mode == "fl":
+        return cfg.client_fraction, cfg.rounds, cfg.client_fraction * cfg.num_clients
+    steps = cfg.epochs * (n_train // cfg.batch_size)
+    return cfg.batch_size / n_train, min(steps, cfg.max_steps) if cfg.max_steps else steps, float(cfg.batch_size)
+
+
+def calibrate(cfg: Config, n_train: int) -> tuple[float, float]:
+    """(DP-PCA's noise multiplier, 0 without it; z) that --dp-epsilon calibrates: pure, the same
+    on every rank; a budget that cannot be met is a UsageError. Also --print-config's."""
+    from . import privacy
+
+    q, steps, _ = dp_sampling(cfg, n_train)
+    try:
+        if cfg.mode == "fl" and cfg.secure_agg:
+            return 0.0, privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
+        sigma = 0.0
+        if config_mod.pca_directions(cfg):
+            sigma = cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)
+        prior = [(1.0, sigma, 1)] if sigma else []
+        return sigma, privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon, prior=prior)
+    except ValueError as exc:
+        raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
+
+
 def plan_privacy(cfg: Config, comm: Comm, data):
     """The run's DP plan (privacy.DpPlan), or None without DP: the sampling rate, the expected
     count, the noise multiplier (calibrated on rank 0 for --dp-epsilon: a second or two) and
@@ -280,28 +307,13 @@ def plan_privacy(cfg: Config, comm: Comm, data):
 
     if not config_mod.dp_on(cfg):
         return None
-    if cfg.mode == "fl":
-        q, steps, expected = cfg.client_fraction, cfg.rounds, cfg.client_fraction * cfg.num_clients
-    else:
-        q = cfg.batch_size / data.n_train
-        steps = cfg.epochs * (data.n_train // cfg.batch_size)
-        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-        expected = float(cfg.batch_size)
+    q, steps, expected = dp_sampling(cfg, data.n_train)
     secure = cfg.mode == "fl" and cfg.secure_agg
-    pca = (cfg.dp_pca or 0) if cfg.mode == "dp" else 0
+    pca = config_mod.pca_directions(cfg)
     if cfg.dp_noise is not None:
         z, pca_noise = cfg.dp_noise, cfg.dp_pca_noise or 0.0
     else:
-        def calibrate():
-            try:
-                if secure:
-                    return 0.0, privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
-                sigma = (cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)) if pca else 0.0
-                prior = [(1.0, sigma, 1)] if pca else []
-                return sigma, privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon, prior=prior)
-            except ValueError as exc:
-                raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
-        pca_noise, z = comm.agree(calibrate)
+        pca_noise, z = comm.agree(lambda: calibrate(cfg, data.n_train))
     share_std = 0.0
     if secure:
         # each share is sized so that a low quantile of the honest survivors still adds up to z
@@ -356,7 +368,7 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
     _check_outputs(cfg, comm)
     _check_not_replacing(cfg, comm)
     data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
-    inputs = cfg.dp_pca if cfg.mode == "dp" and cfg.dp_sgd and cfg.dp_pca else data.input_size
+    inputs = config_mod.pca_directions(cfg) or data.input_size
     if inputs > data.input_size:
         raise UsageError(f"--dp-pca {cfg.dp_pca}: more directions than the {data.input_size} values of "
                          f"a {data.name} image", collective=True)

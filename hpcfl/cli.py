@@ -64,7 +64,7 @@ def _value_parser(name: str, f):
     def parse(text):
         if name == "hidden":
             try:
-                value = tuple(int(t) for t in text.split(",") if t.strip())
+                value = config_mod.sizes_from_text(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 256,128, got {text!r}")
         elif "int" in kind:
@@ -177,37 +177,21 @@ def train(comm, argv) -> int:
 
 
 def _noise_note(cfg) -> dict:
-    """--print-config: the noise multiplier --dp-epsilon calibrates to, where it can be computed
-    without the data (fl mode; dp mode on a catalogue data set of known size)."""
-    from . import datasets, privacy
+    """--print-config: the noise multipliers --dp-epsilon calibrates to (api.calibrate), where
+    they can be computed without the data (fl mode; dp mode on a catalogue set of known size)."""
+    from . import api, datasets
 
     if not config_mod.dp_on(cfg) or cfg.dp_epsilon is None:
         return {}
-    try:
-        return _calibrated(cfg, datasets, privacy)
-    except ValueError as exc:
-        raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
-
-
-def _calibrated(cfg, datasets, privacy) -> dict:
-    if cfg.mode == "fl":
-        calibrate = privacy.calibrate_secure_noise if cfg.secure_agg else privacy.calibrate_noise
-        z = calibrate(cfg.client_fraction, cfg.rounds, cfg.dp_delta, cfg.dp_epsilon)
-    else:
-        counts = getattr(datasets.CATALOGUE.get(cfg.dataset), "counts", None)
-        if not counts:
-            return {"dp_noise": "derived at start: calibrated to --dp-epsilon on the data's size"}
-        n = counts["train"]
-        steps = cfg.epochs * (n // cfg.batch_size)
-        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-        if cfg.dp_pca:
-            sigma = cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)
-            z = privacy.calibrate_noise(cfg.batch_size / n, steps, cfg.dp_delta, cfg.dp_epsilon,
-                                        prior=[(1.0, sigma, 1)])
-            return {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g} "
-                                f"after DP-PCA's share", "dp_pca_noise": f"derived at start: {sigma:.4g}"}
-        z = privacy.calibrate_noise(cfg.batch_size / n, steps, cfg.dp_delta, cfg.dp_epsilon)
-    return {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g}"}
+    counts = getattr(datasets.CATALOGUE.get(cfg.dataset), "counts", None)
+    if cfg.mode == "dp" and not counts:
+        return {"dp_noise": "derived at start: calibrated to --dp-epsilon on the data's size"}
+    sigma, z = api.calibrate(cfg, counts["train"] if cfg.mode == "dp" else 0)
+    note = {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g}"
+                        + (" after DP-PCA's share" if sigma else "")}
+    if sigma and cfg.dp_pca_noise is None:
+        note["dp_pca_noise"] = f"derived at start: {sigma:.4g}"
+    return note
 
 
 def info(comm, argv) -> int:

@@ -66,6 +66,11 @@ def layer_sizes(v):
     return v
 
 
+def sizes_from_text(text: str) -> tuple:
+    """--hidden's text form, "256,128", as a tuple of ints (ValueError if it is not one)."""
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
 def option(default, help: str, *, check=None, choices=None, resume=WARN, group="training",
            metavar=None, cli=True, modes=None, defines_run=True):
     """A Config field with its help, check, resume rule (str, or {"dp": rule, "fl": rule}) and
@@ -455,7 +460,7 @@ def _file_value(path, key: str, value):
     if name == "hidden":
         if isinstance(value, str):                  # the command line's form, 256,128
             try:
-                return tuple(int(t) for t in value.split(",") if t.strip())
+                return sizes_from_text(value)
             except ValueError:
                 pass
         elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -511,6 +516,11 @@ def dp_on(cfg: Config) -> bool:
     if cfg.mode == "dp":
         return cfg.dp_sgd
     return cfg.dp_clip is not None or cfg.dp_noise is not None or cfg.dp_epsilon is not None
+
+
+def pca_directions(cfg: Config) -> int:
+    """K of DP-PCA when this run uses it (--dp-pca with --dp-sgd in dp mode), else 0."""
+    return (cfg.dp_pca or 0) if cfg.mode == "dp" and cfg.dp_sgd else 0
 
 
 def derived_defaults(cfg: Config) -> dict:
