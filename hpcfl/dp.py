@@ -250,6 +250,7 @@ def _project(comm, backend, data, dp):
     import dataclasses
 
     from . import noise
+    from .inference import input_rows
 
     def pca():
         key = noise.derive_key(dp.noise_seed, "dp-pca")
@@ -260,10 +261,8 @@ def _project(comm, backend, data, dp):
     def rows(x):
         x = backend.to_host(x)
         out = np.empty((len(x), projection.shape[1]), np.float32)
-        for a in range(0, len(x), 10_000):     # (x / 255 - mean) / std, then @ P: in float32
-            part = x[a:a + 10_000].astype(np.float32) * np.float32(1 / (255 * data.std)) \
-                - np.float32(data.mean / data.std)
-            out[a:a + len(part)] = part @ projection
+        for a in range(0, len(x), 10_000):     # as the saved model will compute them
+            out[a:a + 10_000] = input_rows(x[a:a + 10_000], data.mean, data.std, projection)
         return backend.upload_images(out) if hasattr(backend, "upload_images") else out
 
     return dataclasses.replace(data, train_x=rows(data.train_x), test_x=rows(data.test_x)), projection

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import UsageError
 from .files import atomic_write
+from .inference import input_constants
 
 OPSET = 17
 MAX_IR_VERSION = 9     # what opset 17 needs and onnxruntime >= 1.15 reads; a newer onnx would stamp more
@@ -42,8 +43,7 @@ def to_onnx(model) -> bytes:
     h, w = (int(d) for d in model.image_shape)
     classes = model.sizes[-1]
     # The very float32 constants Model.logits uses: the same roundings, the same inputs to layer 1.
-    scale = np.float32(1.0 / (255.0 * model.std))
-    shift = np.float32(model.mean / model.std)
+    scale, shift = input_constants(model.mean, model.std)
 
     inits = [numpy_helper.from_array(np.array(scale, np.float32), "input_scale"),
              numpy_helper.from_array(np.array(shift, np.float32), "input_shift")]

@@ -33,6 +33,20 @@ FORMAT = 3           # 3: with a DP-PCA projection; a model without one is still
 CHUNK = 1000      # rows per forward pass, as in training's evaluation (the same float32 results)
 
 
+def input_constants(mean: float, std: float) -> tuple[np.float32, np.float32]:
+    """(scale, shift) of the input in float32: x = pixel * scale - shift = (pixel / 255 - mean) / std.
+    One definition for inference, DP-PCA's projected training rows and the ONNX graph, so the
+    three round alike."""
+    return np.float32(1.0 / (255.0 * std)), np.float32(mean / std)
+
+
+def input_rows(pixels: np.ndarray, mean: float, std: float, projection=None) -> np.ndarray:
+    """The float32 rows the MLP takes from (n, H*W) uint8 pixels: standardised, then projected."""
+    scale, shift = input_constants(mean, std)
+    rows = pixels.astype(np.float32) * scale - shift
+    return rows if projection is None else rows @ projection
+
+
 @dataclass
 class Model:
     sizes: tuple
@@ -87,11 +101,8 @@ class Model:
 
         x, views = self._rows(images), self.layout.views(self.params)
         out = np.empty((len(x), self.sizes[-1]), np.float32)
-        scale, shift = np.float32(1.0 / (255.0 * self.std)), np.float32(self.mean / self.std)
         for start in range(0, len(x), CHUNK):
-            rows = x[start:start + CHUNK].astype(np.float32) * scale - shift
-            if self.projection is not None:
-                rows = rows @ self.projection
+            rows = input_rows(x[start:start + CHUNK], self.mean, self.std, self.projection)
             out[start:start + len(rows)] = ref._forward(views, rows)[-1]
         return out
 
