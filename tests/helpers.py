@@ -65,6 +65,22 @@ def run_hpcfl(n: int, *args, env=None, timeout=300, cwd=None) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
+def run_then_resume_without_seed(tmp_path, args, step: int, seed_option="--dp-noise-seed", extra=()):
+    """`args` run through into tmp_path/whole; then stopped by SIGTERM on rank 1 after `step`
+    and resumed into tmp_path/resumed without `seed_option` and its value, so that only the
+    checkpoint holds the seed. 2 ranks. `extra`: options of the resumed run."""
+    proc = run_hpcfl(2, *args, "--out", tmp_path / "whole")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(2, *args, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": f"term:1:{step}"})
+    assert_clean_failure(proc, 75, f"after step {step}")
+    at = list(args).index(seed_option)
+    secret = [*args[:at], *args[at + 2:]]
+    proc = run_hpcfl(2, *secret, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed",
+                     *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp_path / "whole", tmp_path / "resumed"
+
+
 def assert_clean_failure(proc, code: int, *words: str) -> None:
     """Non-zero exit, the message printed exactly once, no traceback."""
     out = proc.stdout + proc.stderr

@@ -12,7 +12,7 @@ import pytest
 
 import hpcfl
 from hpcfl import noise, privacy
-from helpers import assert_clean_failure, needs_mnist, run_hpcfl
+from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
 
 KEY = noise.derive_key(5, "dp-pca")
 
@@ -111,13 +111,6 @@ def test_end_to_end_the_projection_is_part_of_the_model_and_of_epsilon(tmp_path)
 
 @needs_mnist
 def test_a_resumed_run_projects_with_the_checkpoints_seed_and_ends_bitwise(tmp_path):
-    proc = run_hpcfl(2, *PCA, "--out", tmp_path / "whole")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_hpcfl(2, *PCA, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:20"})
-    assert_clean_failure(proc, 75, "after step 20")
     # resumed without --dp-noise-seed: the projection must come from the checkpoint's seed
-    secret = [a for a in PCA if a not in ("--dp-noise-seed", 4)]
-    proc = run_hpcfl(2, *secret, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = (hpcfl.load_model(tmp_path / d) for d in ("whole", "resumed"))
+    a, b = map(hpcfl.load_model, run_then_resume_without_seed(tmp_path, PCA, 20))
     assert np.array_equal(a.projection, b.projection) and np.array_equal(a.params, b.params)

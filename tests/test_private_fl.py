@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import assert_clean_failure, needs_mnist, run_hpcfl
+from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
 
 pytestmark = needs_mnist
 FL = ["--mode", "fl", "--rounds", 2, "--num-clients", 20, "--client-fraction", 0.5, "--local-batch-size", 20]
@@ -83,16 +83,9 @@ DPSGD = ["--dp-sgd", "--dp-noise", 1.0, "--dp-noise-seed", 3, "--epochs", 2, "--
 
 
 def test_dp_sgd_resumes_bitwise_with_its_secret_seed_from_the_checkpoint(tmp_path):
-    proc = run_hpcfl(2, *DPSGD, "--out", tmp_path / "plain")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = run_hpcfl(2, *DPSGD, "--checkpoint-dir", tmp_path / "ck", env={"HPCFL_FAULT": "term:1:150"})
-    assert_clean_failure(proc, 75, "after step 150")
     # resumed without --dp-noise-seed: the checkpoint's seed is used, so the batches and noise match
-    resumed = [a for a in DPSGD if a not in ("--dp-noise-seed", 3)]
-    proc = run_hpcfl(2, *resumed, "--checkpoint-dir", tmp_path / "ck", "--resume", "--out", tmp_path / "resumed",
-                     "--metrics", tmp_path / "m.jsonl")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("plain", "resumed"))
+    dirs = run_then_resume_without_seed(tmp_path, DPSGD, 150, extra=("--metrics", tmp_path / "m.jsonl"))
+    a, b = (np.load(d / "model.npz")["params"] for d in dirs)
     assert np.array_equal(a, b)
     assert records(tmp_path / "m.jsonl")[-1]["dp_epsilon"] > 0
 
