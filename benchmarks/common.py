@@ -30,7 +30,7 @@ def n_params(sizes=SIZES) -> int:
 
 
 def flops_per_sample(sizes=SIZES) -> int:
-    """As hpcfl.model.Layout.flops_per_sample: 3 forward, 3 weight-gradient, 2 input-gradient GEMMs."""
+    """As hpcfl.core.layout.Layout.flops_per_sample: 3 forward, 3 weight-gradient, 2 input-gradient GEMMs."""
     macs = [i * o for i, o in zip(sizes[:-1], sizes[1:])]
     return 2 * (2 * sum(macs) + sum(macs[1:]))
 

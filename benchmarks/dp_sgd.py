@@ -174,7 +174,8 @@ def torch_worker(variant: str, epochs: int, steps: int, hidden: str, seed: int) 
     import torch
     import torch.nn.functional as F
 
-    from hpcfl import data, privacy
+    from hpcfl import data
+    from hpcfl.privacy import accountant as privacy
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -244,9 +245,11 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from hpcfl import data, model, privacy
+    from hpcfl import data
+    from hpcfl.core import layout as model
+    from hpcfl.privacy import accountant as privacy
     from hpcfl.backends import numba_backend as nb
-    from hpcfl.dp import GaussianNoise
+    from hpcfl.train.dataparallel import GaussianNoise
 
     threadpool_limits(1)
     d = _load_data()

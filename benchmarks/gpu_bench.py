@@ -33,9 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcfl import model  # noqa: E402
+from hpcfl.core import layout as model  # noqa: E402
 from hpcfl.backends import cupy_backend as be  # noqa: E402
-from hpcfl.data import MEAN, STD, epoch_permutation  # noqa: E402
+from hpcfl.data.catalogue import MEAN, STD
+from hpcfl.data.shard import epoch_permutation
 
 N_TRAIN = 60_000
 
@@ -76,7 +77,8 @@ def sgemm_tflops(n: int, m: int, k: int, repeats: int = 20) -> float:
 def time_hpcfl(images_dev, labels_dev, layout, batch, epochs, lr=0.05):
     """Epoch times (s) of hpcfl's own dp step (dp.Replica.step at one rank, as `python -m hpcfl
     --backend cupy` runs it), and the last epoch's mean loss."""
-    from hpcfl import comm, dp
+    from hpcfl.parallel import comm
+    from hpcfl.train import dataparallel as dp
     from hpcfl.config import Config
 
     cfg = Config(hidden=layout.sizes[1:-1], batch_size=batch, optimizer="sgd", lr=lr, momentum=0.9,
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
                   "gpu": gpu, "host": platform.node(), "cupy": be.xp.__version__, "data": source,
                   "model": list(layout.sizes), "sgemm_tflops_8192": peak, "sgemm_tflops_shape": shape_rate,
                   "epochs": args.epochs, "rows": rows}
-        from hpcfl.files import atomic_write
+        from hpcfl.io.files import atomic_write
 
         atomic_write(out / "gpu_bench.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
         print(f"\nwrote {out / 'gpu_bench.json'}")

@@ -30,10 +30,11 @@ import numpy as np  # noqa: E402
 
 from common import emit  # noqa: E402
 
-from hpcfl import backends, data as data_mod, dp  # noqa: E402
-from hpcfl.comm import Comm  # noqa: E402
+from hpcfl import backends, data as data_mod  # noqa: E402
+from hpcfl.train import dataparallel as dp
+from hpcfl.parallel.comm import Comm  # noqa: E402
 from hpcfl.config import Config  # noqa: E402
-from hpcfl.report import Reporter  # noqa: E402
+from hpcfl.io.report import Reporter  # noqa: E402
 
 perf = time.perf_counter
 
@@ -88,7 +89,7 @@ def per_call_stats(comm, times: np.ndarray) -> dict:
 
 
 def task_sync(args):
-    from hpcfl import model
+    from hpcfl.core import layout as model
 
     n_params = model.layout(Config().hidden).n_params
     comm = TimedComm(n_params)

@@ -80,7 +80,7 @@ def _report():
 
 
 def _wrap_step():
-    from hpcfl import dp
+    from hpcfl.train import dataparallel as dp
 
     step = dp.Replica.step
 
@@ -118,7 +118,9 @@ def _after(module, name, key):
 
 
 def _wrap_fl():
-    from hpcfl import api, backends, comm, fl
+    from hpcfl import api, backends
+    from hpcfl.parallel import comm
+    from hpcfl.train import federated as fl
 
     _after(comm, "_MPI", "t_mpi")
     get = backends.get
@@ -181,6 +183,6 @@ if __name__ == "__main__":
     if "fl" in ARGV:
         _wrap_fl()
     from hpcfl.cli import main
-    from hpcfl.comm import exit_process
+    from hpcfl.parallel.comm import exit_process
 
     exit_process(main(ARGV))          # as hpcfl.cli.run (the atexit report runs inside)

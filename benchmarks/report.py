@@ -911,7 +911,7 @@ def _fl_notes(a, w):
         small_rate = ""
         fl_floor, dp_floor = _onerank(f, "fl", FLOOR), _onerank(f, "dp", FLOOR)
         if fl_floor and dp_floor:               # GEMM rates of the two floors (FLOPs of the GEMMs alone)
-            from hpcfl import model
+            from hpcfl.core import layout as model
             fl_rate = 10 * model.layout((200, 200)).flops_per_sample() / fl_floor["step_us"] / 1e3
             dp_rate = 128 * model.layout((256, 128)).flops_per_sample() / dp_floor["step_us"] / 1e3
             small_rate = (f"At 10 rows OpenBLAS runs these GEMMs at {fl_rate:.0f} GFLOP/s against {dp_rate:.0f} at "

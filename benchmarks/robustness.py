@@ -58,7 +58,7 @@ GOAL_SCAFFOLD = 100        # the issue's goal for SCAFFOLD in the same setting
 
 # ---- table 1: attacks x aggregators
 CLIENTS, MALICIOUS, ATTACK_SCALE, ROUNDS = 20, 0.2, 10.0, 20
-ATTACKERS = int(round(MALICIOUS * CLIENTS))       # as hpcfl.attacks.malicious_clients rounds: 4
+ATTACKERS = int(round(MALICIOUS * CLIENTS))       # as hpcfl.fl.attacks.malicious_clients rounds: 4
 TRIM = 0.2
 # Norm bound M. Honest updates (no attack, local lr 0.1, B = 50, 1 epoch) have L2 norms of about
 # 2.5-3 in round 1 and about 0.6-1 from round 5 on (robustness_norms.csv, measured by this script).
@@ -97,8 +97,9 @@ CALIBRATE = r'''
 import json, sys
 import numpy as np
 import hpcfl
-from hpcfl import cli, collect
-from hpcfl.comm import Comm
+from hpcfl import cli
+from hpcfl.fl import collectors as collect
+from hpcfl.parallel.comm import Comm
 out, rows = sys.argv[1], []
 cfg = cli.parse_config(sys.argv[2:])
 _begin, _add = collect.PlainCollector.begin, collect.PlainCollector.add

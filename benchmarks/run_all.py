@@ -181,7 +181,7 @@ def sec_scaling(ctx):
     rows = []
     have_fl = (ROOT / "hpcfl" / "fl.py").exists()
     if not have_fl:
-        ctx.notes.append("hpcfl/fl.py does not exist yet: fl scaling was skipped.")
+        ctx.notes.append("hpcfl/train/federated.py does not exist yet: fl scaling was skipped.")
     for r in range(max(1, ctx.repeats // 2)):
         for ranks in ranks_list(ctx.max_ranks):
             for kind in ("strong", "weak"):

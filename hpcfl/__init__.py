@@ -16,7 +16,7 @@ __all__ = ["Config", "train", "Result", "Model", "load_model", "load_dataset", "
            "HpcflError", "UsageError", "DataError", "TrainingError", "Preempted", "StopTraining"]
 
 _WHERE = {"Config": "config", "train": "api", "Result": "api", "load_dataset": "api",
-          "Model": "inference", "load_model": "inference", "Dataset": "data",
+          "Model": "core.model", "load_model": "core.model", "Dataset": "data",
           "HpcflError": "errors", "UsageError": "errors", "DataError": "errors",
           "TrainingError": "errors", "Preempted": "errors", "StopTraining": "errors"}
 

@@ -17,14 +17,17 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import backends, config as config_mod, data as data_mod, datasets, faults, log, preempt
-from .comm import Comm, check_launch, host_name
+from . import backends, config as config_mod, data as data_mod, log
+from .data import catalogue as datasets
+from .runtime import faults
+from .runtime import preempt
+from .parallel.comm import Comm, check_launch, host_name
 from .config import Config
 from .errors import HpcflError, UsageError
-from .inference import Model
-from .locks import RunLock
-from .report import Reporter
-from .watchdog import Watchdog
+from .core.model import Model
+from .io.locks import RunLock
+from .io.report import Reporter
+from .runtime.watchdog import Watchdog
 
 
 @dataclass
@@ -149,7 +152,7 @@ def resolve_backend(cfg: Config, comm: Comm):
 
 def _check_outputs(cfg: Config, comm: Comm) -> None:
     """Fail before training, not after it, when an output cannot be written."""
-    from .files import check_writable_dir
+    from .io.files import check_writable_dir
 
     def check():
         if cfg.metrics and Path(cfg.metrics).is_symlink():
@@ -234,7 +237,8 @@ def _available_memory() -> int | None:
 def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
     """Refuse a plan whose preallocated buffers cannot fit, before allocating them (a 95 GiB
     MemoryError printed by every rank otherwise), naming the option that makes it big."""
-    from . import fl, replica
+    from .train import federated as fl
+    from .core import replica
 
     node = comm.node_comm()
     local = node.size
@@ -263,7 +267,7 @@ def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
 def _client_sizes(cfg, data):
     import numpy as np
 
-    from . import partition
+    from .fl import partition
 
     parts = _collective(lambda: partition.make(cfg.partition, np.asarray(data.train_y), cfg.num_clients,
                                                cfg.seed, cfg.alpha))
@@ -282,7 +286,7 @@ def dp_sampling(cfg: Config, n_train: int) -> tuple[float, int, float]:
 def calibrate(cfg: Config, n_train: int) -> tuple[float, float]:
     """(DP-PCA's noise multiplier, 0 without it; z) that --dp-epsilon calibrates: pure, the same
     on every rank; a budget that cannot be met is a UsageError. Also --print-config's."""
-    from . import privacy
+    from .privacy import accountant as privacy
 
     q, steps, _ = dp_sampling(cfg, n_train)
     try:
@@ -303,7 +307,7 @@ def plan_privacy(cfg: Config, comm: Comm, data):
     the secret seed of the noise and of the sampling (rank 0 draws it, unless given)."""
     import secrets
 
-    from . import privacy
+    from .privacy import accountant as privacy
 
     if not config_mod.dp_on(cfg):
         return None
@@ -335,7 +339,7 @@ def plan_privacy(cfg: Config, comm: Comm, data):
 
 
 def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result:
-    from . import model
+    from .core import layout as model
 
     cfg = config
     _collective(lambda: config_mod.validate(cfg, comm.size))
@@ -361,7 +365,7 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
         raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
                          f"backend is {cfg.backend})", collective=True)
     if cfg.backend == "cupy":                 # one GPU per rank on a node, by node-local rank
-        from .comm import local_rank
+        from .parallel.comm import local_rank
 
         where = local_rank(comm)
         comm.agree_all(lambda: backend.select_device(where))
@@ -403,11 +407,11 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
             timeout = cfg.stall_timeout if comm.size > 1 else 0
             with Watchdog(timeout, comm.rank, host_name(), comm.Abort):
                 if cfg.mode == "dp":
-                    from . import dp
+                    from .train import dataparallel as dp
 
                     summary = dp.train(cfg, comm, data, backend, reporter, layout, dp_plan)
                 else:
-                    from . import fl
+                    from .train import federated as fl
 
                     summary = fl.train(cfg, comm, data, backend, reporter, layout, dp_plan)
         finally:

@@ -179,7 +179,8 @@ def train(comm, argv) -> int:
 def _noise_note(cfg) -> dict:
     """--print-config: the noise multipliers --dp-epsilon calibrates to (api.calibrate), where
     they can be computed without the data (fl mode; dp mode on a catalogue set of known size)."""
-    from . import api, datasets
+    from . import api
+    from .data import catalogue as datasets
 
     if not config_mod.dp_on(cfg) or cfg.dp_epsilon is None:
         return {}
@@ -195,7 +196,8 @@ def _noise_note(cfg) -> dict:
 
 
 def info(comm, argv) -> int:
-    from . import backends, comm as comm_mod
+    from . import backends
+    from .parallel import comm as comm_mod
 
     _Parser(prog=prog("info"), description="Show MPI, ranks, backends and GPU.").parse_args(argv)
     avail = backends.available()
@@ -240,7 +242,7 @@ def fetch_data(comm, argv) -> int:
 
 def evaluate(comm, argv) -> int:
     from . import api
-    from .inference import load_model
+    from .core.model import load_model
 
     p = _Parser(prog=prog("evaluate"),
                 description="Test accuracy and loss of a saved model, per-class accuracy and the "
@@ -284,7 +286,7 @@ def _read_images(path: str):
 
 
 def predict(comm, argv) -> int:
-    from .inference import load_model
+    from .core.model import load_model
 
     p = _Parser(prog=prog("predict"),
                 description="Predict the class of every image in FILE (an IDX images file, .gz or "
@@ -305,7 +307,7 @@ def predict(comm, argv) -> int:
 
 
 def plot(comm, argv) -> int:
-    from . import plots
+    from .io import plots
 
     p = _Parser(prog=prog("plot"),
                 description="Test accuracy and training loss against epoch or round and against "
@@ -321,7 +323,7 @@ def plot(comm, argv) -> int:
 
 
 def export(comm, argv) -> int:
-    from . import export as export_mod
+    from .io import export as export_mod
 
     p = _Parser(prog=prog("export"),
                 description="Write a saved model as ONNX: input `pixels` (uint8, N x H x W), outputs "
@@ -369,12 +371,12 @@ def _dispatch(comm, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import preempt
+    from .runtime import preempt
 
     # First of all, before MPI_Init: a SIGTERM/SIGUSR1 during start-up must set the flag (the
     # run then stops at its first step with a checkpoint), not kill this rank.
     preempt.install()
-    from .comm import run_main
+    from .parallel.comm import run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or "--version" in argv:
@@ -386,7 +388,7 @@ def run() -> None:
     """The command line's entry point (`python -m hpcfl`, `hpcfl`): main(), then the process ends
     without the interpreter's slow teardown (comm.exit_process)."""
     code = main()
-    from .comm import exit_process
+    from .parallel.comm import exit_process
 
     exit_process(code)
 

@@ -101,7 +101,7 @@ def batch(lay, n, seed=0, dtype=np.float32):
 
 def check_optimizer_matches_reference(be, opt: str, n: int) -> None:
     """Five updates of backend `be`'s optimizer `opt` on n parameters against the numpy reference."""
-    from hpcfl import optim
+    from hpcfl.core import optim
     from hpcfl.backends import numpy_backend as ref
 
     rng = np.random.default_rng(5)

@@ -85,7 +85,7 @@ def test_plot_overlays_runs_with_legends_from_their_settings(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     png = (tmp_path / "runs.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    from hpcfl import plots
+    from hpcfl.io import plots
 
     assert plots.legends(["a/metrics.jsonl", "b/metrics.jsonl"], [{"lr": 0.05, "seed": 0}, {"lr": 0.1, "seed": 0}]) \
         == ["metrics (lr=0.05)", "metrics (lr=0.1)"]

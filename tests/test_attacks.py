@@ -1,10 +1,11 @@
-"""Simulated attacks (hpcfl.attacks): who is malicious, and what a malicious client sends."""
+"""Simulated attacks (hpcfl.fl.attacks): who is malicious, and what a malicious client sends."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hpcfl import attacks, robust
+from hpcfl.fl import attacks
+from hpcfl.fl import aggregators as robust
 
 
 def test_kinds():

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from hpcfl import checkpoint
+from hpcfl.io import checkpoint
 from hpcfl.config import Config
 from hpcfl.errors import TrainingError, UsageError
 

@@ -15,7 +15,8 @@ import pytest
 
 import test_cupy
 from helpers import batch
-from hpcfl import backends, model
+from hpcfl import backends
+from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
 from test_cupy import cxx, emu  # noqa: F401  (fixtures: the C++ compiler, the CuPy emulation)

@@ -178,7 +178,7 @@ def test_print_config_marks_derived_values_and_the_calibrated_noise():
     noise = next(line for line in lines if line.startswith("# dp_noise"))
     assert "calibrated to --dp-epsilon 2" in noise
     z = float(noise.split("derived at start: ")[1].split(",")[0])
-    from hpcfl import privacy
+    from hpcfl.privacy import accountant as privacy
 
     steps = 60 * (60000 // 4096)
     prior = [(1.0, privacy.pca_noise_for(2.0, 1e-5), 1)]                      # DP-PCA's share first
@@ -205,7 +205,7 @@ def test_each_catalogue_data_set_has_its_own_folder_variable(monkeypatch, tmp_pa
     assert data.resolve_data_dir(None, "mnist") == tmp_path / "m2"
     assert data.resolve_data_dir(str(tmp_path / "given"), "mnist") == tmp_path / "given"
     with pytest.raises(hpcfl.DataError, match="HPCFL_DATA_DIR_FASHION_MNIST"):
-        from hpcfl import datasets
+        from hpcfl.data import catalogue as datasets
 
         data.prepare_cache(tmp_path / "f", spec=datasets.get("fashion-mnist"))
 

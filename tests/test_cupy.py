@@ -2,7 +2,7 @@
 
 Three layers, so that a machine without a GPU still checks most of it:
 1. Always: the module imports and explains itself without CuPy or without a GPU, the CLI and the
-   benchmark refuse cleanly, hpcfl.comm stages device buffers correctly (fake device arrays,
+   benchmark refuse cleanly, hpcfl.parallel.comm stages device buffers correctly (fake device arrays,
    fake MPI communicator), and the row-major -> cuBLAS argument mapping is right (a NumPy SGEMM).
 2. Where a C++ compiler is found: the backend's own Python code runs end to end against the
    NumPy reference on a CPU emulation of CuPy: its CUDA sources are compiled by g++ and run
@@ -30,7 +30,10 @@ import pytest
 
 from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimizer_matches_reference, mpirun_cmd,
                      needs_mnist, run_hpcfl)
-from hpcfl import backends, comm, dp, model
+from hpcfl import backends
+from hpcfl.parallel import comm
+from hpcfl.train import dataparallel as dp
+from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
 from hpcfl.config import Config
@@ -92,7 +95,7 @@ def test_without_cupy_installed():
             backends.get("cupy")
         except backends.BackendUnavailable as exc:
             print(exc)
-        from hpcfl import comm
+        from hpcfl.parallel import comm
         from hpcfl.errors import UsageError
         try:
             comm.NcclComm(comm.Comm.self_())
@@ -168,7 +171,7 @@ def test_row_major_products_map_onto_column_major_sgemm(monkeypatch, m, k, n):
         cb._gemm(np.zeros((3, 4), f), np.zeros((3, 2), f), np.zeros((3, 2), f), trans_a=True)   # wrong out
 
 
-# ---- hpcfl.comm with device buffers (fake device arrays, fake MPI communicator) ----
+# ---- hpcfl.parallel.comm with device buffers (fake device arrays, fake MPI communicator) ----
 
 class DevArray(np.ndarray):
     """A NumPy array playing a cupy.ndarray: get(out=) and set() as CuPy has them."""
@@ -187,7 +190,7 @@ class DevArray(np.ndarray):
 
 
 class FakeDeviceBuffer:
-    """A device buffer for hpcfl.comm: not a NumPy array (a cupy.ndarray is not one either)."""
+    """A device buffer for hpcfl.parallel.comm: not a NumPy array (a cupy.ndarray is not one either)."""
 
     def __init__(self, a):
         self.a = np.asarray(a)
@@ -260,7 +263,7 @@ class FakeMPIComm:
 
 @pytest.fixture
 def staging(monkeypatch):
-    """hpcfl.comm with pinned memory and stream syncs replaced by recorders; not CUDA-aware."""
+    """hpcfl.parallel.comm with pinned memory and stream syncs replaced by recorders; not CUDA-aware."""
     log = []
     monkeypatch.setattr(comm, "_staging", comm._Staging())
     monkeypatch.setattr(comm, "_pinned_empty", lambda size, dtype: log.append(("pinned", size)) or np.empty(size, dtype))
@@ -874,7 +877,7 @@ def test_gpu_replica_follows_the_numpy_replica(optimizer):
 
 GPU_MPI = """
 import numpy as np, cupy as cp
-from hpcfl import comm
+from hpcfl.parallel import comm
 from hpcfl.backends import cupy_backend as cb
 c = comm.Comm.world()
 cb.select_device(comm.local_rank(c))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpcfl import data
-from hpcfl.data import DataError
+from hpcfl.errors import DataError
 
 REAL_DIR = Path(os.environ.get("HPCFL_DATA_DIR")
                 or Path(__file__).resolve().parents[2] / "shared/data/mnist")
@@ -173,12 +173,12 @@ def test_prepare_structurally_valid_but_not_mnist(tmp_path, fake_dir):
 
 def test_cache_key_follows_source_stat(tmp_path, fake_dir):
     root = tmp_path / "c"
-    first, _ = data._cache_dir_for(fake_dir, root)
-    assert data._cache_dir_for(fake_dir, root)[0] == first
+    first, _ = data.cache._cache_dir_for(fake_dir, root)
+    assert data.cache._cache_dir_for(fake_dir, root)[0] == first
     src = fake_dir / f"{TEST_LBL}.gz"
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert data._cache_dir_for(fake_dir, root)[0] != first
+    assert data.cache._cache_dir_for(fake_dir, root)[0] != first
 
 
 def test_publish_keeps_the_first_complete_cache(tmp_path):
@@ -187,13 +187,13 @@ def test_publish_keeps_the_first_complete_cache(tmp_path):
     (final / "manifest.json").write_text('{"complete": true}')
     mine.mkdir()
     (mine / "manifest.json").write_text('{"complete": true, "mine": true}')
-    assert data._publish(mine, final) == final
+    assert data.cache._publish(mine, final) == final
     assert not mine.exists() and "mine" not in (final / "manifest.json").read_text()
     # an incomplete leftover under the final name is replaced
     (final / "manifest.json").unlink()
     mine.mkdir()
     (mine / "manifest.json").write_text('{"complete": true, "mine": true}')
-    assert data._publish(mine, final) == final
+    assert data.cache._publish(mine, final) == final
     assert "mine" in (final / "manifest.json").read_text()
 
 
@@ -208,8 +208,8 @@ def test_constants_match_the_shared_checksums():
     if not sums.is_file():
         pytest.skip(f"{sums} not found")
     listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
-    assert listed == data.SHA256
-    assert set(data.MD5_GZ) == {f"{n}.gz" for n in data.FILES}
+    assert listed == data.MNIST_SPEC.sha256
+    assert set(data.MNIST_SPEC.md5_gz) == {f"{n}.gz" for n in data.FILES}
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_real_cache_is_reused_without_rewriting(real_cache, monkeypatch):
     def no_reading(path):
         raise AssertionError(f"an up-to-date cache must be found by stat() alone, read {path}")
 
-    monkeypatch.setattr(data, "_read_bytes", no_reading)
+    monkeypatch.setattr(data.idx, "_read_bytes", no_reading)
     again = data.prepare_cache(REAL_DIR, cache_root=real_cache.parent)
     assert again == real_cache and manifest.stat().st_mtime_ns == before
     assert [p.name for p in real_cache.parent.iterdir()] == [real_cache.name]  # no temp left
@@ -257,7 +257,7 @@ def test_real_md5s_of_byte_identical_downloads():
     # train-images was recompressed in the shared folder; the other three are the downloads
     for name in (TRAIN_LBL, TEST_IMG, TEST_LBL):
         digest = hashlib.md5((REAL_DIR / f"{name}.gz").read_bytes()).hexdigest()
-        assert digest == data.MD5_GZ[f"{name}.gz"]
+        assert digest == data.MNIST_SPEC.md5_gz[f"{name}.gz"]
 
 
 @needs_real
@@ -285,7 +285,8 @@ def server(tmp_path, monkeypatch) -> Path:
         blob = gzip.compress(idx_bytes(labels(10 + i)))
         (srv / f"{name}.gz").write_bytes(blob)
         md5[f"{name}.gz"] = hashlib.md5(blob).hexdigest()
-    monkeypatch.setattr(data, "MD5_GZ", md5)
+    for name, digest in md5.items():
+        monkeypatch.setitem(data.MNIST_SPEC.md5_gz, name, digest)
     return srv
 
 
@@ -302,7 +303,7 @@ def test_fetch_downloads_falls_through_and_skips(tmp_path, server):
 
 
 def test_fetch_bad_md5_leaves_no_file(tmp_path, server, monkeypatch):
-    monkeypatch.setitem(data.MD5_GZ, f"{TEST_IMG}.gz", "0" * 32)
+    monkeypatch.setitem(data.MNIST_SPEC.md5_gz, f"{TEST_IMG}.gz", "0" * 32)
     dest = tmp_path / "dest"
     raises([f"{TEST_IMG}.gz", "MD5", "HPCFL_DATA_DIR", "--data-dir"],
            data.fetch, dest, urls=[server.as_uri() + "/"], timeout=5)

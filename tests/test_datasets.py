@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcfl import data, datasets
+from hpcfl import data
+from hpcfl.data import catalogue as datasets
 from hpcfl.errors import DataError, UsageError
 
 from helpers import assert_clean_failure, run_hpcfl

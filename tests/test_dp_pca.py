@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import hpcfl
-from hpcfl import noise, privacy
+from hpcfl.privacy import noise
+from hpcfl.privacy import accountant as privacy
 from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
 
 KEY = noise.derive_key(5, "dp-pca")

@@ -11,9 +11,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from hpcfl import data, export, model as model_mod          # noqa: E402
+from hpcfl import data          # noqa: E402
+from hpcfl.io import export
+from hpcfl.core import layout as model_mod
 from hpcfl.errors import UsageError                          # noqa: E402
-from hpcfl.inference import Model, load_model                # noqa: E402
+from hpcfl.core.model import Model, load_model                # noqa: E402
 from helpers import DATA_DIR, ROOT, needs_mnist              # noqa: E402
 
 TOL = 1e-4
@@ -186,6 +188,6 @@ def test_without_onnx_the_export_says_what_to_install(monkeypatch):
 
 
 def test_importing_the_module_does_not_import_onnx():
-    code = "import sys, hpcfl.export; assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules"
+    code = "import sys, hpcfl.io.export; assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

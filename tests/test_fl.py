@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcfl import aggregate, partition
+from hpcfl.fl import server_opt as aggregate
+from hpcfl.fl import partition
 from hpcfl.config import Config
 from hpcfl.errors import UsageError
 
@@ -15,7 +16,7 @@ from helpers import DATA_DIR, needs_mnist
 def mnist_labels():
     from hpcfl import data
 
-    return data.read_idx(data._source(DATA_DIR, "train-labels-idx1-ubyte"))
+    return data.read_idx(data.idx._source(DATA_DIR, "train-labels-idx1-ubyte"))
 
 
 def assert_exact_cover(parts, n):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcfl import backends, model, optim
+from hpcfl import backends
+from hpcfl.core import layout as model
+from hpcfl.core import optim
 from hpcfl.backends import numpy_backend as ref
 
 from helpers import batch, check_optimizer_matches_reference

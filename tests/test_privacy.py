@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from hpcfl import privacy
+from hpcfl.privacy import accountant as privacy
 
 dp_accounting = pytest.importorskip("dp_accounting")
 stats = pytest.importorskip("scipy.stats")

@@ -17,7 +17,9 @@ import pytest
 
 from helpers import (DATA_DIR, ROOT, assert_clean_failure, launcher_rank_var, mpirun_cmd, needs_mnist,
                      open_mpi, run_hpcfl)
-from hpcfl import checkpoint, data, locks
+from hpcfl import data
+from hpcfl.io import checkpoint
+from hpcfl.io import locks
 from hpcfl.config import Config
 from hpcfl.errors import HpcflError
 
@@ -371,7 +373,7 @@ def test_9_the_model_is_written_even_when_the_final_checkpoint_cannot_be(tmp_pat
 
 def test_10_the_signal_handlers_are_in_place_before_mpi_init():
     code = ("import signal, sys\n"
-            "import hpcfl.cli as cli, hpcfl.comm as comm\n"
+            "import hpcfl.cli as cli, hpcfl.parallel.comm as comm\n"
             "comm.run_main = lambda fn, *a: print(signal.getsignal(signal.SIGTERM).__name__,"
             " signal.getsignal(signal.SIGUSR1).__name__, 'mpi4py.MPI' in sys.modules) or 0\n"
             "cli.main(['--max-steps', '1'])\n")
@@ -430,13 +432,13 @@ def test_11_job_knobs_are_integers_and_hpcfl_args_are_never_evaluated(tmp_path):
 
 def test_11_downloads_are_https_only_capped_and_bounded_in_time(tmp_path):
     with pytest.raises(ValueError, match="HTTPS only"):
-        data._download("http://example.org/x.gz", tmp_path / "x.gz", "0" * 32, 5, time.monotonic() + 5)
+        data.download._download("http://example.org/x.gz", tmp_path / "x.gz", "0" * 32, 5, time.monotonic() + 5)
     big = tmp_path / "big.gz"
     big.write_bytes(b"\0" * (3 << 20))
     with pytest.raises(ValueError, match="larger than 1 MiB"):
-        data._download(big.as_uri(), tmp_path / "y.gz", "0" * 32, 5, time.monotonic() + 5, limit=1 << 20)
+        data.download._download(big.as_uri(), tmp_path / "y.gz", "0" * 32, 5, time.monotonic() + 5, limit=1 << 20)
     with pytest.raises(ValueError, match="not done within"):
-        data._download(big.as_uri(), tmp_path / "z.gz", "0" * 32, 5, time.monotonic() - 1)
+        data.download._download(big.as_uri(), tmp_path / "z.gz", "0" * 32, 5, time.monotonic() - 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gz"]     # nothing half-written
     assert all(url.startswith("https://") for spec in data.datasets.CATALOGUE.values() for url in spec.urls)
 

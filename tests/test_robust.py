@@ -1,11 +1,12 @@
-"""Validation and robust aggregation (hpcfl.robust): small examples worked out by hand, the limits
+"""Validation and robust aggregation (hpcfl.fl.aggregators): small examples worked out by hand, the limits
 of every rule's settings, and a sign-flipping attack that moves the mean but not the robust rules."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hpcfl import attacks, robust
+from hpcfl.fl import attacks
+from hpcfl.fl import aggregators as robust
 
 
 def col(*values):

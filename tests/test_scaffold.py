@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import assert_clean_failure, needs_mnist, run_hpcfl
-from hpcfl import aggregate
+from hpcfl.fl import server_opt as aggregate
 from hpcfl.config import Config
 
 RNG = np.random.default_rng(7)
@@ -103,7 +103,7 @@ def test_a_client_whose_training_diverged_keeps_its_old_variate():
     from types import SimpleNamespace
 
     from hpcfl import backends
-    from hpcfl.scaffold import Scaffold
+    from hpcfl.fl.scaffold import Scaffold
 
     cfg = Config(mode="fl", scaffold=True, num_clients=2, local_lr=0.1)
     fed = SimpleNamespace(cfg=cfg, n=3, sizes=np.array([5, 5]), n_groups=1, group=0,

@@ -1,4 +1,4 @@
-"""Secure aggregation (hpcfl/secagg.py), in one process: every message goes through the bytes the
+"""Secure aggregation (hpcfl/privacy/secagg.py), in one process: every message goes through the bytes the
 MPI trainer would move. Expected sums are the plain uint64 sums of the inputs, reduced mod 2^32."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from hpcfl import secagg
-from hpcfl.secagg import (Client, FixedPoint, RoundParams, SecAggAbort, SecAggAuthError, SecAggError,
+from hpcfl.privacy import secagg
+from hpcfl.privacy.secagg import (Client, FixedPoint, RoundParams, SecAggAbort, SecAggAuthError, SecAggError,
                           Server)
 
 

@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from hpcfl import secagg, server_attacks
-from hpcfl.secagg import RoundParams
+from hpcfl.privacy import secagg
+from hpcfl.privacy import server_attacks
+from hpcfl.privacy.secagg import RoundParams
 
 
 class NoDefence(secagg.Client):

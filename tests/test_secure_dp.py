@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hpcfl import noise, privacy
+from hpcfl.privacy import noise
+from hpcfl.privacy import accountant as privacy
 
 pld = pytest.importorskip("dp_accounting.pld.privacy_loss_distribution")
 

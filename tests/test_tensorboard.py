@@ -1,5 +1,5 @@
 """--tensorboard: every numeric field of every record reaches the event file, at the record's
-epoch (dp) or round (fl), read back by hpcfl.tensorboard.read_scalars, which parses the files
+epoch (dp) or round (fl), read back by hpcfl.io.tensorboard.read_scalars, which parses the files
 itself (TFRecord framing, CRCs, Event protos) rather than through the writer's code."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tensorboardX")
 
 import hpcfl
-from hpcfl import tensorboard as tb
+from hpcfl.io import tensorboard as tb
 from helpers import DATA_DIR, needs_mnist
 
 

@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from ..data import MEAN, STD
+from ..data.catalogue import MEAN, STD
 
 cp = None                    # the cupy module, once _cupy() has imported it
 _REASON = "not checked"      # cached unavailable_reason(); "not checked" before the first call

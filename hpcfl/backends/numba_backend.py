@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from ..data import MEAN, STD
+from ..data.catalogue import MEAN, STD
 from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import MEAN, STD
+from ..data.catalogue import MEAN, STD
 from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
 
 xp = np

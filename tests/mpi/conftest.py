@@ -1,7 +1,7 @@
 import pytest
 
 from hpcfl import data as data_mod
-from hpcfl.comm import Comm
+from hpcfl.parallel.comm import Comm
 
 from helpers import DATA_DIR, have_mnist
 

@@ -7,10 +7,14 @@ import signal
 import numpy as np
 import pytest
 
-from hpcfl import backends, checkpoint, dp, faults, preempt
+from hpcfl import backends
+from hpcfl.io import checkpoint
+from hpcfl.train import dataparallel as dp
+from hpcfl.runtime import faults
+from hpcfl.runtime import preempt
 from hpcfl.config import Config
 from hpcfl.errors import Preempted, UsageError
-from hpcfl.report import Reporter
+from hpcfl.io.report import Reporter
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcfl import backends, dp
-from hpcfl.comm import Comm
+from hpcfl import backends
+from hpcfl.train import dataparallel as dp
+from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
-from hpcfl.data import shard_range
+from hpcfl.data.shard import shard_range
 from hpcfl.errors import HpcflError, TrainingError
-from hpcfl.report import Reporter
+from hpcfl.io.report import Reporter
 
 # P ranks differ from one process only in the order float32 gradients are summed (each rank
 # sums its slice, then Allreduce sums the slices). Measured after 100 steps at 2, 3 and 4 ranks:

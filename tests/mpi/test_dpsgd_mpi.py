@@ -8,11 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hpcfl import api, backends, dp, privacy
-from hpcfl.comm import Comm
+from hpcfl import api, backends
+from hpcfl.train import dataparallel as dp
+from hpcfl.privacy import accountant as privacy
+from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
-from hpcfl.replica import Replica
-from hpcfl.report import Reporter
+from hpcfl.core.replica import Replica
+from hpcfl.io.report import Reporter
 
 
 def subset(mnist, n):

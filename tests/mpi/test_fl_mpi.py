@@ -6,10 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hpcfl import backends, dp, fl, partition
-from hpcfl.comm import Comm
+from hpcfl import backends
+from hpcfl.train import dataparallel as dp
+from hpcfl.train import federated as fl
+from hpcfl.fl import partition
+from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
-from hpcfl.report import Reporter
+from hpcfl.io.report import Reporter
 
 # One local step of plain SGD per client, then an exact weighted average: FedAvg equals the dp
 # step up to float32 rounding of the sums and of global - (global - average) on the server.

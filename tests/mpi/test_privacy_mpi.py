@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hpcfl import api, backends, collect, fl, partition, privacy, secagg
-from hpcfl.comm import Comm
+from hpcfl import api, backends
+from hpcfl.fl import collectors as collect
+from hpcfl.train import federated as fl
+from hpcfl.fl import partition
+from hpcfl.privacy import accountant as privacy
+from hpcfl.privacy import secagg
+from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
 from hpcfl.errors import TrainingError
-from hpcfl.report import Reporter
+from hpcfl.io.report import Reporter
 
 # plain FedAvg on the server (server lr 1, no momentum), not the DP defaults (fedavgm, a server lr
 # scaled by the clients per round): the tests

@@ -24,8 +24,8 @@ from typing import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from . import secagg
-from .secagg import KEY_BYTES, KIND_B, KIND_S
+from ..privacy import secagg
+from ..privacy.secagg import KEY_BYTES, KIND_B, KIND_S
 
 ATTACKS = ("empty-route", "key-swap", "lie-dropped", "split-graph")
 

@@ -11,8 +11,8 @@ import io
 import json
 from pathlib import Path
 
-from .errors import HpcflError, UsageError
-from .files import atomic_write
+from ..errors import HpcflError, UsageError
+from ..io.files import atomic_write
 
 
 def read_run(path) -> list[dict]:

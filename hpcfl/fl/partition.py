@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import shard_range
-from .errors import UsageError
+from ..data.shard import shard_range
+from ..errors import UsageError
 
 
 def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:

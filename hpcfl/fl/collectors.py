@@ -31,8 +31,9 @@ import time
 
 import numpy as np
 
-from . import privacy, robust
-from .errors import UsageError
+from ..privacy import accountant as privacy
+from ..fl import aggregators as robust
+from ..errors import UsageError
 
 # Test hooks (rank 0 only): observers(server_round, {client: uploaded masked vector}) see what
 # the server receives; tamper(server_round, {receiver: routed ciphertext map}) may alter what it
@@ -141,7 +142,7 @@ class GatheredCollector(PlainCollector):
         self.parts[k] = head + delta.tobytes()
 
     def finish(self, server_round, global_w, clients):
-        from . import secagg
+        from ..privacy import secagg
         fed, n, cfg = self.fed, self.fed.n, self.cfg
         t0 = time.perf_counter()
         got = fed.leaders.gather_bytes(secagg.encode_map(self.parts)) if fed.leader else None
@@ -229,7 +230,7 @@ class DpCollector(PlainCollector):
             if eps > plan.target * (1 + 1e-9):
                 return None, {**stats, "budget_stop": f"round {server_round} would take epsilon to "
                                                       f"{eps:.4g}, past --dp-epsilon {plan.target:g}"}
-        from . import noise as noise_mod
+        from ..privacy import noise as noise_mod
 
         key = noise_mod.derive_key(self.noise_seed, "central", server_round)
         noise = noise_mod.standard_normal(key, 0, n) * (self.z * self.clip)
@@ -249,7 +250,7 @@ class SecureCollector:
     set-up: the server relays none of it)."""
 
     def __init__(self, fed, cfg, dp=None):
-        from . import secagg
+        from ..privacy import secagg
 
         self.fed, self.cfg, self.dp = fed, cfg, dp          # dp: privacy.DpPlan or None
         self.n = fed.n
@@ -267,7 +268,7 @@ class SecureCollector:
         self.gaussian = None
 
     def begin(self, server_round: int, sampled, dropped) -> None:
-        from . import secagg
+        from ..privacy import secagg
 
         self.server_round, self.sampled, self.dropped = server_round, list(sampled), set(dropped)
         m = len(self.sampled)
@@ -295,7 +296,7 @@ class SecureCollector:
         """Client k's share of the round's noise, N(0, share_std^2) per coordinate, from the
         CSPRNG: keyed by (the noise seed, k, the round) with --dp-noise-seed (reproducible),
         else by a fresh key from the OS that nobody else ever holds."""
-        from . import noise
+        from ..privacy import noise
 
         if self.gaussian is None:
             self.gaussian = noise.Gaussian()
@@ -338,7 +339,7 @@ class SecureCollector:
     def _up(self, payload: dict[int, bytes], error: tuple[int, str] | None = None) -> dict[int, bytes] | None:
         """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
         or raises the first leader's error (then every leader learns it in the next _down)."""
-        from . import secagg
+        from ..privacy import secagg
         blob = bytes([error[0]]) + error[1].encode() if error else b"\x00" + secagg.encode_map(payload)
         parts = self.fed.leaders.gather_bytes(blob)
         if parts is None:
@@ -357,7 +358,7 @@ class SecureCollector:
     def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
         """Server -> leaders: each leader gets the replies for its own clients, or the status
         (_Status) that ends the protocol everywhere."""
-        from . import secagg
+        from ..privacy import secagg
         leaders = self.fed.leaders
         payloads = None
         if leaders.rank == 0:
@@ -378,7 +379,7 @@ class SecureCollector:
     def _exchange(self, server_step, client_step):
         """One exchange: clients -> server (server_step turns the merged messages into replies),
         server -> clients. A failure anywhere reaches every leader, then is raised."""
-        from . import secagg
+        from ..privacy import secagg
         error = None
         try:
             payload = client_step()
@@ -401,7 +402,8 @@ class SecureCollector:
 
     def _protocol(self, my_clients: list[int]):
         """Run the five stages; on rank 0 return the unmasked sum of the survivors' inputs."""
-        from . import secagg, server_attacks
+        from ..privacy import secagg
+        from ..privacy import server_attacks
         p = self.params
         clients = {c: secagg.Client(c, p, self.identities[c], self.directory) for c in my_clients}
         server = secagg.Server(p, self.directory) if self.fed.comm.rank == 0 else None
@@ -540,7 +542,7 @@ class SecureCollector:
                      bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages),
                      loss_sum=0.0, seen=0)
         if self.attack:
-            from . import server_attacks
+            from ..privacy import server_attacks
             x_true = self.inputs.get(self.target) if self.target is not None else None
             stats["server_attack"] = {
                 "name": self.attack, "target": self.target,
@@ -621,7 +623,7 @@ def round_plan(cfg, m: int) -> tuple[int | None, int | None, int]:
     al.'s bound (secagg.min_neighbors) at this m, else the bound's K, or the complete graph
     (None); t from --secagg-threshold, else the smallest majority (complete graph) or
     secagg.sparse_threshold; corrupt = the colluders the consistency round withstands."""
-    from . import secagg
+    from ..privacy import secagg
 
     dropout, corrupt = secagg_bounds(cfg)
     bound = secagg.min_neighbors(m, dropout, corrupt)
@@ -647,7 +649,7 @@ def secagg_bounds(cfg) -> tuple[float, float]:
 
 def check_secure(cfg, per_round: float) -> None:
     """Settings secure aggregation cannot work with (the same on every rank)."""
-    from . import secagg
+    from ..privacy import secagg
 
     if per_round < 2:
         raise UsageError(f"--secure-agg needs at least 2 clients per round (this run samples "

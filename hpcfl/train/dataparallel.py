@@ -12,10 +12,15 @@ import time
 
 import numpy as np
 
-from . import checkpoint, faults, optim, preempt, privacy, watchdog
-from .data import epoch_permutation, shard_range
-from .errors import HpcflError, Preempted, TrainingError, UsageError
-from .replica import Replica
+from ..io import checkpoint
+from ..runtime import faults
+from ..core import optim
+from ..runtime import preempt
+from ..privacy import accountant as privacy
+from ..runtime import watchdog
+from ..data.shard import epoch_permutation, shard_range
+from ..errors import HpcflError, Preempted, TrainingError, UsageError
+from ..core.replica import Replica
 
 NOISE_BLOCK = 1 << 16        # coordinates per noise generator: the unit each rank draws
 
@@ -29,7 +34,7 @@ class GaussianNoise:
     them, and a resumed run draws it again bitwise."""
 
     def __init__(self, plan, n: int, rank: int, size: int, backend):
-        from . import noise
+        from ..privacy import noise
 
         blocks = math.ceil(n / NOISE_BLOCK)
         lo, hi = shard_range(blocks, rank, size)
@@ -40,7 +45,7 @@ class GaussianNoise:
         self.gaussian, self._keyed = noise.Gaussian(), (None, None)
 
     def _key(self) -> bytes:
-        from . import noise
+        from ..privacy import noise
 
         seed = self.plan.noise_seed                 # read now: a resumed run takes the checkpoint's
         if self._keyed[0] != seed:
@@ -60,7 +65,7 @@ def gradient_reducer(cfg, comm, world=None, group: int = 0):
     (collective over `world` to create), else None, meaning comm's MPI Allreduce."""
     if cfg.allreduce != "nccl" or comm.size == 1:
         return None
-    from .comm import NcclComm
+    from ..parallel.comm import NcclComm
 
     return NcclComm(comm, world=world, group=group)
 
@@ -249,8 +254,8 @@ def _project(comm, backend, data, dp):
     seed; every rank gets the (D, K) projection and trains on the standardised images times it."""
     import dataclasses
 
-    from . import noise
-    from .inference import input_rows
+    from ..privacy import noise
+    from ..core.model import input_rows
 
     def pca():
         key = noise.derive_key(dp.noise_seed, "dp-pca")

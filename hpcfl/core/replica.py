@@ -16,9 +16,13 @@ import zlib
 
 import numpy as np
 
-from . import model, optim, sync, watchdog
-from .data import MEAN, STD, shard_range
-from .errors import TrainingError
+from ..core import layout as model
+from ..core import optim
+from ..parallel import sync
+from ..runtime import watchdog
+from ..data.catalogue import MEAN, STD
+from ..data.shard import shard_range
+from ..errors import TrainingError
 
 EVAL_BATCH = 1000
 

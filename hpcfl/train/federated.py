@@ -19,12 +19,20 @@ import time
 
 import numpy as np
 
-from . import aggregate, attacks, checkpoint, collect, faults, log, partition, preempt, watchdog
-from .comm import StopNotice
-from .dp import finish, gradient_reducer
-from .errors import Preempted, TrainingError, UsageError
-from .replica import FedProx, Replica
-from .scaffold import Scaffold
+from .. import log
+from ..fl import server_opt as aggregate
+from ..fl import attacks
+from ..io import checkpoint
+from ..fl import collectors as collect
+from ..runtime import faults
+from ..fl import partition
+from ..runtime import preempt
+from ..runtime import watchdog
+from ..parallel.comm import StopNotice
+from ..train.dataparallel import finish, gradient_reducer
+from ..errors import Preempted, TrainingError, UsageError
+from ..core.replica import FedProx, Replica
+from ..fl.scaffold import Scaffold
 
 
 def client_update(rep: Replica, comm, data, idx: np.ndarray, cfg, server_round: int, client: int,

@@ -7,9 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import log
-from .errors import StopTraining
-from .files import append_record, atomic_write, open_append
+from .. import log
+from ..errors import StopTraining
+from ..io.files import append_record, atomic_write, open_append
 
 
 def on_terminal(levels: int = 3) -> bool:
@@ -57,7 +57,7 @@ class Reporter:
         checkpoint's step, or round in fl mode) keeps the records up to it and drops the ones
         it will write again."""
         if self.active and self.cfg.tensorboard and self.tensorboard is None:
-            from .tensorboard import TensorBoardWriter
+            from ..io.tensorboard import TensorBoardWriter
 
             if position is None:               # a fresh run (--overwrite): the old events go
                 for old in Path(self.cfg.tensorboard).glob("events.out.tfevents.*"):
@@ -133,7 +133,7 @@ class Reporter:
         """--out: model.npz (inference.py documents the format) and config.json, atomically."""
         if not (self.active and self.cfg.out):
             return
-        from .inference import Model
+        from ..core.model import Model
 
         d = self.dataset
         meta = {} if d is None else {"dataset": d.name, "image_shape": tuple(d.image_shape),

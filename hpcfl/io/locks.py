@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import log
-from .errors import UsageError
-from .files import atomic_write
+from .. import log
+from ..errors import UsageError
+from ..io.files import atomic_write
 
 NAME = ".hpcfl.lock"
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import model as model_mod
-from .errors import DataError, UsageError
-from .files import atomic_write
+from ..core import layout as model_mod
+from ..errors import DataError, UsageError
+from ..io.files import atomic_write
 
 FORMAT = 3           # 3: with a DP-PCA projection; a model without one is still written as 2
 CHUNK = 1000      # rows per forward pass, as in training's evaluation (the same float32 results)
@@ -97,7 +97,7 @@ class Model:
 
     def logits(self, images) -> np.ndarray:
         """(N, classes) float32 logits, computed CHUNK rows at a time."""
-        from .backends import numpy_backend as ref
+        from ..backends import numpy_backend as ref
 
         x, views = self._rows(images), self.layout.views(self.params)
         out = np.empty((len(x), self.sizes[-1]), np.float32)

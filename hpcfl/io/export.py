@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .files import atomic_write
-from .inference import input_constants
+from ..errors import UsageError
+from ..io.files import atomic_write
+from ..core.model import input_constants
 
 OPSET = 17
 MAX_IR_VERSION = 9     # what opset 17 needs and onnxruntime >= 1.15 reads; a newer onnx would stamp more
@@ -38,7 +38,7 @@ def to_onnx(model) -> bytes:
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    from . import __version__
+    from .. import __version__
 
     h, w = (int(d) for d in model.image_shape)
     classes = model.sizes[-1]
@@ -109,6 +109,6 @@ def write_onnx(model, path) -> Path:
 
 def export(model_path, onnx_path) -> Path:
     """model.npz (or a folder written by --out) -> an ONNX file; returns its path."""
-    from .inference import load_model
+    from ..core.model import load_model
 
     return write_onnx(load_model(model_path), onnx_path)

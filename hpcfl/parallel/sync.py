@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class FusedSync:
@@ -94,8 +94,8 @@ class ShmSync:
     updates_params = True
 
     def __init__(self, cfg, backend, layout, comm):
-        from .data import shard_range
-        from . import optim
+        from ..data.shard import shard_range
+        from ..core import optim
 
         n = self.n = layout.n_params
         self.backend = backend

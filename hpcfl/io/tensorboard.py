@@ -11,7 +11,7 @@ import numbers
 import struct
 from pathlib import Path
 
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 # The record key that numbers the records, per mode (dp.py and fl.py write them).
 STEP_KEYS = {"dp": "epoch", "fl": "round"}

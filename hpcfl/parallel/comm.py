@@ -18,8 +18,8 @@ import traceback
 
 import numpy as np
 
-from . import watchdog
-from .errors import HpcflError, UsageError
+from ..runtime import watchdog
+from ..errors import HpcflError, UsageError
 
 _mpi = None
 

@@ -91,9 +91,19 @@ CATALOGUE = {s.name: s for s in [
 
 
 def get(name: str) -> Spec:
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         return CATALOGUE[name]
     except KeyError:
         raise UsageError(f"--dataset {name!r}: unknown; choose from {', '.join(CATALOGUE)}") from None
+
+
+MNIST_SPEC = CATALOGUE["mnist"]
+MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel statistics after /255 (measured in tests)
+SPLITS = MNIST_SPEC.files
+FILES = MNIST_SPEC.file_names
+SHA256 = MNIST_SPEC.sha256
+MD5_GZ = MNIST_SPEC.md5_gz
+URLS = list(MNIST_SPEC.urls)
+IMAGE_SHAPE = (28, 28)

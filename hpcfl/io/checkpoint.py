@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import log
-from .errors import HpcflError, TrainingError, UsageError
-from .files import atomic_write
+from .. import log
+from ..errors import HpcflError, TrainingError, UsageError
+from ..io.files import atomic_write
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
@@ -177,7 +177,7 @@ def check_compatible(ckpt: Checkpoint, cfg, data_id: str | None = None) -> None:
     """What each setting may do on resume is declared next to it (config.py: MUST match, WARN,
     IGNORE, per mode). Refuses a checkpoint of other data (its fingerprint) or of a MUST
     setting; records the WARN settings that changed in ckpt.changed."""
-    from .config import FIELDS, MUST, WARN, flag
+    from ..config import FIELDS, MUST, WARN, flag
 
     saved, now = ckpt.config, json.loads(cfg.to_json())
     if saved.get("mode", "dp") != now["mode"]:

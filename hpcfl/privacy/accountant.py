@@ -193,7 +193,7 @@ def dp_pca(images: np.ndarray, k: int, sigma: float, key: bytes) -> np.ndarray:
     with its largest entry positive) of sum_i x_i x_i^T + N, x_i = image i / ||image i|| (a zero
     image stays zero) and N symmetric with N(0, sigma^2) upper-triangle entries drawn from the
     CSPRNG stream of `key` (noise.py). images: (n, d) or (n, h, w), any dtype."""
-    from . import noise
+    from ..privacy import noise
 
     images = np.asarray(images)
     d = int(np.prod(images.shape[1:]))

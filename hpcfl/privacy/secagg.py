@@ -77,7 +77,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import HpcflError
+from ..errors import HpcflError
 
 PRIME = 2**521 - 1                 # Mersenne prime > 2^256: any 32-byte secret is a field element
 SHARE_BYTES = 66                   # ceil(521 / 8)

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KINDS = ("raise", "kill", "nan", "term", "stop")
 _kind, _rank, _step = None, -1, -1

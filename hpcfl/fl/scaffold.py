@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import aggregate, partition
+from ..fl import server_opt as aggregate
+from ..fl import partition
 
 
 class Correction:
@@ -75,7 +76,7 @@ class Scaffold:
 
     # ---- checkpoints: c, every c_i and its round, gathered to rank 0 (a collective call on every rank)
     def gather(self) -> dict[str, np.ndarray] | None:
-        from .secagg import decode_map, encode_map     # the id-map wire format (no crypto used)
+        from ..privacy.secagg import decode_map, encode_map     # the id-map wire format (no crypto used)
 
         fed = self.fed
         blob = encode_map({k: v.tobytes() for k, v in self.c_i.items()}) if fed.leader else b""
