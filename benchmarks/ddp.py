@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
+import numpy as np
 
-from common import BATCH, LR, MOMENTUM, N_TRAIN, WEIGHT_DECAY, emit  # noqa: E402
-from single import load_data, make_torch_model  # noqa: E402
+from common import BATCH, LR, MOMENTUM, N_TRAIN, WEIGHT_DECAY, emit
+from single import load_data, make_torch_model
 
 
 def free_port() -> int:

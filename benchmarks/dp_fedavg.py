@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (the benchmarks' helpers: mpirun, worker env, CSV, machine info)
+import common
 
 SECTION = "## Client-level DP (DP-FedAvg)"
 DOC = common.BENCH / "PRIVACY.md"

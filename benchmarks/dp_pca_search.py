@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 NAMES = ("dp_pca", "hidden", "epochs", "batch_size", "lr", "dp_clip")
 BASE = {"dp_pca": 60, "hidden": "128", "epochs": 60, "batch_size": 4096, "lr": 20, "dp_clip": 0.5}

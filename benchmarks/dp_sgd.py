@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (the benchmarks' helpers: mpirun, worker env, CSV, machine info)
+import common
 
 SECTION = "## DP-SGD (sample-level)"
 DOC = common.BENCH / "PRIVACY.md"
@@ -249,7 +249,7 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
     from hpcfl.core import layout as model
     from hpcfl.privacy import accountant as privacy
     from hpcfl.backends import numba_backend as nb
-    from hpcfl.train.dataparallel import GaussianNoise
+    from hpcfl.training.dataparallel import GaussianNoise
 
     threadpool_limits(1)
     d = _load_data()

@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
+import numpy as np
 
-from common import emit  # noqa: E402
+from common import emit
 
-from hpcfl import backends, data as data_mod  # noqa: E402
-from hpcfl.train import dataparallel as dp
-from hpcfl.parallel.comm import Comm  # noqa: E402
-from hpcfl.config import Config  # noqa: E402
-from hpcfl.io.report import Reporter  # noqa: E402
+from hpcfl import backends, data as data_mod
+from hpcfl.training import dataparallel as dp
+from hpcfl.parallel.comm import Comm
+from hpcfl.config import Config
+from hpcfl.io.report import Reporter
 
 perf = time.perf_counter
 
@@ -394,7 +394,7 @@ def task_onerank(args):
     be = backends.get("numba")
     data = open_data(comm)
     int(np.asarray(data.train_x[:, 0]).sum())
-    general = lambda p, g, buf, lr, m, wd, scale: nb._sgd(p, g, buf, *map(np.float32, (lr, m, wd, scale)))  # noqa: E731
+    general = lambda p, g, buf, lr, m, wd, scale: nb._sgd(p, g, buf, *map(np.float32, (lr, m, wd, scale)))
     rows = []
     for label, hidden, B, momentum, wd in ONE_RANK:
         cfg = Config(backend="numba", hidden=hidden, momentum=momentum, weight_decay=wd)

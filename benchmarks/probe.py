@@ -19,11 +19,11 @@ import time
 
 T_PYTHON = time.time()
 
-import atexit  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
+import atexit
+import json
+import os
+import resource
+import sys
 
 OUT = sys.argv[1]
 ARGV = sys.argv[2:]
@@ -80,7 +80,7 @@ def _report():
 
 
 def _wrap_step():
-    from hpcfl.train import dataparallel as dp
+    from hpcfl.training import dataparallel as dp
 
     step = dp.Replica.step
 
@@ -120,7 +120,7 @@ def _after(module, name, key):
 def _wrap_fl():
     from hpcfl import api, backends
     from hpcfl.parallel import comm
-    from hpcfl.train import federated as fl
+    from hpcfl.training import federated as fl
 
     _after(comm, "_MPI", "t_mpi")
     get = backends.get

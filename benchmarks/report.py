@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, read_csv, write_csv  # noqa: E402
-import scaling_model as sm  # noqa: E402
+from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, read_csv, write_csv
+import scaling_model as sm
 
 GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1.10, "startup": 3.0,
          "gpu_vs_torch": 1.00, "gpu_gemm": 0.50, "shm_efficiency": 0.85, "shm_sync": 0.5,
@@ -33,7 +33,7 @@ def runs_by_section(info: dict) -> dict:
         return dict(info["runs_by_section"])
     mine = {k: info.get(k) for k in RUN_KEYS}
     out = runs_by_section(info["previous_run"]) if info.get("previous_run") else {}
-    out.update({name: mine for name in info.get("sections") or ALL_SECTIONS})
+    out.update(dict.fromkeys(info.get("sections") or ALL_SECTIONS, mine))
     return out
 
 
@@ -256,7 +256,7 @@ def analyse(out: Path) -> dict:
                                         ("strong, global batch 1024", "strong", 1024, 1024),
                                         ("weak, 128 per rank", "weak", 128, 1024)):
             P = 1
-            while P <= cap:
+            while cap >= P:
                 pred = sm.predict(kind, P, batch, table, fit["alpha_s"], fit["beta_s_per_byte"], m)
                 rows.append({"series": label, **pred})
                 P *= 2

@@ -46,10 +46,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from fedavg_paper import rounds_to_target  # noqa: E402
+import common
+from fedavg_paper import rounds_to_target
 
-from hpcfl.config import FIELDS  # noqa: E402
+from hpcfl.config import FIELDS
 
 TARGET = 0.97
 REF_FEDAVG_MD = 136        # benchmarks/FEDAVG.md: hpcfl FedAvg, local lr 0.1, non-IID, median of 3 seeds

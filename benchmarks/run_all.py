@@ -23,9 +23,9 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from secagg_cost import FLOWER_PYTHON, flower_python_ok, flower_rounds  # noqa: E402
-from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker,  # noqa: E402
+import report
+from secagg_cost import FLOWER_PYTHON, flower_python_ok, flower_rounds
+from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker,
                     uptime, write_csv)
 
 PY = sys.executable
@@ -181,7 +181,7 @@ def sec_scaling(ctx):
     rows = []
     have_fl = (ROOT / "hpcfl" / "fl.py").exists()
     if not have_fl:
-        ctx.notes.append("hpcfl/train/federated.py does not exist yet: fl scaling was skipped.")
+        ctx.notes.append("hpcfl/training/federated.py does not exist yet: fl scaling was skipped.")
     for r in range(max(1, ctx.repeats // 2)):
         for ranks in ranks_list(ctx.max_ranks):
             for kind in ("strong", "weak"):
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     previous = ctx.out / "run_info.json"
     # which run measured each section: a partial re-run (--only) replaces its own sections only
     this_run = {k: info.get(k) for k in report.RUN_KEYS}
-    runs = {name: this_run for name in info["sections"]}
+    runs = dict.fromkeys(info["sections"], this_run)
     if args.only and previous.exists():
         prev = json.loads(previous.read_text())
         runs = {**report.runs_by_section(prev), **runs}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import machine_info, mpirun, uptime, write_csv  # noqa: E402
+from common import machine_info, mpirun, uptime, write_csv
 
 PAPER = ["--mode", "fl", "--hidden", "200,200", "--local-epochs", 1, "--local-batch-size", 10,
          "--local-lr", 0.1, "--eval-every", 1000]
@@ -148,8 +148,8 @@ def render(rows, args, info) -> str:
         base = flower_plain.get(per_round) if config.startswith("Flower") else plain.get(per_round)
         st = {k: median([r.get(f"stage_{k}") for r in rs if r.get(f"stage_{k}") is not None])
               for k in ("keys", "shares", "masking", "unmasking")}
-        mb = lambda key: median([r[key] for r in rs if r.get(key) is not None])  # noqa: E731
-        fmt = lambda x, f=".3f": "-" if x is None else format(x, f)  # noqa: E731
+        mb = lambda key: median([r[key] for r in rs if r.get(key) is not None])
+        fmt = lambda x, f=".3f": "-" if x is None else format(x, f)
         to, frm = mb("bytes_to_server"), mb("bytes_from_server")
         L.append(f"| {per_round} | {config} | {fmt(t)} | {fmt(t / base if base else None, '.2f')}x | "
                  f"{fmt(st['keys'])} | {fmt(st['shares'])} | {fmt(st['masking'])} | {fmt(st['unmasking'])} | "

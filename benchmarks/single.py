@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-from common import BATCH, LR, MOMENTUM, N_TRAIN, SIZES, WEIGHT_DECAY, emit, flops_per_sample  # noqa: E402
+from common import BATCH, LR, MOMENTUM, N_TRAIN, SIZES, WEIGHT_DECAY, emit, flops_per_sample
 
 STEPS = N_TRAIN // BATCH
 f32 = np.float32

@@ -237,7 +237,7 @@ def _available_memory() -> int | None:
 def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
     """Refuse a plan whose preallocated buffers cannot fit, before allocating them (a 95 GiB
     MemoryError printed by every rank otherwise), naming the option that makes it big."""
-    from .train import federated as fl
+    from .training import federated as fl
     from .core import replica
 
     node = comm.node_comm()
@@ -248,7 +248,8 @@ def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
         plan = replica.buffer_bytes(cfg, layout, rows)
     else:
         batch_opt = "--local-batch-size"
-        plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout, fl.max_local_batch(cfg, _client_sizes(cfg, data)))
+        plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout,
+                                    fl.max_local_batch(cfg, _client_sizes(cfg, data)))
         plan["model"] += fl.buffer_bytes(cfg, layout, comm.rank == 0, comm.size // cfg.ranks_per_client)
     need = sum(plan.values())
     avail = _available_memory()
@@ -407,11 +408,11 @@ def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result
             timeout = cfg.stall_timeout if comm.size > 1 else 0
             with Watchdog(timeout, comm.rank, host_name(), comm.Abort):
                 if cfg.mode == "dp":
-                    from .train import dataparallel as dp
+                    from .training import dataparallel as dp
 
                     summary = dp.train(cfg, comm, data, backend, reporter, layout, dp_plan)
                 else:
-                    from .train import federated as fl
+                    from .training import federated as fl
 
                     summary = fl.train(cfg, comm, data, backend, reporter, layout, dp_plan)
         finally:

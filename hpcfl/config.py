@@ -77,7 +77,7 @@ def option(default, help: str, *, check=None, choices=None, resume=WARN, group="
     the modes it applies to (default: fl for the federated group, dp for the dp-only training
     settings, else both); config.json records only the settings of the run's mode, and of those
     only the ones that define the run (not where it wrote or how it talked: defines_run=False)."""
-    rules = resume if isinstance(resume, dict) else {m: resume for m in MODES}
+    rules = resume if isinstance(resume, dict) else dict.fromkeys(MODES, resume)
     if modes is None:
         modes = (("fl",) if group == "federated" or rules in (FL_ONLY, FL_MUST)
                  else ("dp",) if rules == DP_ONLY else MODES)
@@ -374,7 +374,7 @@ class Config:
             derived.append(name)
         object.__setattr__(self, "_derived", tuple(derived))
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         """A copy with `changes`; the settings that were derived (not given) are derived again."""
         again = {name: None for name in self._derived if name not in changes}
         return dataclasses.replace(self, **again, **changes)
@@ -397,7 +397,7 @@ class Config:
         return json.dumps(self.to_dict(this_mode_only), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict, *, strict: bool = True) -> "Config":
+    def from_dict(cls, d: dict, *, strict: bool = True) -> Config:
         """A Config from a mapping of field names (dashes allowed: `batch-size`). Unknown keys are
         refused by name when strict (a typo must not silently fall back to a default)."""
         names = {f.name for f in dataclasses.fields(cls)}

@@ -8,8 +8,8 @@
 --log-level sets the least severe level shown, --quiet keeps only RESULT and above (the Python
 API, with quiet=True, not even RESULT: it returns the result), --log-file adds a file with time
 stamps and the rank. A program that has put its own handlers on the `hpcfl` logger keeps them
-(the logger's level set to the run's) and gets no others. Without any configuration (a library call such as hpcfl.load_dataset),
-Python's last-resort handler still prints warnings to stderr.
+(the logger's level set to the run's) and gets no others. Without any configuration (a library
+call such as hpcfl.load_dataset), Python's last-resort handler still prints warnings to stderr.
 
 The last words of a failing rank (comm.py, api.guarded, watchdog.py) are not logged: they are
 written straight to stderr by whichever rank fails, just before it aborts the job.

@@ -94,7 +94,7 @@ def test_plot_overlays_runs_with_legends_from_their_settings(tmp_path):
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
     code = ("import sys\nclass No:\n    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'matplotlib':\n            raise ModuleNotFoundError(name)\n"
-            "sys.meta_path.insert(0, No())\nfrom hpcfl import plots\n"
+            "sys.meta_path.insert(0, No())\nfrom hpcfl.io import plots\n"
             "(__import__('pathlib').Path('r.jsonl')).write_text('{\"epoch\": 1, \"train_loss\": 1.0}\\n')\n"
             "try:\n    plots.plot_runs(['r.jsonl'], 'x.png')\nexcept Exception as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)

@@ -15,7 +15,7 @@ def test_kinds():
 
 def test_malicious_clients_are_seeded_sized_and_distinct():
     a = attacks.malicious_clients(100, 0.2, seed=1)
-    assert len(a) == 20 and len(set(a.tolist())) == 20 and 0 <= a.min() and a.max() < 100
+    assert len(a) == 20 and len(set(a.tolist())) == 20 and a.min() >= 0 and a.max() < 100
     assert np.all(np.diff(a) > 0)                                           # increasing
     np.testing.assert_array_equal(a, attacks.malicious_clients(100, 0.2, seed=1))
     assert not np.array_equal(a, attacks.malicious_clients(100, 0.2, seed=2))

@@ -185,7 +185,7 @@ def test_the_fast_exit_keeps_the_exit_code_the_output_and_the_atexit_work(tmp_pa
     script = tmp_path / "exit.py"
     script.write_text(
         "import atexit, sys\n"
-        "from hpcfl import comm\n"
+        "from hpcfl.parallel import comm\n"
         "c = comm.Comm.world()\n"
         "c.Barrier()\n"
         "atexit.register(lambda: print(f'atexit ran on {c.rank}'))\n"

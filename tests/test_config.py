@@ -2,7 +2,6 @@
 config files and the API all go through them."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

@@ -32,7 +32,7 @@ from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimize
                      needs_mnist, run_hpcfl)
 from hpcfl import backends
 from hpcfl.parallel import comm
-from hpcfl.train import dataparallel as dp
+from hpcfl.training import dataparallel as dp
 from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
@@ -633,7 +633,7 @@ class EmuElementwiseKernel:
         for a, (_, _, t, _) in zip(args, self.params):
             if t not in CTYPES:                                   # a placeholder like I or L
                 types_[t] = np.dtype(a.dtype).name
-        dtype = lambda t: np.dtype(types_.get(t, t))             # noqa: E731
+        dtype = lambda t: np.dtype(types_.get(t, t))
         shape = np.broadcast_shapes(*[a.shape for a, p in zip(args, self.params)
                                       if not p[1] and isinstance(a, np.ndarray)])
         decls, keep = [], []

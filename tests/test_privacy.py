@@ -170,7 +170,7 @@ def test_calibrate_noise_rejects_bad_inputs(q, steps, delta, target):
 
 def test_poisson_sample_is_a_pure_function_of_its_arguments():
     a = privacy.poisson_sample(60000, Q_MNIST, seed=1, step=5)
-    assert a.dtype == np.int64 and np.all(np.diff(a) > 0) and 0 <= a[0] and a[-1] < 60000
+    assert a.dtype == np.int64 and np.all(np.diff(a) > 0) and a[0] >= 0 and a[-1] < 60000
     np.testing.assert_array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=1, step=5))
     assert not np.array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=1, step=6))
     assert not np.array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=2, step=5))

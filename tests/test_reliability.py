@@ -423,7 +423,7 @@ def test_11_job_knobs_are_integers_and_hpcfl_args_are_never_evaluated(tmp_path):
     assert "reached" not in proc.stdout and not planted.exists()
     proc = lib_sh(tmp_path, {"HPCFL_ARGS": f"--data-dir '/my data' $(touch {planted}) --lr 0.1"},
                   'printf "<%s>\\n" "${EXTRA_ARGS[@]}"')
-    assert proc.stdout.splitlines() == ["<--data-dir>", "</my data>", f"<$(touch>", f"<{planted})>",
+    assert proc.stdout.splitlines() == ["<--data-dir>", "</my data>", "<$(touch>", f"<{planted})>",
                                         "<--lr>", "<0.1>"]
     assert not planted.exists()
     proc = lib_sh(tmp_path, {"HPCFL_ARGS": "--x 'unbalanced"}, "echo reached")
@@ -440,7 +440,7 @@ def test_11_downloads_are_https_only_capped_and_bounded_in_time(tmp_path):
     with pytest.raises(ValueError, match="not done within"):
         data.download._download(big.as_uri(), tmp_path / "z.gz", "0" * 32, 5, time.monotonic() - 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gz"]     # nothing half-written
-    assert all(url.startswith("https://") for spec in data.datasets.CATALOGUE.values() for url in spec.urls)
+    assert all(url.startswith("https://") for spec in data.CATALOGUE.values() for url in spec.urls)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="slurm-up.sh runs as root only")

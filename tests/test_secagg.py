@@ -182,7 +182,7 @@ def test_masked_input_is_uniform_and_uncorrelated_with_x(pattern):
     params = RoundParams.make(0, range(3), N_UNIFORM)
     ramp = np.arange(N_UNIFORM, dtype=np.uint32)
     x = np.zeros(N_UNIFORM, np.uint32) if pattern == "zeros" else ramp
-    _, _, ys, _, _ = run_to_unmask(params, {c: x for c in params.clients})
+    _, _, ys, _, _ = run_to_unmask(params, dict.fromkeys(params.clients, x))
     y = ys[1]
     counts = np.bincount(y >> 24, minlength=256)                  # top 8 bits
     expected = N_UNIFORM / 256

@@ -74,7 +74,7 @@ def test_finding_3_an_empty_share_map_no_longer_yields_the_input():
     target = secagg.Client(0, params, ids[0], directory)
     others = {c: secagg.Client(c, params, ids[c], directory) for c in range(1, 5)}
     server = secagg.Server(params, directory)
-    ads = server.collect_keys({**{0: target.advertise_keys()}, **{c: o.advertise_keys() for c, o in others.items()}})
+    ads = server.collect_keys({0: target.advertise_keys(), **{c: o.advertise_keys() for c, o in others.items()}})
     target.share_keys(ads)
     for o in others.values():
         o.share_keys(ads)

@@ -13,9 +13,9 @@ pickling disabled):
                             says "((pixel / 255 - mean) / std) @ projection"); sizes[0] is K
 
 The network: x = (pixel / 255 - mean) / std over the flattened uint8 image (row-major, H*W
-values), times the projection if there is one; h = relu(h @ W + b) for every hidden layer; logits = h @ W_L + b_L; probabilities =
-softmax(logits); the predicted class is the first largest logit. A model.npz without `meta`
-(hpcfl 0.1) is an MNIST model with mean 0.1307 and std 0.3081.
+values), times the projection if there is one; h = relu(h @ W + b) for every hidden layer;
+logits = h @ W_L + b_L; probabilities = softmax(logits); the predicted class is the first
+largest logit. A model.npz without `meta` (hpcfl 0.1) is an MNIST model with mean 0.1307 and std 0.3081.
 """
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def _fetch_archive(data_dir: Path, spec: Spec, urls, timeout) -> None:
         with zipfile.ZipFile(archive) as z:
             for name in spec.file_names:
                 blob = z.read(f"{folder}/{name}.gz")
-                atomic_write(data_dir / f"{name}.gz", lambda f: f.write(blob))
+                atomic_write(data_dir / f"{name}.gz", lambda f, blob=blob: f.write(blob))
     except (OSError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"{archive}: cannot extract the {spec.name} files ({e})") from e
 

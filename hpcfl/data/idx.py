@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import log
 from ..errors import DataError
-from .catalogue import MNIST_SPEC, Spec
+from .catalogue import Spec
 
 _IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short",
               0x0C: "int", 0x0D: "float", 0x0E: "double"}

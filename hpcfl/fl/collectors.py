@@ -482,7 +482,7 @@ class SecureCollector:
             if evil:
                 return evil.signatures_for(merged)
             blob = server.collect_signatures(merged)
-            return {c: blob for c in merged}
+            return dict.fromkeys(merged, blob)
 
         sigs = self._exchange(signatures, lambda: {c: clients[c].consistency(requests[c])
                                                    for c in alive if c in requests})
@@ -529,7 +529,7 @@ class SecureCollector:
         if self.params is None:
             result = {"skip": self.skip}
         elif fed.leader:
-            mine = [c for c in self.owned_by[fed.leaders.rank]]
+            mine = list(self.owned_by[fed.leaders.rank])
             try:
                 out = self._protocol(mine)
                 if fed.comm.rank == 0:

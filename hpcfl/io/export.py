@@ -4,7 +4,8 @@ The ONNX graph is the whole of `Model.logits` and `Model.predict`, normalisation
 runtime feeds it raw images:
 
     pixels  uint8 [N, H, W]  -> Flatten [N, H*W] -> Cast float32 -> Mul 1/(255 std) -> Sub mean/std
-            [-> MatMul projection, a model trained with --dp-pca] -> (Gemm -> Relu) per hidden layer -> Gemm -> logits float32 [N, classes]
+            [-> MatMul projection, a model trained with --dp-pca]
+            -> (Gemm -> Relu) per hidden layer -> Gemm -> logits float32 [N, classes]
                                                           -> ArgMax axis 1 -> class int64 [N]
 
 metadata_props carries dataset, image_shape, num_classes, mean, std, input and hpcfl_version.

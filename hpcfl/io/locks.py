@@ -62,9 +62,9 @@ def _slurm_job_alive(job_id: str) -> bool | None:
 
 def stale_reason(theirs: dict, mine: dict) -> str | None:
     """Why the lock `theirs` may be taken over by `mine`, or None when its holder may be alive."""
-    if theirs.get("slurm_job_id") and theirs["slurm_job_id"] == mine.get("slurm_job_id"):
-        if mine.get("slurm_restart", 0) > theirs.get("slurm_restart", 0):
-            return "the same SLURM job, requeued"
+    if (theirs.get("slurm_job_id") and theirs["slurm_job_id"] == mine.get("slurm_job_id")
+            and mine.get("slurm_restart", 0) > theirs.get("slurm_restart", 0)):
+        return "the same SLURM job, requeued"
     if theirs.get("host") == mine["host"]:
         pid = theirs.get("pid")
         if not isinstance(pid, int) or _start_time(pid) is None:

@@ -61,14 +61,14 @@ class Comm:
         self.size = self.mpicomm.Get_size()
 
     @classmethod
-    def world(cls) -> "Comm":
+    def world(cls) -> Comm:
         return cls()
 
     def is_world(self) -> bool:
         return self.mpicomm == _MPI().COMM_WORLD
 
     @classmethod
-    def self_(cls) -> "Comm":
+    def self_(cls) -> Comm:
         """A communicator of this process alone (single-process runs inside tests)."""
         return cls(_MPI().COMM_SELF)
 
@@ -224,7 +224,7 @@ class Comm:
         self.mpicomm.Barrier()
         watchdog.done()
 
-    def Split(self, color: int, key: int) -> "Comm":
+    def Split(self, color: int, key: int) -> Comm:
         return Comm(self.mpicomm.Split(color, key))
 
     def Free(self) -> None:
@@ -272,11 +272,11 @@ class Comm:
         reports = self.allgather(None if error is None else (error, host_name()))
         raise failure_on_ranks(reports)
 
-    def node_comm(self) -> "Comm":
+    def node_comm(self) -> Comm:
         """The ranks of this communicator on this node (MPI_COMM_TYPE_SHARED); collective."""
         return Comm(self.mpicomm.Split_type(_MPI().COMM_TYPE_SHARED, key=self.rank))
 
-    def shm_node_comm(self) -> "Comm":
+    def shm_node_comm(self) -> Comm:
         """The ranks that share a node for --allreduce shm. HPCFL_EMULATE_NODES=N (tests, one
         machine) splits each real node further into N pretend nodes by rank % N, so that the
         inter-node path runs without a cluster; the memory is still truly shared."""

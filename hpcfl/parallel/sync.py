@@ -100,7 +100,7 @@ class ShmSync:
         n = self.n = layout.n_params
         self.backend = backend
         self.node = comm.shm_node_comm()
-        L, l = self.node.size, self.node.rank
+        L, l = self.node.size, self.node.rank  # noqa: E741  (the paper-style L ranks, slice l)
         sizes = sorted(set(comm.allgather(L)))
         if len(sizes) > 1:     # slice l must be the same columns on every node
             self.node.Free()

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -66,7 +66,7 @@ import os
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -220,7 +220,7 @@ def neighbor_graph(clients: Iterable[int], k: int | None,
     is joined to the k/2 nearest on either side of a shuffled ring). Odd k: with m even each
     client also joins the one opposite on the ring (exactly k-regular); with m odd no k-regular
     graph exists, so k+1 is used. Every process computes the same graph from the same seed."""
-    clients = sorted(set(int(c) for c in clients))
+    clients = sorted({int(c) for c in clients})
     m = len(clients)
     if k is None or k >= m - 1:
         return {c: tuple(d for d in clients if d != c) for c in clients}
@@ -240,7 +240,7 @@ def shuffled_ring(clients: Iterable[int], round_seed: bytes | int) -> list[int]:
     seeded numpy RNG (no 32-bit seed, the same everywhere)."""
     seed = round_seed if isinstance(round_seed, bytes) else str(int(round_seed)).encode()
     prefix = b"hpcfl-secagg/graph" + struct.pack("<I", len(seed)) + seed
-    return sorted(set(int(c) for c in clients),
+    return sorted({int(c) for c in clients},
                   key=lambda c: hashlib.sha256(prefix + struct.pack("<Q", c)).digest())
 
 
@@ -287,10 +287,10 @@ class RoundParams:
 
     @classmethod
     def make(cls, server_round: int, clients: Iterable[int], n: int, k: int | None = None,
-             threshold: int | None = None, corrupt: int = 0) -> "RoundParams":
+             threshold: int | None = None, corrupt: int = 0) -> RoundParams:
         """threshold defaults to the smallest majority of the holders; `corrupt` is how many
         colluding clients the consistency round must withstand."""
-        clients = tuple(sorted(set(int(c) for c in clients)))
+        clients = tuple(sorted({int(c) for c in clients}))
         m = len(clients)
         if threshold is None:
             threshold = default_threshold(holders_per_client(k, m))
@@ -395,7 +395,7 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
 
 def shamir_reconstruct(shares: Mapping[int, int]) -> int:
     xs = list(shares)
-    return sum(l * shares[x] for l, x in zip(lagrange_at_zero(xs), xs)) % PRIME
+    return sum(lam * shares[x] for lam, x in zip(lagrange_at_zero(xs), xs)) % PRIME
 
 
 # ---------------------------------------------------------------------------- keys, PRG, AEAD
@@ -663,7 +663,8 @@ class Server:
         if not set(adverts) <= set(p.clients) or any(len(v) != KEYS_MESSAGE_BYTES for v in adverts.values()):
             raise SecAggError("advertised keys from an unsampled client, or of the wrong length")
         for c, v in adverts.items():
-            if not verify(self.directory.get(c), v[2 * KEY_BYTES:], _keys_message(p.server_round, c, v[:2 * KEY_BYTES])):
+            signed = _keys_message(p.server_round, c, v[:2 * KEY_BYTES])
+            if not verify(self.directory.get(c), v[2 * KEY_BYTES:], signed):
                 raise SecAggError(f"client {c}'s key advertisement is not signed by its identity key")
         self._keys = {c: bytes(v[:2 * KEY_BYTES]) for c, v in adverts.items()}
         self._u1 = set(adverts)
@@ -709,7 +710,7 @@ class Server:
         self.request = req
         self.traffic["unmask_down"] += len(req) * len(self._u3)
         self.traffic["masked_input_up"] += 4 * p.n * len(self._u3)
-        return {k: req for k in sorted(self._u3)}
+        return dict.fromkeys(sorted(self._u3), req)
 
     def collect_signatures(self, signatures: Mapping[int, bytes]) -> bytes:
         """{survivor: consistency signature} -> the id map every survivor gets (U4)."""
@@ -784,7 +785,7 @@ class Server:
         xs = tuple(sorted(shares)[:self.params.threshold])
         if xs not in self._lagrange:
             self._lagrange[xs] = lagrange_at_zero(xs)
-        value = sum(l * shares[x] for l, x in zip(self._lagrange[xs], xs)) % PRIME
+        value = sum(lam * shares[x] for lam, x in zip(self._lagrange[xs], xs)) % PRIME
         if value >= 2**(8 * KEY_BYTES):            # inconsistent shares: never a 32-byte secret
             raise SecAggError(f"client {owner}'s {what} shares are inconsistent")
         return value.to_bytes(KEY_BYTES, "big")

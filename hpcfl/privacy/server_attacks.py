@@ -19,7 +19,7 @@ before masking, the signed consistency round, and the survivors' count and conne
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -119,7 +119,7 @@ class MaliciousServer:
             else:
                 cut = split[1] & survivors
             lie = secagg.encode_unmask_request(survivors - cut, dropped | cut)
-            return {c: lie for c in survivors - cut}
+            return dict.fromkeys(survivors - cut, lie)
         if self.name == "lie-dropped":
             others = [j for j in srv.graph[t] if j in survivors]
             told_dropped = set(others[len(others) // 2:])   # the rest are told that t survived
@@ -137,7 +137,7 @@ class MaliciousServer:
                 groups.setdefault(self._views[c], {})[c] = s
             return {c: secagg.encode_map(groups[self._views[c]]) for c in signatures}
         blob = secagg.encode_map(dict(signatures))
-        return {c: blob for c in signatures}
+        return dict.fromkeys(signatures, blob)
 
     # ---- after the round: the attempt
     def recover(self, responses: Mapping[int, bytes]) -> np.ndarray | None:
@@ -256,7 +256,8 @@ def run(params: secagg.RoundParams, xs: Mapping[int, np.ndarray], name: str, tar
         ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
         shares_up = {c: cl.share_keys(evil.advertisements_for(c, ads)) for c, cl in clients.items()}
         honest = {c: v for c, v in shares_up.items() if c != target or name != "key-swap"}
-        routed = server.route_shares({**honest, **({target: _readdress(server, target)} if len(honest) < len(shares_up) else {})})
+        readdressed = {target: _readdress(server, target)} if len(honest) < len(shares_up) else {}
+        routed = server.route_shares({**honest, **readdressed})
         routed = evil.route(shares_up, routed)
         ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed}
         evil.masked_inputs(ys)

@@ -9,7 +9,7 @@ import pytest
 
 from hpcfl import backends
 from hpcfl.io import checkpoint
-from hpcfl.train import dataparallel as dp
+from hpcfl.training import dataparallel as dp
 from hpcfl.runtime import faults
 from hpcfl.runtime import preempt
 from hpcfl.config import Config

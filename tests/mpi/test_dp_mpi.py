@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hpcfl import backends
-from hpcfl.train import dataparallel as dp
+from hpcfl.training import dataparallel as dp
 from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
 from hpcfl.data.shard import shard_range

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hpcfl import api, backends
-from hpcfl.train import dataparallel as dp
+from hpcfl.training import dataparallel as dp
 from hpcfl.privacy import accountant as privacy
 from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config

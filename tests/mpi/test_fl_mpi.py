@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hpcfl import backends
-from hpcfl.train import dataparallel as dp
-from hpcfl.train import federated as fl
+from hpcfl.training import dataparallel as dp
+from hpcfl.training import federated as fl
 from hpcfl.fl import partition
 from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config

@@ -12,7 +12,7 @@ from scipy import stats
 
 from hpcfl import api, backends
 from hpcfl.fl import collectors as collect
-from hpcfl.train import federated as fl
+from hpcfl.training import federated as fl
 from hpcfl.fl import partition
 from hpcfl.privacy import accountant as privacy
 from hpcfl.privacy import secagg

@@ -29,7 +29,7 @@ from ..fl import partition
 from ..runtime import preempt
 from ..runtime import watchdog
 from ..parallel.comm import StopNotice
-from ..train.dataparallel import finish, gradient_reducer
+from ..training.dataparallel import finish, gradient_reducer
 from ..errors import Preempted, TrainingError, UsageError
 from ..core.replica import FedProx, Replica
 from ..fl.scaffold import Scaffold
@@ -279,7 +279,8 @@ class Federation:
         if stats.get("error"):
             raise TrainingError(f"round {server_round}: {stats['error']}", collective=True)
         server = f"try a smaller --server-lr (now {cfg.server_lr} with --server-opt {cfg.server_opt})"
-        all_diverged = stats.get("skipped") is not None and 0 < stats.get("nonfinite", 0) == len(stats.get("rejected", []))
+        all_diverged = (stats.get("skipped") is not None
+                        and 0 < stats.get("nonfinite", 0) == len(stats.get("rejected", [])))
         self.diverged_rounds = self.diverged_rounds + 1 if all_diverged else 0
         if self.diverged_rounds >= 3:
             if self.server_ratio > 20 or norm > 10 * self.init_norm:
