@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import platform
+import re
 import shutil
 import statistics
 import subprocess

@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-
 from common import BATCH, LR, MOMENTUM, N_TRAIN, WEIGHT_DECAY, emit
 from single import load_data, make_torch_model
 

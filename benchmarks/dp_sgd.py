@@ -175,7 +175,7 @@ def torch_worker(variant: str, epochs: int, steps: int, hidden: str, seed: int) 
     import torch.nn.functional as F
 
     from hpcfl import data
-    from hpcfl.privacy import accountant as privacy
+    from hpcfl.privacy import sampling
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -216,7 +216,7 @@ def torch_worker(variant: str, epochs: int, steps: int, hidden: str, seed: int) 
                 perm = torch.from_numpy(data.epoch_permutation(N_TRAIN, seed, epoch))
             idx = perm[(k % SPEED_STEPS) * SPEED_BATCH:(k % SPEED_STEPS + 1) * SPEED_BATCH]
         else:
-            idx = torch.from_numpy(privacy.poisson_sample(N_TRAIN, q, seed, k))
+            idx = torch.from_numpy(sampling.poisson_sample(N_TRAIN, q, seed, k))
         loss = criterion(model(X[idx]), Y[idx]) if variant == "opacus-ghost" else F.cross_entropy(model(X[idx]), Y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,24 +246,26 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from hpcfl import data
+    from hpcfl.backends import numba_backend as nb
     from hpcfl.core import layout as model
     from hpcfl.privacy import accountant as privacy
-    from hpcfl.backends import numba_backend as nb
-    from hpcfl.training.dataparallel import GaussianNoise
+    from hpcfl.privacy import sampling
+    from hpcfl.privacy.plan import DpPlan
+    from hpcfl.training.dpsgd import GaussianNoise
 
     threadpool_limits(1)
     d = _load_data()
     lay = model.layout(_hidden(hidden))
     n = lay.n_params
     q = SPEED_BATCH / N_TRAIN
-    cap = privacy.poisson_capacity(N_TRAIN, q, 1e-12)
+    cap = sampling.poisson_capacity(N_TRAIN, q, 1e-12)
     params = model.init_params(lay, seed)
     pv = lay.views(params)
     g_plain, g_dp = np.zeros(n, np.float32), np.zeros(n, np.float32)
     gv_plain, gv_dp = lay.views(g_plain), lay.views(g_dp)
     ws = nb.Workspace(lay, cap)
     x, y = np.empty((cap, lay.sizes[0]), np.float32), np.empty(cap, np.int32)
-    plan = privacy.DpPlan(clip=SPEED_CLIP, z=SPEED_Z, q=q, expected=float(SPEED_BATCH), noise_seed=seed + 1,
+    plan = DpPlan(clip=SPEED_CLIP, z=SPEED_Z, q=q, expected=float(SPEED_BATCH), noise_seed=seed + 1,
                           delta=DELTA)
     noise = GaussianNoise(plan, n, 0, 1, nb)
     accountant = privacy.Accountant(DELTA)
@@ -281,7 +283,7 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
     sizes = []
     for k in range(reps + 3):                   # 3 warm-up steps first (numba's cache, page faults)
         r, s = k, k % SPEED_STEPS
-        idx = timed("poisson_sample", lambda: privacy.poisson_sample(N_TRAIN, q, plan.noise_seed, r))
+        idx = timed("poisson_sample", lambda: sampling.poisson_sample(N_TRAIN, q, plan.noise_seed, r))
         fixed = perm[s * SPEED_BATCH:(s + 1) * SPEED_BATCH]
         timed("gather, fixed batch", lambda: (nb.gather(d.train_x, fixed, x, data.MEAN, data.STD),
                                               nb.gather_labels(d.train_y, fixed, y)))

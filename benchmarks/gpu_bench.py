@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as be
+from hpcfl.core import layout as model
 from hpcfl.data.catalogue import MEAN, STD
 from hpcfl.data.shard import epoch_permutation
 
@@ -77,13 +77,13 @@ def sgemm_tflops(n: int, m: int, k: int, repeats: int = 20) -> float:
 def time_hpcfl(images_dev, labels_dev, layout, batch, epochs, lr=0.05):
     """Epoch times (s) of hpcfl's own dp step (dp.Replica.step at one rank, as `python -m hpcfl
     --backend cupy` runs it), and the last epoch's mean loss."""
+    from hpcfl.config import Config
     from hpcfl.parallel import comm
     from hpcfl.training import dataparallel as dp
-    from hpcfl.config import Config
 
     cfg = Config(hidden=layout.sizes[1:-1], batch_size=batch, optimizer="sgd", lr=lr, momentum=0.9,
                  weight_decay=1e-4, backend="cupy")
-    rep = dp.Replica(cfg, be, max_local_batch=batch)
+    rep = dp.Replica(cfg, be, max_local_batch=batch, norm=(MEAN, STD))
     world = comm.Comm.self_()
     steps = N_TRAIN // batch
 

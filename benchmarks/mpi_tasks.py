@@ -27,14 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-
 from common import emit
 
-from hpcfl import backends, data as data_mod
-from hpcfl.training import dataparallel as dp
-from hpcfl.parallel.comm import Comm
+from hpcfl import backends
+from hpcfl import data as data_mod
 from hpcfl.config import Config
 from hpcfl.io.report import Reporter
+from hpcfl.parallel.comm import Comm
+from hpcfl.training import dataparallel as dp
+
+NORM = (data_mod.MEAN, data_mod.STD)      # MNIST's pixel statistics, as its cache records them
 
 perf = time.perf_counter
 
@@ -98,12 +100,12 @@ def task_sync(args):
     data = open_data(comm)
     cfg = Config(epochs=args.epochs, backend="numba", allreduce=args.allreduce, quiet=True)
     summary = dp.train(cfg, comm, data, be, Reporter(cfg, rank=1))
-    steps = summary["steps"]
+    steps = summary.extra["steps"]
     per_epoch = steps // args.epochs
     train_times = np.array(comm.times[per_epoch:])    # drop the warm-up epoch
     sync = per_call_stats(comm, train_times)
     # the bare collective: the same buffer, the same number of calls, back to back
-    n = dp.Replica(cfg, be, 1).gradbuf.size          # the flat gradient with its extra slots
+    n = dp.Replica(cfg, be, 1, norm=NORM).sync.gradbuf.size    # the flat gradient with its extra slots
     buf = np.ones(n, np.float32)
     mpi = comm.mpicomm
     from mpi4py import MPI
@@ -251,9 +253,10 @@ class Instrumented:
         be.gather, be.gather_labels = self._timed(be.gather, "gather"), self._timed(be.gather_labels, "gather")
         self.comm_saved = self.comm.Allreduce_sum
         self.comm.Allreduce_sum = self._timed(self.comm.Allreduce_sum, "allreduce")
-        self.opt_saved = self.rep.opt.step
-        self.rep.opt.step = self._timed(self.rep.opt.step, "optimizer")
-        if self.rep.sync.updates_params:     # shm: the sum and the update run inside sync.run
+        opt = self.rep.model.opt
+        self.opt_saved = opt.step
+        opt.step = self._timed(opt.step, "optimizer")
+        if self.rep.sync.shared_params is not None:    # shm: the sum and the update run inside sync.run
             sync, model, T = self.rep.sync, self.rep.model, self.T
             self.run_saved = sync.run
 
@@ -276,9 +279,9 @@ class Instrumented:
             setattr(nb, name, value)
         self.rep.backend.gather, self.rep.backend.gather_labels = self.be_saved
         self.comm.Allreduce_sum = self.comm_saved
-        del self.rep.opt.step                                  # back to the class's method
+        del self.rep.model.opt.step                            # back to the class's method
         del self.comm.Allreduce_sum
-        if self.rep.sync.updates_params:
+        if self.rep.sync.shared_params is not None:
             del self.rep.sync.run
             del self.rep.model.local_gradient
 
@@ -303,7 +306,8 @@ def task_profile(args):
     be = backends.get("numba")
     data = open_data(comm)
     B = 128
-    rep = dp.Replica(Config(backend="numba", allreduce=args.allreduce), be, math.ceil(B / comm.size), comm=comm)
+    rep = dp.Replica(Config(backend="numba", allreduce=args.allreduce), be, math.ceil(B / comm.size), comm=comm,
+                     norm=NORM)
     perm = data_mod.epoch_permutation(data.n_train, 0, 0)
     steps = data.n_train // B
     lr = 0.01
@@ -401,11 +405,11 @@ def task_onerank(args):
         variants = {"hpcfl step": False}
         if momentum == 0 and wd == 0:
             variants["hpcfl step, general SGD kernel"] = True
-        reps = {name: dp.Replica(cfg, be, B) for name in variants}
-        if any(t is not None for t in reps["hpcfl step"].ws.deltas_t):
+        reps = {name: dp.Replica(cfg, be, B, norm=NORM) for name in variants}
+        if any(t is not None for t in reps["hpcfl step"].model.ws.deltas_t):
             variants["hpcfl step, dz @ W.T at every batch size"] = False
-            reps["hpcfl step, dz @ W.T at every batch size"] = rep = dp.Replica(cfg, be, B)
-            rep.ws.deltas_t = [None] * len(rep.ws.deltas_t)
+            reps["hpcfl step, dz @ W.T at every batch size"] = rep = dp.Replica(cfg, be, B, norm=NORM)
+            rep.model.ws.deltas_t = [None] * len(rep.model.ws.deltas_t)
         floor = floor_step(reps["hpcfl step"].layout, B)
         perm = data_mod.epoch_permutation(data.n_train, 0, 0)
         steps = data.n_train // B
@@ -447,7 +451,7 @@ def task_compute(args):
     data = open_data(Comm.world())
     rows = []
     batches = [1 << k for k in range(11)]                 # 1 .. 1024
-    rep = dp.Replica(Config(backend="numba"), be, max(batches))
+    rep = dp.Replica(Config(backend="numba"), be, max(batches), norm=NORM)
     perm = data_mod.epoch_permutation(data.n_train, 0, 0)
     for b in batches:
         steps = max(20, min(400, int(args.budget / (b * 1e-5 + 2e-4))))
@@ -460,7 +464,7 @@ def task_compute(args):
             times.append((perf() - t0) / steps)
         t0 = perf()
         for s in range(steps):
-            rep.opt.step(rep.params, rep.grads, 0.0, 1.0 / b)
+            rep.model.opt.step(rep.model.params, rep.sync.grads, 0.0, 1.0 / b)
         upd = (perf() - t0) / steps
         # the minimum of the repeats: this feeds a model of an unloaded machine, and on a shared
         # one other work only ever adds time

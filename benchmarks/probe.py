@@ -94,16 +94,16 @@ def _wrap_step():
             state["t_first_step_end"] = time.time()
 
     dp.Replica.step = timed_step
-    run = dp._run
+    params = dp.DataParallel.params
 
-    def run_then_measure(*args, **kwargs):
-        out = run(*args, **kwargs)
-        # the data is still mapped and the replica (with an shm window) alive: memory now
+    def params_then_measure(self):
+        # the run's last step is done, the data still mapped and the replica (with an shm
+        # window) alive: memory now
         state["status_kib"] = _status()
         state["train_images_kib"] = _mapping("train_x.npy")
-        return out
+        return params(self)
 
-    dp._run = run_then_measure
+    dp.DataParallel.params = params_then_measure
 
 
 def _after(module, name, key):

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, read_csv, write_csv
 import scaling_model as sm
+from common import BATCH, BENCH, N_TRAIN, flops_per_sample, median, n_params, read_csv, write_csv
 
 GOALS = {"floor": 1.10, "torch": 0.75, "efficiency": 0.90, "ddp": 4.0, "sync": 1.10, "startup": 3.0,
          "gpu_vs_torch": 1.00, "gpu_gemm": 0.50, "shm_efficiency": 0.85, "shm_sync": 0.5,

@@ -103,13 +103,13 @@ from hpcfl.parallel.comm import Comm
 out, rows = sys.argv[1], []
 cfg = cli.parse_config(sys.argv[2:])
 _begin, _add = collect.PlainCollector.begin, collect.PlainCollector.add
-def begin(self, server_round, sampled, dropped):
+def begin(self, server_round, global_w, *a, **kw):
     self._round = server_round
-    return _begin(self, server_round, sampled, dropped)
-def add(self, k, w_k, n_k, *a, **kw):
-    d = w_k.astype(np.float64) - self.fed.global_w
-    rows.append({"round": self._round, "client": int(k), "norm": float(np.linalg.norm(d))})
-    return _add(self, k, w_k, n_k, *a, **kw)
+    return _begin(self, server_round, global_w, *a, **kw)
+def add(self, update):
+    d = update.params.astype(np.float64) - self.global_w
+    rows.append({"round": self._round, "client": int(update.client), "norm": float(np.linalg.norm(d))})
+    return _add(self, update)
 collect.PlainCollector.begin, collect.PlainCollector.add = begin, add
 hpcfl.train(cfg)
 parts = Comm.world().gather(rows)

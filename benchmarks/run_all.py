@@ -24,9 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report
+from common import BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker, uptime, write_csv
 from secagg_cost import FLOWER_PYTHON, flower_python_ok, flower_rounds
-from common import (BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker,
-                    uptime, write_csv)
 
 PY = sys.executable
 SECTIONS = report.ALL_SECTIONS

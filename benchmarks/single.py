@@ -17,9 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-from threadpoolctl import threadpool_limits
-
 from common import BATCH, LR, MOMENTUM, N_TRAIN, SIZES, WEIGHT_DECAY, emit, flops_per_sample
+from threadpoolctl import threadpool_limits
 
 STEPS = N_TRAIN // BATCH
 f32 = np.float32

@@ -1,33 +1,51 @@
 """The composition root: everything a run needs, put together in one place for the command line
 and the Python API (`hpcfl.train`).
 
-Order matters, and every check that can come out differently on different ranks is agreed by
-all of them (comm.agree_all) before anything is written:
-  settings -> launch -> fault switch -> threads -> backend (one for the whole job) -> GPU ->
-  outputs writable -> data (rank 0 prepares and verifies the cache, every rank opens it) ->
-  memory plan -> run locks -> trainer (the metrics file is opened only once training starts).
+The start-up stages, in order (_train); every check that can come out differently on different
+ranks is agreed by all of them (comm.agree_all) before anything is written:
+  settle      the settings validated, logging, the launch, the test hooks, threads
+  machine     one backend for the whole job, its GPU
+  outputs     writable, and not an earlier run's (unless --overwrite / --resume)
+  data        rank 0 prepares and verifies the cache, every rank opens it; the model's layout
+              and the memory plan
+  privacy     the DP plan (noise calibrated to --dp-epsilon, the secret seed)
+  locks       one run per output path
+  trainer     dp or fl (the metrics file is opened only once training starts)
 A refused run therefore leaves every existing file as it was.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import math
 import os
-import sys
-import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import backends, config as config_mod, data as data_mod, log
-from .data import catalogue as datasets
-from .runtime import faults
-from .runtime import preempt
-from .parallel.comm import Comm, check_launch, host_name
+from . import backends, log
+from . import config as config_mod
+from . import data as data_mod
 from .config import Config
-from .errors import HpcflError, UsageError
 from .core.model import Model
+from .data import catalogue
+from .errors import HpcflError, UsageError
 from .io.locks import RunLock
 from .io.report import Reporter
+from .parallel.comm import Comm, abort_job, host_name
+from .parallel.launch import check_launch
+from .runtime import preempt, testing
 from .runtime.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .core.layout import Layout
+    from .privacy.plan import DpPlan
+    from .training.loop import Summary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +59,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _as_comm(comm) -> Comm:
+def _as_comm(comm: Any) -> Comm:
     if comm is None:
         return Comm.world()
     if isinstance(comm, Comm):
@@ -49,8 +67,8 @@ def _as_comm(comm) -> Comm:
     return Comm(comm)                  # an mpi4py communicator
 
 
-def train(config: Config, *, comm=None, callbacks=(), handle_signals: bool = False,
-          report_result: bool = False) -> Result:
+def train(config: Config, *, comm: Any = None, callbacks: Sequence[Callable[[dict], None]] = (),
+          handle_signals: bool = False, report_result: bool = False) -> Result:
     """Train per config.mode (dp or fl) on every rank of `comm` (default: MPI_COMM_WORLD; one
     process in a notebook). Every rank calls it and gets the same Result.
 
@@ -64,42 +82,30 @@ def train(config: Config, *, comm=None, callbacks=(), handle_signals: bool = Fal
     report_result: log the final accuracy even with quiet=True (the command line's --quiet);
     without it a quiet run prints nothing on stdout. Messages go to the `hpcfl` logger (log.py).
     """
-    comm = _as_comm(comm)
+    world = _as_comm(comm)
     with preempt.handling(handle_signals):
         try:
-            return guarded(comm, lambda: _train(config, comm, callbacks, report_result))
+            return guarded(world, lambda: _train(config, world, callbacks, report_result))
         finally:
             log.reset()
 
 
-def guarded(comm: Comm, fn):
+def guarded(comm: Comm, fn: Callable[[], Any]) -> Any:
     """Run fn(); agreed errors propagate on every rank; a lone rank's error aborts the job."""
     try:
         return fn()
     except HpcflError as exc:
         if exc.collective or comm.size == 1:
             raise
-        print(f"hpcfl: error on rank {comm.rank} ({host_name()}): {exc}; aborting all ranks",
-              file=sys.stderr, flush=True)
-        comm.Abort(exc.exit_code)
+        abort_job(comm, exc)
     except Exception as exc:
         if comm.size == 1:
             raise
-        print(f"hpcfl: rank {comm.rank} failed: {describe_exception(exc)}; aborting all ranks "
-              "(HPCFL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
-        if os.environ.get("HPCFL_DEBUG"):
-            traceback.print_exc()
-        comm.Abort(1)
+        abort_job(comm, exc)
     raise AssertionError("unreachable")
 
 
-def describe_exception(exc: BaseException) -> str:
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
-    return f"{type(exc).__name__}: {exc}{where}"
-
-
-def _collective(fn):
+def _collective(fn: Callable[[], Any]) -> Any:
     """Run fn() where every rank computes the same thing: its UsageError is collective."""
     try:
         return fn()
@@ -108,7 +114,47 @@ def _collective(fn):
         raise
 
 
-def _threads(cfg: Config, comm: Comm, reporter_rank0: bool) -> Config:
+def _train(config: Config, comm: Comm, callbacks: Sequence[Callable[[dict], None]], report_result: bool) -> Result:
+    cfg, hooks = _settle(config, comm, report_result)
+    cfg, backend = _machine(cfg, comm)
+    _check_outputs(cfg, comm)
+    _check_not_replacing(cfg, comm)
+    data, layout = _data(cfg, comm)
+    from .privacy.plan import create_plan
+
+    plan = create_plan(cfg, comm, data.n_train)
+    with _locks(cfg, comm):
+        if cfg.backend == "cupy":             # GPU-resident data: uploaded once (47 MB of uint8)
+            data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
+                                                for k in ("train_x", "train_y", "test_x", "test_y")})
+        reporter = Reporter(cfg, comm.rank, callbacks, dataset=data)
+        summary = _run_trainer(cfg, comm, data, backend, reporter, layout, plan, hooks)
+    trained = Model(tuple(layout.sizes), summary.params, dataset=data.name,
+                    image_shape=tuple(data.image_shape), num_classes=data.num_classes,
+                    mean=data.mean, std=data.std, projection=summary.projection)
+    return Result(summary.test_accuracy, summary.history, trained, cfg, summary.best_accuracy,
+                  dict(summary.extra))
+
+
+def _settle(cfg: Config, comm: Comm, report_result: bool) -> tuple[Config, testing.Hooks]:
+    """The settings validated (the same on every rank), logging, the launch checked, the tests'
+    hooks (runtime/testing.py), BLAS threads. Overflow in a diverging run would warn on every
+    rank: the trainers check the (reduced) loss for NaN/Inf every step and stop with one message
+    naming the step instead."""
+    import numpy as np
+
+    _collective(lambda: config_mod.validate(cfg, comm.size))
+    comm.agree_all(lambda: log.configure(comm.rank, cfg.log_level, quiet=cfg.quiet,
+                                         show_result=report_result, log_file=cfg.log_file))
+    if comm.is_world():
+        check_launch(comm.size)
+    hooks = comm.agree_all(lambda: testing.hooks_for(comm.rank))
+    cfg = _threads(cfg, comm)
+    np.seterr(over="ignore", invalid="ignore", divide="ignore")
+    return cfg, hooks
+
+
+def _threads(cfg: Config, comm: Comm) -> Config:
     """--threads above the cores this rank may run on only oversubscribes: cap it, say so once."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -116,15 +162,28 @@ def _threads(cfg: Config, comm: Comm, reporter_rank0: bool) -> Config:
         cores = os.cpu_count() or 1
     cores = comm.allreduce(cores, "min")
     if cfg.threads > cores:
-        if reporter_rank0:
-            log.warning(f"--threads {cfg.threads} is more than the {cores} core"
-                        f"{'s' if cores > 1 else ''} a rank may use here: using {cores}")
+        if comm.rank == 0:
+            logger.warning(f"--threads {cfg.threads} is more than the {cores} core"
+                           f"{'s' if cores > 1 else ''} a rank may use here: using {cores}")
         cfg = cfg.replace(threads=cores)
     backends.set_threads(cfg.threads)
     return cfg
 
 
-def resolve_backend(cfg: Config, comm: Comm):
+def _machine(cfg: Config, comm: Comm) -> tuple[Config, Backend]:
+    """One backend for the whole job (the settings checked again with it resolved), and on a
+    GPU one device per rank of a node, by node-local rank."""
+    cfg, backend = resolve_backend(cfg, comm)
+    _collective(lambda: config_mod.check_backend(cfg))
+    if cfg.backend == "cupy":
+        from .parallel.launch import local_rank
+
+        where = local_rank(comm)
+        comm.agree_all(lambda: backend.select_device(where))    # type: ignore[attr-defined]
+    return cfg, backend
+
+
+def resolve_backend(cfg: Config, comm: Comm) -> tuple[Config, Backend]:
     """One backend for the whole job. 'auto': the first of cupy, numba, numpy usable on EVERY
     rank (a rank without a GPU makes the job use numba, with a warning). A named backend must
     load on every rank, else one error names the ranks where it does not."""
@@ -135,16 +194,16 @@ def resolve_backend(cfg: Config, comm: Comm):
         best = [next(n for n in ("cupy", "numba", "numpy") if n in u) for u in usable]
         if comm.rank == 0 and any(b != name for b in best):
             ranks = [r for r, b in enumerate(best) if b != name]
-            log.warning(f"--backend auto: using {name} on every rank ({', '.join(map(str, ranks))} "
-                        f"of {comm.size} could use another backend, but not every rank can)")
+            logger.warning(f"--backend auto: using {name} on every rank ({', '.join(map(str, ranks))} "
+                           f"of {comm.size} could use another backend, but not every rank can)")
     else:
         name = cfg.backend
 
-    def load():
+    def load() -> Backend:
         try:
             return backends.get(name)
         except (backends.BackendUnavailable, ImportError) as exc:
-            raise UsageError(str(exc))
+            raise UsageError(str(exc)) from None
 
     backend = comm.agree_all(load)
     return cfg.replace(backend=name), backend
@@ -154,7 +213,7 @@ def _check_outputs(cfg: Config, comm: Comm) -> None:
     """Fail before training, not after it, when an output cannot be written."""
     from .io.files import check_writable_dir
 
-    def check():
+    def check() -> None:
         if cfg.metrics and Path(cfg.metrics).is_symlink():
             raise UsageError(f"--metrics {cfg.metrics}: is a symbolic link; refusing to write through "
                              "it (give the path of a regular file)")
@@ -172,7 +231,7 @@ def _check_outputs(cfg: Config, comm: Comm) -> None:
                 try:
                     check_writable_dir(path)
                 except OSError as exc:
-                    raise UsageError(f"{what} {path}: cannot write there ({exc.strerror or exc})")
+                    raise UsageError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from None
 
     comm.agree(check)
 
@@ -183,7 +242,7 @@ def _check_not_replacing(cfg: Config, comm: Comm) -> None:
     if cfg.overwrite or cfg.resume:
         return
 
-    def check():
+    def check() -> None:
         found = []
         if cfg.metrics and Path(cfg.metrics).is_file() and Path(cfg.metrics).stat().st_size:
             found.append(f"--metrics {cfg.metrics}")
@@ -198,22 +257,38 @@ def _check_not_replacing(cfg: Config, comm: Comm) -> None:
     comm.agree(check)
 
 
-def load_dataset(name: str = "mnist", data_dir=None, *, comm=None, fetch: bool = True) -> data_mod.Dataset:
-    """The data set `name` (hpcfl.datasets.CATALOGUE, or 'idx' / 'npz' with data_dir), ready
-    to read: rank 0 fetches it if missing (catalogue sets), validates it and prepares or
-    verifies the cache; then every rank opens the cache (memory-mapped) and all ranks agree
-    that they could."""
+def load_dataset(name: str = "mnist", data_dir: str | None = None, *, comm: Any = None,
+                 fetch: bool = True) -> data_mod.Dataset:
+    """The data set `name` (hpcfl.data.CATALOGUE, or 'idx' / 'npz' with data_dir), ready to
+    read: rank 0 fetches it if missing (catalogue sets), validates it and prepares or verifies
+    the cache; then every rank opens the cache (memory-mapped) and all ranks agree that they
+    could."""
     comm = _as_comm(comm)
-    spec = _collective(lambda: datasets.get(name))
+    spec = _collective(lambda: catalogue.get(name))
     source = _collective(lambda: data_mod.resolve_data_dir(data_dir, name))
 
-    def prepare():  # rank 0 only; the others wait
+    def prepare() -> str:  # rank 0 only; the others wait
         if fetch and data_mod.missing_files(source, spec) and spec.format == "idx" and (spec.urls or spec.archive):
             data_mod.fetch(source, spec=spec)
         return str(data_mod.prepare_cache(source, spec=spec))
 
     path = comm.agree(prepare)
     return comm.agree_all(lambda: data_mod.open_cache(path))
+
+
+def _data(cfg: Config, comm: Comm) -> tuple[data_mod.Dataset, Layout]:
+    """The data set, the model's layout (its input and output sizes follow the data) and the
+    memory plan."""
+    from .core import layout as model_layout
+
+    data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
+    inputs = config_mod.pca_directions(cfg) or data.input_size
+    if inputs > data.input_size:
+        raise UsageError(f"--dp-pca {cfg.dp_pca}: more directions than the {data.input_size} values of "
+                         f"a {data.name} image", collective=True)
+    layout = model_layout.layout(cfg.hidden, inputs, data.num_classes)
+    _check_memory(cfg, comm, layout, data)
+    return data, layout
 
 
 def _available_memory() -> int | None:
@@ -234,27 +309,37 @@ def _available_memory() -> int | None:
     return avail
 
 
-def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
-    """Refuse a plan whose preallocated buffers cannot fit, before allocating them (a 95 GiB
-    MemoryError printed by every rank otherwise), naming the option that makes it big."""
-    from .training import federated as fl
+def _memory_plan(cfg: Config, comm: Comm, layout: Layout, data: data_mod.Dataset) -> tuple[str, dict[str, int]]:
+    """(the batch option, the bytes of buffers per rank by what they grow with)."""
     from .core import replica
 
+    if cfg.mode == "dp":
+        rows = math.ceil(cfg.batch_size / comm.size)
+        return "--batch-size", replica.buffer_bytes(cfg, layout, rows)
+    import numpy as np
+
+    from .fl import partition
+    from .training import federated
+
+    parts = _collective(lambda: partition.create(cfg.partition, np.asarray(data.train_y), cfg.num_clients,
+                                                 cfg.seed, cfg.alpha))
+    sizes = np.array([len(p) for p in parts])
+    plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout, federated.max_local_batch(cfg, sizes))
+    plan["model"] += federated.buffer_bytes(cfg, layout, comm.rank == 0, comm.size // cfg.ranks_per_client)
+    return "--local-batch-size", plan
+
+
+def _check_memory(cfg: Config, comm: Comm, layout: Layout, data: data_mod.Dataset) -> None:
+    """Refuse a plan whose preallocated buffers cannot fit, before allocating them (a 95 GiB
+    MemoryError printed by every rank otherwise), naming the option that makes it big."""
     node = comm.node_comm()
     local = node.size
     node.Free()
-    if cfg.mode == "dp":
-        batch_opt, rows = "--batch-size", math.ceil(cfg.batch_size / comm.size)
-        plan = replica.buffer_bytes(cfg, layout, rows)
-    else:
-        batch_opt = "--local-batch-size"
-        plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout,
-                                    fl.max_local_batch(cfg, _client_sizes(cfg, data)))
-        plan["model"] += fl.buffer_bytes(cfg, layout, comm.rank == 0, comm.size // cfg.ranks_per_client)
+    batch_opt, plan = _memory_plan(cfg, comm, layout, data)
     need = sum(plan.values())
     avail = _available_memory()
 
-    def check():
+    def check() -> None:
         if avail is not None and need * local > avail:
             what = batch_opt if plan["batch"] > plan["model"] else "--hidden"
             raise UsageError(f"{what}: this run needs {need / 2**30:.1f} GiB of buffers per rank "
@@ -265,167 +350,47 @@ def _check_memory(cfg: Config, comm: Comm, layout, data) -> None:
     comm.agree_all(check)
 
 
-def _client_sizes(cfg, data):
-    import numpy as np
-
-    from .fl import partition
-
-    parts = _collective(lambda: partition.make(cfg.partition, np.asarray(data.train_y), cfg.num_clients,
-                                               cfg.seed, cfg.alpha))
-    return np.array([len(p) for p in parts])
-
-
-def dp_sampling(cfg: Config, n_train: int) -> tuple[float, int, float]:
-    """(q, steps, expected) of a DP run: the sampling rate, the steps (dp) or rounds (fl) the
-    noise is calibrated for, and the expected count sampled (the fixed denominator)."""
-    if cfg.mode == "fl":
-        return cfg.client_fraction, cfg.rounds, cfg.client_fraction * cfg.num_clients
-    steps = cfg.epochs * (n_train // cfg.batch_size)
-    return cfg.batch_size / n_train, min(steps, cfg.max_steps) if cfg.max_steps else steps, float(cfg.batch_size)
-
-
-def calibrate(cfg: Config, n_train: int) -> tuple[float, float]:
-    """(DP-PCA's noise multiplier, 0 without it; z) that --dp-epsilon calibrates: pure, the same
-    on every rank; a budget that cannot be met is a UsageError. Also --print-config's."""
-    from .privacy import accountant as privacy
-
-    q, steps, _ = dp_sampling(cfg, n_train)
-    try:
-        if cfg.mode == "fl" and cfg.secure_agg:
-            return 0.0, privacy.calibrate_secure_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon)
-        sigma = 0.0
-        if config_mod.pca_directions(cfg):
-            sigma = cfg.dp_pca_noise or privacy.pca_noise_for(cfg.dp_epsilon, cfg.dp_delta)
-        prior = [(1.0, sigma, 1)] if sigma else []
-        return sigma, privacy.calibrate_noise(q, steps, cfg.dp_delta, cfg.dp_epsilon, prior=prior)
-    except ValueError as exc:
-        raise UsageError(f"--dp-epsilon {cfg.dp_epsilon:g}: {exc}")
-
-
-def plan_privacy(cfg: Config, comm: Comm, data):
-    """The run's DP plan (privacy.DpPlan), or None without DP: the sampling rate, the expected
-    count, the noise multiplier (calibrated on rank 0 for --dp-epsilon: a second or two) and
-    the secret seed of the noise and of the sampling (rank 0 draws it, unless given)."""
-    import secrets
-
-    from .privacy import accountant as privacy
-
-    if not config_mod.dp_on(cfg):
-        return None
-    q, steps, expected = dp_sampling(cfg, data.n_train)
-    secure = cfg.mode == "fl" and cfg.secure_agg
-    pca = config_mod.pca_directions(cfg)
-    if cfg.dp_noise is not None:
-        z, pca_noise = cfg.dp_noise, cfg.dp_pca_noise or 0.0
-    else:
-        pca_noise, z = comm.agree(lambda: calibrate(cfg, data.n_train))
-    share_std = 0.0
-    if secure:
-        # each share is sized so that a low quantile of the honest survivors still adds up to z
-        honest = privacy.honest_quantile(cfg.num_clients, q, cfg.dropout_rate, cfg.dp_colluders)
-        if honest < 1:
-            raise UsageError(f"DP with --secure-agg: in {100 * privacy.SECURE_QUANTILE:g}% of rounds at most "
-                             f"{honest + 1 + cfg.dp_colluders} of the {cfg.num_clients} clients survive "
-                             f"(--client-fraction {q:g}, --dropout-rate {cfg.dropout_rate:g}), which leaves no "
-                             f"honest noise share besides a client's own once --dp-colluders "
-                             f"{cfg.dp_colluders} are counted out: raise --client-fraction or --num-clients",
-                             collective=True)
-        share_std = z * cfg.dp_clip / (honest ** 0.5)
-    # 256 bits from the OS (the noise's AES keys derive from it), unless given to reproduce a run
-    seed = cfg.dp_noise_seed if cfg.dp_noise_seed is not None else comm.bcast(
-        secrets.randbits(256) if comm.rank == 0 else None)
-    return privacy.DpPlan(clip=cfg.dp_clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta,
-                          target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders,
-                          pca=pca, pca_noise=pca_noise)
-
-
-def _train(config: Config, comm: Comm, callbacks, report_result: bool) -> Result:
-    from .core import layout as model
-
-    cfg = config
-    _collective(lambda: config_mod.validate(cfg, comm.size))
-    comm.agree_all(lambda: log.configure(comm.rank, cfg.log_level, quiet=cfg.quiet,
-                                         show_result=report_result, log_file=cfg.log_file))
-    if comm.is_world():
-        check_launch(comm.size)
-    comm.agree_all(lambda: faults.arm(comm.rank))
-    cfg = _threads(cfg, comm, comm.rank == 0)
-    # Overflow in a diverging run would warn on every rank; the trainers check the (reduced)
-    # loss for NaN/Inf every step and stop with one message naming the step instead.
-    import numpy as np
-
-    np.seterr(over="ignore", invalid="ignore", divide="ignore")
-    cfg, backend = resolve_backend(cfg, comm)
-    if cfg.allreduce == "overlap" and cfg.backend == "cupy":   # device collectives are blocking (comm.py)
-        raise UsageError("--allreduce overlap works on host buffers only: with --backend cupy use "
-                         "fused (MPI) or nccl", collective=True)
-    if cfg.allreduce == "shm" and cfg.backend == "cupy":
-        raise UsageError("--allreduce shm sums host memory: with --backend cupy use fused or nccl",
-                         collective=True)
-    if cfg.allreduce == "nccl" and cfg.backend != "cupy":
-        raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
-                         f"backend is {cfg.backend})", collective=True)
-    if cfg.backend == "cupy":                 # one GPU per rank on a node, by node-local rank
-        from .parallel.comm import local_rank
-
-        where = local_rank(comm)
-        comm.agree_all(lambda: backend.select_device(where))
-    _check_outputs(cfg, comm)
-    _check_not_replacing(cfg, comm)
-    data = load_dataset(cfg.dataset, cfg.data_dir, comm=comm)
-    inputs = config_mod.pca_directions(cfg) or data.input_size
-    if inputs > data.input_size:
-        raise UsageError(f"--dp-pca {cfg.dp_pca}: more directions than the {data.input_size} values of "
-                         f"a {data.name} image", collective=True)
-    layout = model.layout(cfg.hidden, inputs, data.num_classes)
-    _check_memory(cfg, comm, layout, data)
-    dp_plan = plan_privacy(cfg, comm, data)
+@contextlib.contextmanager
+def _locks(cfg: Config, comm: Comm) -> Iterator[None]:
+    """One run per output path for the duration of the block (rank 0 holds the locks)."""
     lock = RunLock()
+
+    def take_locks() -> None:
+        for what, path, is_dir in (("--checkpoint-dir", cfg.checkpoint_dir, True),
+                                   ("--out", cfg.out, True), ("--metrics", cfg.metrics, False)):
+            if path:
+                lock.acquire(what, path, is_dir)
+
     try:
-        def take_locks():
-            for what, path, is_dir in (("--checkpoint-dir", cfg.checkpoint_dir, True),
-                                       ("--out", cfg.out, True), ("--metrics", cfg.metrics, False)):
-                if path:
-                    lock.acquire(what, path, is_dir)
-
-        try:
-            comm.agree(take_locks)
-        except HpcflError:
-            lock.release()
-            raise
-        if cfg.backend == "cupy":             # GPU-resident data: uploaded once (47 MB of uint8)
-            import dataclasses
-
-            data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
-                                                for k in ("train_x", "train_y", "test_x", "test_y")})
-        reporter = Reporter(cfg, comm.rank, callbacks, dataset=data)
-        made = config_mod.derived(cfg)
-        if made:
-            reporter.info("derived settings: " + ", ".join(f"{config_mod.flag(n)} {config_mod._text(v)}"
-                                                          for n, v in made.items()))
-        try:
-            faults.at_step(comm.rank, 0)      # tests only: step 0 is start-up
-            timeout = cfg.stall_timeout if comm.size > 1 else 0
-            with Watchdog(timeout, comm.rank, host_name(), comm.Abort):
-                if cfg.mode == "dp":
-                    from .training import dataparallel as dp
-
-                    summary = dp.train(cfg, comm, data, backend, reporter, layout, dp_plan)
-                else:
-                    from .training import federated as fl
-
-                    summary = fl.train(cfg, comm, data, backend, reporter, layout, dp_plan)
-        finally:
-            reporter.close()
-        if summary["test_accuracy"] is not None:
-            reporter.result(f"final test accuracy {100 * summary['test_accuracy']:.2f}%")
+        comm.agree(take_locks)
+    except HpcflError:
+        lock.release()
+        raise
+    try:
+        yield
     finally:
         if comm.rank == 0:
             lock.release()
-    trained = Model(tuple(layout.sizes), summary["params"], dataset=data.name,
-                    image_shape=tuple(data.image_shape), num_classes=data.num_classes,
-                    mean=data.mean, std=data.std, projection=summary.get("projection"))
-    extra = {k: v for k, v in summary.items()
-             if k not in ("history", "test_accuracy", "params", "best_accuracy", "projection")}
-    return Result(summary["test_accuracy"], summary["history"], trained, cfg,
-                  summary.get("best_accuracy"), extra)
+
+
+def _run_trainer(cfg: Config, comm: Comm, data: data_mod.Dataset, backend: Backend, reporter: Reporter,
+                 layout: Layout, plan: DpPlan | None, hooks: testing.Hooks) -> Summary:
+    """The trainer of cfg.mode, under the stall watchdog; the final accuracy reported."""
+    made = config_mod.derived(cfg)
+    if made:
+        reporter.info("derived settings: " + ", ".join(f"{config_mod.flag(n)} {config_mod.value_text(v)}"
+                                                      for n, v in made.items()))
+    try:
+        hooks.at_step(comm.rank, 0, [])        # step 0 is start-up
+        timeout = cfg.stall_timeout if comm.size > 1 else 0
+        with Watchdog(timeout, comm.rank, host_name(), comm.Abort):
+            if cfg.mode == "dp":
+                from .training.dataparallel import train as trainer
+            else:
+                from .training.federated import train as trainer
+            summary = trainer(cfg, comm, data, backend, reporter, layout, plan, hooks)
+    finally:
+        reporter.close()
+    if summary.test_accuracy is not None:
+        reporter.result(f"final test accuracy {100 * summary.test_accuracy:.2f}%")
+    return summary

@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import sys
+from typing import Any
 
 from . import config as config_mod
 from .config import FIELDS, Config, flag, shown_default
@@ -61,7 +62,8 @@ def _value_parser(name: str, f):
     kind = str(f.type)
     meta = f.metadata
 
-    def parse(text):
+    def parse(text: str) -> Any:
+        value: Any
         if name == "hidden":
             try:
                 value = config_mod.sizes_from_text(text)
@@ -120,7 +122,7 @@ def train_parser() -> argparse.ArgumentParser:
                    "written by --out; options given here override them")
     p.add_argument("--print-config", action="store_true", help="print the resolved settings as TOML "
                    "(derived ones marked; loadable by --config) and exit without training")
-    groups = {}
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name, f in FIELDS.items():
         meta = f.metadata
         if not meta["cli"]:
@@ -177,17 +179,17 @@ def train(comm, argv) -> int:
 
 
 def _noise_note(cfg) -> dict:
-    """--print-config: the noise multipliers --dp-epsilon calibrates to (api.calibrate), where
-    they can be computed without the data (fl mode; dp mode on a catalogue set of known size)."""
-    from . import api
+    """--print-config: the noise multipliers --dp-epsilon calibrates to (privacy.plan.calibrate),
+    where they can be computed without the data (fl mode; dp mode on a catalogue set of known size)."""
     from .data import catalogue as datasets
+    from .privacy.plan import calibrate
 
     if not config_mod.dp_on(cfg) or cfg.dp_epsilon is None:
         return {}
     counts = getattr(datasets.CATALOGUE.get(cfg.dataset), "counts", None)
     if cfg.mode == "dp" and not counts:
         return {"dp_noise": "derived at start: calibrated to --dp-epsilon on the data's size"}
-    sigma, z = api.calibrate(cfg, counts["train"] if cfg.mode == "dp" else 0)
+    sigma, z = calibrate(cfg, counts["train"] if counts and cfg.mode == "dp" else 0)
     note = {"dp_noise": f"derived at start: {z:.4g}, calibrated to --dp-epsilon {cfg.dp_epsilon:g}"
                         + (" after DP-PCA's share" if sigma else "")}
     if sigma and cfg.dp_pca_noise is None:
@@ -367,7 +369,8 @@ def _dispatch(comm, argv) -> int:
     try:
         return command(comm, argv)
     except SystemExit as exc:  # --help: printed on rank 0 only (below), exit 0 everywhere
-        return exc.code or 0
+        # as Python exits: an int as it is, None 0, anything else (a message) 1
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
 
 
 def main(argv: list[str] | None = None) -> int:

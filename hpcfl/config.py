@@ -12,10 +12,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+from .backends import NAMES as BACKENDS
+from .core.optim import OPTIMIZERS
 from .errors import UsageError
+from .fl.aggregators import AGGREGATORS
+from .fl.attacks import KINDS as ATTACKS
+from .fl.partition import PARTITIONS
+from .fl.server_opt import SERVER_OPTIMIZERS
+from .parallel.sync import SYNCS
+from .privacy.server_attacks import ATTACKS as SERVER_ATTACKS
 
 MUST, WARN, IGNORE = "must match", "may change (warning)", "ignored"
 MODES = ("dp", "fl")
@@ -71,8 +82,10 @@ def sizes_from_text(text: str) -> tuple:
     return tuple(int(t) for t in text.split(",") if t.strip())
 
 
-def option(default, help: str, *, check=None, choices=None, resume=WARN, group="training",
-           metavar=None, cli=True, modes=None, defines_run=True):
+def option(default: Any, help: str, *, check: Callable[[Any], Any] | None = None,
+           choices: Sequence[Any] | None = None, resume: str | dict[str, str] = WARN, group: str = "training",
+           metavar: str | None = None, cli: bool = True, modes: Sequence[str] | None = None,
+           defines_run: bool = True) -> Any:
     """A Config field with its help, check, resume rule (str, or {"dp": rule, "fl": rule}) and
     the modes it applies to (default: fl for the federated group, dp for the dp-only training
     settings, else both); config.json records only the settings of the run's mode, and of those
@@ -135,49 +148,54 @@ def dp_sgd_defaults(epsilon: float | None) -> dict:
 DP_FULL_STEP_CLIENTS = 300
 
 
-def _text(value) -> str:
+def value_text(value: Any) -> str:
+    """A setting's value as the command line spells it (tuples as 256,128, None as none)."""
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return "none" if value is None else str(value)
 
 
-def shown_default(name: str, default) -> str:
+def shown_default(name: str, default: Any) -> str:
     """The help's "(default: ...)" of a setting, spelling out the derived ones."""
     if name == "server_lr":
         return (f"1.0 for fedavg and fedavgm, 0.01 for fedadam; with DP in fl mode fedavg(m) takes "
                 f"min(1, clients per round / {DP_FULL_STEP_CLIENTS})")
-    parts = [_text(PLAIN_DEFAULTS.get(name, default))]
+    parts = [value_text(PLAIN_DEFAULTS.get(name, default))]
     if name in DP_DEFAULTS["dp"] or name in DP_SGD_BUDGETS[0][1]:
         by_budget, lower = [], 0.0
         for upper, settings in DP_SGD_BUDGETS:
             span = f"E <= {upper:g}" if lower == 0 else f"E > {lower:g}" if upper == math.inf else \
                 f"{lower:g} < E <= {upper:g}"
-            by_budget.append(f"{_text(settings.get(name))} for {span}")
+            by_budget.append(f"{value_text(settings.get(name))} for {span}")
             lower = upper
         values = {s.get(name) for _, s in DP_SGD_BUDGETS}
-        budget = (f"{_text(values.pop())}" if len(values) == 1 else ", ".join(by_budget))
-        noise = f"; {_text(DP_DEFAULTS['dp'][name])} with --dp-noise" if name in DP_DEFAULTS["dp"] else ""
+        budget = (f"{value_text(values.pop())}" if len(values) == 1 else ", ".join(by_budget))
+        noise = f"; {value_text(DP_DEFAULTS['dp'][name])} with --dp-noise" if name in DP_DEFAULTS["dp"] else ""
         parts.append(f"with --dp-sgd --dp-epsilon E: {budget}{noise}")
     if name in DP_DEFAULTS["fl"]:
-        parts.append(f"{_text(DP_DEFAULTS['fl'][name])} with DP in fl mode")
+        parts.append(f"{value_text(DP_DEFAULTS['fl'][name])} with DP in fl mode")
     return "; ".join(parts)
 
 
 @dataclass(frozen=True)
 class Config:
+    """A run's settings. A field whose default is None and that PLAIN_DEFAULTS or DP_DEFAULTS name
+    is derived at construction (hidden, epochs, batch_size, lr, momentum, server_opt, server_lr
+    always are: their types say what they hold once a Config exists)."""
+    _derived: ClassVar[tuple[str, ...]] = ()    # the fields derived (not given), set per instance
     mode: str = option("dp", "dp: data parallel, one Allreduce per step; fl: federated (FedAvg)",
                        choices=("dp", "fl"), resume=MUST, group="mode")
     # ---- model and optimisation
-    hidden: tuple | None = option(None, "hidden layer sizes, comma separated", check=layer_sizes,
+    hidden: tuple = option(None, "hidden layer sizes, comma separated", check=layer_sizes,
                            resume=MUST, metavar="N,N")
-    epochs: int | None = option(None, "training epochs (dp)", check=positive, resume=DP_ONLY)
-    batch_size: int | None = option(None, "global batch (dp): each of P ranks computes 1/P of it "
+    epochs: int = option(None, "training epochs (dp)", check=positive, resume=DP_ONLY)
+    batch_size: int = option(None, "global batch (dp): each of P ranks computes 1/P of it "
                                     "(with --dp-sgd the expected size of the Poisson batches)",
                              check=positive, resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
-    optimizer: str = option("sgd", "optimizer (dp; fl clients use plain SGD)", choices=("sgd", "adam"),
+    optimizer: str = option("sgd", "optimizer (dp; fl clients use plain SGD)", choices=tuple(OPTIMIZERS),
                             resume={"dp": MUST, "fl": IGNORE}, modes=("dp",))
-    lr: float | None = option(None, "learning rate (dp)", check=positive, resume=DP_ONLY)
-    momentum: float | None = option(None, "SGD momentum (dp)", check=below_one, resume=DP_ONLY)
+    lr: float = option(None, "learning rate (dp)", check=positive, resume=DP_ONLY)
+    momentum: float = option(None, "SGD momentum (dp)", check=below_one, resume=DP_ONLY)
     weight_decay: float = option(1e-4, "L2 weight decay (dp)", check=non_negative, resume=DP_ONLY)
     schedule: str = option("cosine", "learning-rate schedule (dp)", choices=("cosine", "constant"),
                            resume=DP_ONLY)
@@ -193,7 +211,7 @@ class Config:
     client_fraction: float = option(0.1, "share C of the clients sampled each round",
                                     check=fraction, resume=FL_MUST, group="federated")
     partition: str = option("iid", "how the training set is split among clients",
-                            choices=("iid", "shards", "dirichlet"), resume=FL_MUST, group="federated")
+                            choices=tuple(PARTITIONS), resume=FL_MUST, group="federated")
     alpha: float = option(0.5, "Dirichlet concentration (--partition dirichlet)", check=positive,
                           resume=FL_MUST, group="federated")
     local_epochs: int = option(1, "local epochs E per round", check=positive, resume=FL_ONLY,
@@ -204,9 +222,9 @@ class Config:
                              group="federated")
     mu: float = option(0.0, "FedProx proximal weight", check=non_negative, resume=FL_ONLY,
                        group="federated")
-    server_opt: str | None = option(None, "server optimizer", choices=("fedavg", "fedavgm", "fedadam"),
+    server_opt: str = option(None, "server optimizer", choices=tuple(SERVER_OPTIMIZERS),
                              resume=FL_MUST, group="federated")
-    server_lr: float | None = option(None, "server learning rate", check=positive, resume=FL_ONLY,
+    server_lr: float = option(None, "server learning rate", check=positive, resume=FL_ONLY,
                                      group="federated")
     server_momentum: float = option(0.9, "server momentum (fedavgm)", check=below_one,
                                     resume=FL_ONLY, group="federated")
@@ -245,7 +263,7 @@ class Config:
     server_attack: str | None = option(None, "research: run a malicious secure-aggregation server "
                                        "against the honest clients (every round; rounds build no "
                                        "model) and record whether it was detected and what it learned",
-                                       choices=("empty-route", "key-swap", "lie-dropped", "split-graph"),
+                                       choices=SERVER_ATTACKS,
                                        resume=FL_ONLY, group="privacy", modes=("fl",))
     dropout_rate: float = option(0.0, "fl: share of the sampled clients that drop out of each round "
                                  "(after the key exchange under --secure-agg), seeded by the round",
@@ -282,8 +300,8 @@ class Config:
                                        resume=IGNORE, group="privacy", metavar="N")
     # ---- robustness and heterogeneity (fl)
     aggregator: str = option("mean", "how the server combines the client updates: the weighted mean "
-                             "(FedAvg), or a Byzantine-robust rule", choices=("mean", "median", "trimmed-mean",
-                             "krum", "multi-krum", "norm-bounded"), resume=FL_ONLY, group="robustness")
+                             "(FedAvg), or a Byzantine-robust rule", choices=tuple(AGGREGATORS), resume=FL_ONLY,
+                             group="robustness")
     trim_fraction: float = option(0.1, "trimmed-mean: share beta of the largest and of the smallest "
                                   "values dropped per coordinate", check=below_one, resume=FL_ONLY,
                                   group="robustness", metavar="BETA")
@@ -297,7 +315,7 @@ class Config:
                                            "client updates of a larger L2 norm", check=positive,
                                            resume=FL_ONLY, group="robustness", metavar="M")
     attack: str | None = option(None, "simulated attack by the malicious clients (robustness "
-                                "experiments)", choices=("signflip", "scale", "gaussian", "labelflip", "nan"),
+                                "experiments)", choices=ATTACKS,
                                 resume=FL_MUST, group="robustness")
     malicious_fraction: float = option(0.0, "share of the clients that attack (a seeded set)",
                                        check=below_one, resume=FL_MUST, group="robustness", metavar="F")
@@ -324,14 +342,14 @@ class Config:
                        check=non_negative, resume={"dp": WARN, "fl": MUST}, group="data")
     # ---- machinery
     backend: str = option("auto", "compute backend (auto: cupy with a usable GPU, else numba)",
-                          choices=("auto", "numpy", "numba", "cupy"), resume=WARN, group="machinery")
+                          choices=("auto", *BACKENDS), resume=WARN, group="machinery")
     threads: int = option(1, "BLAS/Numba threads per rank (capped at the rank's cores)",
                           check=positive, resume=IGNORE, group="machinery")
     allreduce: str = option("fused", "gradient sync: one blocking Allreduce of the flat buffer per "
                             "step, a non-blocking Iallreduce per layer during backward, NCCL "
                             "(--backend cupy), or shm: a node's ranks sum in shared memory and each "
                             "updates its slice (dp mode, CPU backends)",
-                            choices=("fused", "overlap", "nccl", "shm"), resume=WARN, group="machinery")
+                            choices=tuple(SYNCS), resume=WARN, group="machinery")
     stall_timeout: float = option(600.0, "seconds without progress on a rank (a step, a round, a "
                                   "collective completing) before it aborts the job; 0: never",
                                   check=non_negative, resume=IGNORE, group="machinery", metavar="S")
@@ -374,9 +392,9 @@ class Config:
             derived.append(name)
         object.__setattr__(self, "_derived", tuple(derived))
 
-    def replace(self, **changes) -> Config:
+    def replace(self, **changes: Any) -> Config:
         """A copy with `changes`; the settings that were derived (not given) are derived again."""
-        again = {name: None for name in self._derived if name not in changes}
+        again: dict[str, Any] = {name: None for name in self._derived if name not in changes}
         return dataclasses.replace(self, **again, **changes)
 
     def to_dict(self, this_mode_only: bool = False) -> dict:
@@ -401,7 +419,7 @@ class Config:
         """A Config from a mapping of field names (dashes allowed: `batch-size`). Unknown keys are
         refused by name when strict (a typo must not silently fall back to a default)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in d.items():
             name = key.replace("-", "_")
             if name not in names:
@@ -412,7 +430,7 @@ class Config:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path) -> dict:
+    def from_file(cls, path: str | Path) -> dict:
         """The settings in a TOML file or in the config.json that --out writes, as a dict."""
         path = Path(path)
         try:
@@ -423,9 +441,9 @@ class Config:
             if path.suffix == ".json":
                 d = json.loads(text)
             else:
-                try:
+                if sys.version_info >= (3, 11):
                     import tomllib
-                except ImportError:                         # Python < 3.11
+                else:                                       # Python < 3.11
                     import tomli as tomllib
                 d = tomllib.loads(text.decode())
         except Exception as exc:
@@ -450,7 +468,7 @@ def _numeric(text: str) -> bool:
         return False
 
 
-def _file_value(path, key: str, value):
+def _file_value(path: Path, key: str, value: Any) -> Any:
     """A setting from a file, of the type its field takes, else an error naming the file, the key
     and the type: `epochs = "3"` is a TOML string, not the number it looks like."""
     name = key.replace("-", "_")
@@ -530,7 +548,7 @@ def derived_defaults(cfg: Config) -> dict:
     table = dict(PLAIN_DEFAULTS)
     if private:
         table.update(dp_sgd_defaults(cfg.dp_epsilon) if cfg.mode == "dp" else DP_DEFAULTS["fl"])
-    out = {name: value for name, value in table.items() if getattr(cfg, name) is None}
+    out: dict[str, Any] = {name: value for name, value in table.items() if getattr(cfg, name) is None}
     if cfg.server_lr is None:
         opt = out.get("server_opt", cfg.server_opt)
         out["server_lr"] = DEFAULT_SERVER_LR.get(opt, 1.0)
@@ -557,6 +575,13 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_privacy(cfg)
     _validate_robustness(cfg)
     _validate_applies(cfg)
+    check_backend(cfg)
+    if cfg.mode == "fl" and cfg.secure_agg:
+        from .fl.partition import per_round
+        from .fl.secure import check_settings  # the cryptography package: only when asked for
+
+        check_settings(cfg, cfg.client_fraction * cfg.num_clients if dp_on(cfg)
+                       else per_round(cfg.num_clients, cfg.client_fraction))
     if cfg.allreduce == "shm" and cfg.mode != "dp":
         raise UsageError("--allreduce shm is for --mode dp (fl clients reduce with fused, overlap or nccl)")
     if cfg.resume and not cfg.checkpoint_dir:
@@ -567,6 +592,20 @@ def validate(cfg: Config, world_size: int) -> None:
         path = getattr(cfg, name)
         if path is not None and not str(path).strip():
             raise UsageError(f"{flag(name)}: empty path")
+
+
+def check_backend(cfg: Config) -> None:
+    """--allreduce against --backend (once more when auto has been resolved to a backend)."""
+    if cfg.backend == "auto":
+        return
+    if cfg.allreduce == "overlap" and cfg.backend == "cupy":   # device collectives are blocking (comm.py)
+        raise UsageError("--allreduce overlap works on host buffers only: with --backend cupy use "
+                         "fused (MPI) or nccl")
+    if cfg.allreduce == "shm" and cfg.backend == "cupy":
+        raise UsageError("--allreduce shm sums host memory: with --backend cupy use fused or nccl")
+    if cfg.allreduce == "nccl" and cfg.backend != "cupy":
+        raise UsageError(f"--allreduce nccl sums GPU buffers: it needs --backend cupy (this run's "
+                         f"backend is {cfg.backend})")
 
 
 # The option a user of the other mode reaches for (a Flower user types --lr in fl mode).
@@ -610,7 +649,7 @@ def not_applying(cfg: Config, name: str) -> str | None:
         setting, values, why = ONLY_WITH[name]
         if getattr(cfg, setting) not in values:
             value = getattr(cfg, setting)
-            shown = ("on" if value else "off") if isinstance(value, bool) else _text(value)
+            shown = ("on" if value else "off") if isinstance(value, bool) else value_text(value)
             return f"{flag(name)} is not read with {flag(setting)} {shown}: {why}"
     if name in ("dp_delta", "dp_noise_seed") and not dp_on(cfg):
         return (f"{flag(name)} is not read without differential privacy (--dp-sgd in dp mode; "
@@ -633,7 +672,7 @@ def derived(cfg: Config) -> dict:
     return {n: getattr(cfg, n) for n in cfg._derived if not_applying(cfg, n) is None}
 
 
-def _toml_value(value) -> str:
+def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):

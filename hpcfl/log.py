@@ -1,4 +1,5 @@
-"""A run's messages: one logger, `hpcfl`, whose records rank 0 shows.
+"""A run's messages: one logger, `hpcfl`, whose records rank 0 shows. Every module logs to its own
+`logging.getLogger(__name__)`, a child of `hpcfl`, so a program can raise or lower one part.
 
     info, debug      the start banner, one line per epoch/round, what a run did -> stdout
     RESULT (25)      the run's outcome (the final accuracy): shown even with --quiet -> stdout
@@ -38,6 +39,18 @@ class _BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class RankFilter(logging.Filter):
+    """Rank 0 shows what its level lets through; the other ranks only errors (the same warning
+    from 8 ranks is noise, an error on rank 5 alone is news)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record):
+        return self.rank == 0 or record.levelno >= logging.ERROR
+
+
 def _ours(handler: logging.Handler) -> bool:
     return getattr(handler, "_hpcfl", False)
 
@@ -59,7 +72,7 @@ class _Current(logging.StreamHandler):
         pass
 
 
-def _stream(which: str, level: int, *filters) -> logging.Handler:
+def _stream(which: str, level: int, *filters: logging.Filter) -> logging.Handler:
     handler = _Current(which)
     handler.setLevel(level)
     handler.setFormatter(_Console())
@@ -81,25 +94,23 @@ def configure(rank: int, level: str = "info", *, quiet: bool = False, show_resul
     if any(not _ours(h) and h not in root for h in logger.handlers):
         logger.setLevel(shown)
         return
-    handlers = []
-    if rank == 0:
-        handlers += [_stream("stdout", shown, _BelowWarning()), _stream("stderr", max(shown, logging.WARNING))]
-        if log_file:
-            try:
-                file = logging.FileHandler(log_file, encoding="utf-8")
-            except OSError as exc:
-                from .errors import UsageError
+    ranks = RankFilter(rank)
+    handlers = [_stream("stdout", shown, _BelowWarning(), ranks),
+                _stream("stderr", max(shown, logging.WARNING), ranks)]
+    if log_file and rank == 0:
+        try:
+            file = logging.FileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            from .errors import UsageError
 
-                raise UsageError(f"--log-file {log_file}: cannot write it ({exc.strerror or exc})")
-            file.setLevel(least)
-            file.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
-            handlers.append(file)
-    else:
-        handlers.append(_stream("stderr", logging.ERROR))
+            raise UsageError(f"--log-file {log_file}: cannot write it ({exc.strerror or exc})") from None
+        file.setLevel(least)
+        file.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s"))
+        handlers.append(file)
     for h in handlers:
-        h._hpcfl = True
+        h._hpcfl = True      # type: ignore[attr-defined]
         logger.addHandler(h)
-    logger.setLevel(min(h.level for h in handlers))
+    logger.setLevel(min(h.level for h in handlers) if rank == 0 else logging.ERROR)
     logger.propagate = False
 
 
@@ -112,14 +123,3 @@ def reset() -> None:
     logger.setLevel(logging.NOTSET)
     logger.propagate = True
 
-
-def info(msg: str) -> None:
-    logger.info(msg)
-
-
-def result(msg: str) -> None:
-    logger.log(RESULT, msg)
-
-
-def warning(msg: str) -> None:
-    logger.warning(msg)

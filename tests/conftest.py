@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import DATA_DIR, have_mnist
 
 os.environ.setdefault("HPCFL_DATA_DIR", str(DATA_DIR))

@@ -101,14 +101,14 @@ def batch(lay, n, seed=0, dtype=np.float32):
 
 def check_optimizer_matches_reference(be, opt: str, n: int) -> None:
     """Five updates of backend `be`'s optimizer `opt` on n parameters against the numpy reference."""
-    from hpcfl.core import optim
     from hpcfl.backends import numpy_backend as ref
+    from hpcfl.core import optim
 
     rng = np.random.default_rng(5)
     p0 = rng.standard_normal(n).astype(np.float32)
     p_ref, p = p0.copy(), be.to_device(p0.copy())
-    o_ref = optim.make(opt, ref, n, momentum=0.9, weight_decay=1e-3)
-    o = optim.make(opt, be, n, momentum=0.9, weight_decay=1e-3)
+    o_ref = optim.create(opt, ref, n, momentum=0.9, weight_decay=1e-3)
+    o = optim.create(opt, be, n, momentum=0.9, weight_decay=1e-3)
     for _ in range(5):
         g = rng.standard_normal(n).astype(np.float32)
         o_ref.step(p_ref, g, lr=0.01, scale=0.5)

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import DATA_DIR, ROOT, needs_mnist
 
 import hpcfl
-from helpers import DATA_DIR, ROOT, needs_mnist
 
 pytestmark = needs_mnist
 

@@ -12,13 +12,12 @@ import time
 
 import numpy as np
 import pytest
-
-from hpcfl.io import checkpoint
-from hpcfl.config import Config
-from hpcfl.errors import TrainingError, UsageError
-
 from helpers import mpirun_cmd, needs_mnist, open_mpi, run_hpcfl
 from test_cli import assert_clean_failure
+
+from hpcfl.config import Config
+from hpcfl.errors import TrainingError, UsageError
+from hpcfl.io import checkpoint
 
 N = 1000  # a tiny fake "model" for the file-level tests
 

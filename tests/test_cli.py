@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from helpers import DATA_DIR, assert_clean_failure, needs_mnist, run_hpcfl
 
 pytestmark = needs_mnist

@@ -12,14 +12,14 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
 import test_cupy
 from helpers import batch
+from test_cupy import cxx, emu  # noqa: F401  (fixtures: the C++ compiler, the CuPy emulation)
+
 from hpcfl import backends
-from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
-from test_cupy import cxx, emu  # noqa: F401  (fixtures: the C++ compiler, the CuPy emulation)
+from hpcfl.core import layout as model
 
 SMALL = model.Layout((20, 16, 12, 10))
 LAYOUT = model.layout((256, 128))           # the MNIST MLP

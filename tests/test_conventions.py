@@ -9,15 +9,15 @@ import io
 import json
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
+from helpers import ROOT, assert_clean_failure, needs_mnist, run_hpcfl
 
 import hpcfl
 from hpcfl import cli, config, data, log
 from hpcfl.config import Config
 from hpcfl.errors import UsageError
-from helpers import ROOT, assert_clean_failure, needs_mnist, run_hpcfl
 
 
 def parse(*args):
@@ -213,24 +213,29 @@ def test_each_catalogue_data_set_has_its_own_folder_variable(monkeypatch, tmp_pa
 # ---------------------------------------------------------------- logging
 
 def test_the_log_levels_the_quiet_switch_and_the_file(tmp_path, capsys):
+    import logging
+
     path = tmp_path / "run.log"
+    child = logging.getLogger("hpcfl.training.federated")     # a module's logger: a child of hpcfl
     try:
         log.configure(0, "info", log_file=str(path))
-        log.logger.debug("not shown")
-        log.info("an epoch line")
-        log.warning("a warning")
+        child.debug("not shown")
+        child.info("an epoch line")
+        child.warning("a warning")
         log.configure(0, "info", quiet=True)
-        log.info("hidden by --quiet")
-        log.result("final test accuracy 1%")
+        child.info("hidden by --quiet")
+        child.log(log.RESULT, "final test accuracy 1%")
         log.configure(0, "info", quiet=True, show_result=False)
-        log.result("hidden from a quiet API run")
-        log.configure(1, "debug")
-        log.info("rank 1 shows no info")
+        child.log(log.RESULT, "hidden from a quiet API run")
+        log.configure(1, "debug")                               # the rank filter: errors only
+        child.info("rank 1 shows no info")
+        child.warning("nor warnings")
+        child.error("but its errors")
     finally:
         log.reset()
     out, err = capsys.readouterr()
     assert out == "an epoch line\nfinal test accuracy 1%\n"
-    assert err == "hpcfl: warning: a warning\n"
+    assert err == "hpcfl: warning: a warning\nhpcfl: error: but its errors\n"
     written = path.read_text().splitlines()
     assert len(written) == 2 and written[0].endswith("rank 0 INFO an epoch line")
     assert written[0][:4].isdigit() and "WARNING a warning" in written[1]
@@ -243,7 +248,7 @@ def test_a_program_keeps_its_own_logging_set_up(capsys):
     log.logger.addHandler(mine)
     try:
         log.configure(0, "info")
-        log.info("to my handler only")
+        logging.getLogger("hpcfl.io.report").info("to my handler only")
     finally:
         log.logger.removeHandler(mine)
         log.reset()

@@ -27,17 +27,26 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import (
+    DATA_DIR,
+    ROOT,
+    assert_clean_failure,
+    batch,
+    check_optimizer_matches_reference,
+    mpirun_cmd,
+    needs_mnist,
+    run_hpcfl,
+)
 
-from helpers import (DATA_DIR, ROOT, assert_clean_failure, batch, check_optimizer_matches_reference, mpirun_cmd,
-                     needs_mnist, run_hpcfl)
 from hpcfl import backends
-from hpcfl.parallel import comm
-from hpcfl.training import dataparallel as dp
-from hpcfl.core import layout as model
 from hpcfl.backends import cupy_backend as cb
 from hpcfl.backends import numpy_backend as ref
 from hpcfl.config import Config
+from hpcfl.core import layout as model
+from hpcfl.data import MEAN, STD
 from hpcfl.errors import UsageError
+from hpcfl.parallel import comm, launch, nccl, sync
+from hpcfl.training import dataparallel as dp
 
 REASON = cb.unavailable_reason()
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"no usable GPU for the cupy backend: {REASON}")
@@ -95,10 +104,10 @@ def test_without_cupy_installed():
             backends.get("cupy")
         except backends.BackendUnavailable as exc:
             print(exc)
-        from hpcfl.parallel import comm
+        from hpcfl.parallel import comm, launch, nccl, sync
         from hpcfl.errors import UsageError
         try:
-            comm.NcclComm(comm.Comm.self_())
+            nccl.NcclComm(comm.Comm.self_())
         except UsageError as exc:
             print(exc)
     """)
@@ -349,13 +358,13 @@ def test_nccl_comm_without_nccl_is_a_clear_error():
     except ImportError:
         pass
     with pytest.raises(UsageError, match="NCCL is not usable on every rank: .*(cupy|libnccl)") as info:
-        comm.NcclComm(comm.Comm.self_())
+        nccl.NcclComm(comm.Comm.self_())
     assert info.value.collective                          # agreed by all ranks: each exits 2
 
 
 def test_ranks_sharing_a_gpu_are_named():
-    assert comm._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n2", "0000:01:00.0")]) is None
-    assert (comm._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n1", "0000:01:00.0")])
+    assert nccl._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n2", "0000:01:00.0")]) is None
+    assert (nccl._shared_gpus([("n1", "0000:01:00.0"), ("n1", "0000:02:00.0"), ("n1", "0000:01:00.0")])
             == "ranks 0 and 2 share GPU 0000:01:00.0 on n1")
 
 
@@ -383,17 +392,17 @@ def test_replica_sums_each_steps_gradients_through_its_reducer():
     rng = np.random.default_rng(1)
     images, labels = rng.integers(0, 256, (512, 784), dtype=np.uint8), rng.integers(0, 10, 512).astype(np.uint8)
     batches = [rng.permutation(512)[:64] for _ in range(5)]
-    plain = dp.Replica(cfg, ref, 64)
+    plain = dp.Replica(cfg, ref, 64, norm=(MEAN, STD))
     for idx in batches:
         plain.step(comm.Comm.self_(), images, labels, idx, cfg.lr)
     reducer = RecordingReducer(comm.Comm.self_())
-    rep = dp.Replica(cfg, ref, 64, reducer=reducer)
+    rep = dp.Replica(cfg, ref, 64, reducer=reducer, norm=(MEAN, STD))
     strict = NoAllreduceComm(comm.Comm.self_().mpicomm)
     for idx in batches:
         rep.step(strict, images, labels, idx, cfg.lr)
-    assert len(reducer.bufs) == 5 and all(b is rep.gradbuf for b in reducer.bufs)
+    assert len(reducer.bufs) == 5 and all(b is rep.sync.gradbuf for b in reducer.bufs)
     np.testing.assert_array_equal(rep.host_params(), plain.host_params())
-    assert dp.gradient_reducer(cfg.replace(allreduce="nccl"), comm.Comm.self_()) is None   # 1 rank: no sum
+    assert sync.gradient_reducer(cfg.replace(allreduce="nccl"), comm.Comm.self_()) is None   # 1 rank: no sum
 
 
 def test_cli_allreduce_nccl_without_the_cupy_backend_exits_2():
@@ -731,10 +740,10 @@ def test_emulated_steps_allocate_nothing_after_the_first(emu):
     x, y = (cb.to_device(a) for a in batch(lay, n))
     images, labels = cb.upload_images(np.zeros((n, 20), np.uint8)), cb.upload_images(np.zeros(n, np.uint8))
     idx = np.arange(n)
-    cb.gather(images, idx, x)                            # warm-up: the index buffer
+    cb.gather(images, idx, x, MEAN, STD)                 # warm-up: the index buffer
     before = len(emu.allocations)
     for _ in range(2):
-        cb.gather(images, idx, x)
+        cb.gather(images, idx, x, MEAN, STD)
         cb.gather_labels(labels, idx, y)
         cb.forward_backward(lay.views(p), x, y, lay.views(g), ws)
         cb.evaluate(lay.views(p), x, y, ws)
@@ -750,14 +759,14 @@ def check_gather(rows: int) -> None:
     idx = rng.permutation(rows)[:rows * 17 // 50]
     n_out = rows * 2 // 5
     out_ref, y_ref = np.zeros((n_out, 784), np.float32), np.zeros(n_out, np.int32)
-    ref.gather(src, idx, out_ref)
+    ref.gather(src, idx, out_ref, MEAN, STD)
     ref.gather_labels(labels, idx, y_ref)
     for src_, idx_, labels_ in [(cb.upload_images(src), idx, cb.upload_images(labels)),               # host idx
                                 (cb.upload_images(src), cb.to_device(idx.astype(np.int32)), cb.upload_images(labels)),
                                 (src, idx, labels),                                                  # host data
                                 (src, cb.to_device(idx), labels)]:                       # host data, device idx
         out, y = cb.xp.zeros((n_out, 784), np.float32), cb.xp.zeros(n_out, np.int32)
-        cb.gather(src_, idx_, out)
+        cb.gather(src_, idx_, out, MEAN, STD)
         cb.gather_labels(labels_, idx_, y)
         np.testing.assert_allclose(cb.to_host(out), out_ref, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(cb.to_host(y), y_ref)
@@ -781,7 +790,7 @@ def replica_run(backend, steps=4, batch_size=64, optimizer="sgd", data_on_device
     labels = rng.integers(0, 10, 512).astype(np.uint8)
     if data_on_device:
         images, labels = backend.upload_images(images), backend.upload_images(labels)
-    rep = dp.Replica(cfg, backend, batch_size)
+    rep = dp.Replica(cfg, backend, batch_size, norm=(MEAN, STD))
     c = comm.Comm.self_()
     losses = [rep.step(c, images, labels, rng.permutation(512)[:batch_size], cfg.lr) for _ in range(steps)]
     return rep.host_params(), losses
@@ -853,7 +862,7 @@ def test_gpu_steps_allocate_nothing_after_the_first():
     idx = np.arange(n)
 
     def step():
-        cb.gather(images, idx, x)
+        cb.gather(images, idx, x, MEAN, STD)
         cb.gather_labels(labels, idx, y)
         cb.forward_backward(LAYOUT.views(p), x, y, LAYOUT.views(g), ws)
         cb.sgd_update(p, g, momentum, 0.01, 0.9, 0.0, 1.0 / n)
@@ -877,10 +886,10 @@ def test_gpu_replica_follows_the_numpy_replica(optimizer):
 
 GPU_MPI = """
 import numpy as np, cupy as cp
-from hpcfl.parallel import comm
+from hpcfl.parallel import comm, launch, nccl, sync
 from hpcfl.backends import cupy_backend as cb
 c = comm.Comm.world()
-cb.select_device(comm.local_rank(c))
+cb.select_device(launch.local_rank(c))
 buf = cp.arange(10, dtype=cp.float32) * (c.rank + 1)
 c.Allreduce_sum(buf)
 b = cp.full(4, c.rank, cp.float64)

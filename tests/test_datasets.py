@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_clean_failure, run_hpcfl
 
 from hpcfl import data
 from hpcfl.data import catalogue as datasets
 from hpcfl.errors import DataError, UsageError
-
-from helpers import assert_clean_failure, run_hpcfl
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),

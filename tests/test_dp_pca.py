@@ -9,11 +9,12 @@ import json
 import dp_accounting
 import numpy as np
 import pytest
+from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
 
 import hpcfl
-from hpcfl.privacy import noise
 from hpcfl.privacy import accountant as privacy
-from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
+from hpcfl.privacy import mechanisms, noise
+from hpcfl.privacy import plan as dpplan
 
 KEY = noise.derive_key(5, "dp-pca")
 
@@ -30,11 +31,11 @@ def test_without_noise_the_directions_are_the_svd_of_the_unit_norm_rows():
     units = x / np.maximum(np.linalg.norm(x.astype(float), axis=1, keepdims=True), 1e-300)
     _, s, vt = np.linalg.svd(units, full_matrices=False)
     assert s[4] - s[5] > 1e-3                                  # a well-defined top-5 subspace
-    p = privacy.dp_pca(x, 5, 0.0, KEY)
+    p = mechanisms.dp_pca(x, 5, 0.0, KEY)
     assert p.shape == (16, 5) and p.dtype == np.float32
     assert subspace_gap(p.astype(float), vt[:5].T) < 1e-5
     assert np.allclose(p.T.astype(float) @ p, np.eye(5), atol=1e-6)
-    assert np.array_equal(p, privacy.dp_pca(x.reshape(300, 4, 4), 5, 0.0, KEY))   # images or rows
+    assert np.array_equal(p, mechanisms.dp_pca(x.reshape(300, 4, 4), 5, 0.0, KEY))   # images or rows
 
 
 def test_the_noise_is_symmetric_with_the_asked_scale_and_keyed():
@@ -42,7 +43,7 @@ def test_the_noise_is_symmetric_with_the_asked_scale_and_keyed():
     # reconstruct a symmetric matrix whose upper entries have std sigma
     d, sigma = 120, 3.0
     zero = np.zeros((4, d))
-    full = privacy.dp_pca(zero, d, sigma, KEY).astype(float)
+    full = mechanisms.dp_pca(zero, d, sigma, KEY).astype(float)
     assert np.allclose(full.T @ full, np.eye(d), atol=1e-4)
     draws = sigma * noise.standard_normal(KEY, 0, d * (d + 1) // 2)
     e = np.zeros((d, d))
@@ -50,9 +51,9 @@ def test_the_noise_is_symmetric_with_the_asked_scale_and_keyed():
     e = np.triu(e) + np.triu(e, 1).T
     values, vectors = np.linalg.eigh(e)
     top = vectors[:, np.argsort(values)[::-1][:10]]
-    assert subspace_gap(privacy.dp_pca(zero, 10, sigma, KEY).astype(float), top) < 1e-4
+    assert subspace_gap(mechanisms.dp_pca(zero, 10, sigma, KEY).astype(float), top) < 1e-4
     assert draws.std() == pytest.approx(sigma, rel=0.03)
-    other = privacy.dp_pca(zero, 10, sigma, noise.derive_key(6, "dp-pca"))
+    other = mechanisms.dp_pca(zero, 10, sigma, noise.derive_key(6, "dp-pca"))
     assert subspace_gap(other.astype(float), top) > 0.5        # another seed, another release
 
 
@@ -72,7 +73,7 @@ def test_the_budget_share_and_the_composed_epsilon_against_dp_accounting():
         return acc.get_epsilon(delta)
 
     assert direct(z) <= target < direct(z / 1.002)
-    plan = privacy.DpPlan(clip=0.5, z=z, q=q, expected=4096, noise_seed=1, delta=delta, pca=60, pca_noise=sigma)
+    plan = dpplan.DpPlan(clip=0.5, z=z, q=q, expected=4096, noise_seed=1, delta=delta, pca=60, pca_noise=sigma)
     plan.accountant.compose(q, z, steps)
     assert plan.accountant.epsilon() == pytest.approx(direct(z), rel=1e-9)
     with pytest.raises(ValueError, match="spent before training"):

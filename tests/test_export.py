@@ -11,12 +11,13 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from hpcfl import data          # noqa: E402
-from hpcfl.io import export
+from helpers import DATA_DIR, ROOT, needs_mnist  # noqa: E402
+
+from hpcfl import data  # noqa: E402
 from hpcfl.core import layout as model_mod
-from hpcfl.errors import UsageError                          # noqa: E402
-from hpcfl.core.model import Model, load_model                # noqa: E402
-from helpers import DATA_DIR, ROOT, needs_mnist              # noqa: E402
+from hpcfl.core.model import Model, load_model  # noqa: E402
+from hpcfl.errors import UsageError  # noqa: E402
+from hpcfl.io import export
 
 TOL = 1e-4
 

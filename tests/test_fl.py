@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import DATA_DIR, needs_mnist
 
-from hpcfl.fl import server_opt as aggregate
-from hpcfl.fl import partition
 from hpcfl.config import Config
 from hpcfl.errors import UsageError
-
-from helpers import DATA_DIR, needs_mnist
+from hpcfl.fl import partition
+from hpcfl.fl import server_opt as aggregate
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +27,17 @@ def assert_exact_cover(parts, n):
 @needs_mnist
 @pytest.mark.parametrize("scheme", ["iid", "shards", "dirichlet"])
 def test_partitions_assign_every_sample_exactly_once_and_deterministically(mnist_labels, scheme):
-    parts = partition.make(scheme, mnist_labels, 100, seed=3, alpha=0.5)
+    parts = partition.create(scheme, mnist_labels, 100, seed=3, alpha=0.5)
     assert len(parts) == 100
     assert_exact_cover(parts, 60_000)
-    again = partition.make(scheme, mnist_labels, 100, seed=3, alpha=0.5)
+    again = partition.create(scheme, mnist_labels, 100, seed=3, alpha=0.5)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    other = partition.make(scheme, mnist_labels, 100, seed=4, alpha=0.5)
+    other = partition.create(scheme, mnist_labels, 100, seed=4, alpha=0.5)
     assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
 
 
 def test_iid_clients_are_equal_sized():
-    parts = partition.make("iid", np.zeros(1003, np.uint8), 10, seed=0)
+    parts = partition.create("iid", np.zeros(1003, np.uint8), 10, seed=0)
     assert sorted(len(p) for p in parts) == [100] * 7 + [101] * 3
 
 
@@ -46,7 +45,7 @@ def test_shards_give_each_client_exactly_two_labels_when_classes_fill_whole_shar
     # 10 labels x 40 samples, 20 clients -> 40 shards of 10: every shard holds a single label
     labels = np.repeat(np.arange(10), 40).astype(np.uint8)
     np.random.default_rng(0).shuffle(labels)
-    parts = partition.make("shards", labels, 20, seed=1)
+    parts = partition.create("shards", labels, 20, seed=1)
     assert_exact_cover(parts, 400)
     assert all(len(p) == 20 for p in parts)
     assert all(len(np.unique(labels[p])) <= 2 for p in parts)
@@ -55,7 +54,7 @@ def test_shards_give_each_client_exactly_two_labels_when_classes_fill_whole_shar
 
 @needs_mnist
 def test_shards_on_mnist_follow_the_paper(mnist_labels):
-    parts = partition.make("shards", mnist_labels, 100, seed=0)
+    parts = partition.create("shards", mnist_labels, 100, seed=0)
     assert all(len(p) == 600 for p in parts)                  # 200 shards of 300, 2 per client
     n_labels = [len(np.unique(mnist_labels[p])) for p in parts]
     # MNIST's class sizes are not multiples of 300, so a shard can straddle two digits
@@ -68,7 +67,7 @@ def test_shards_on_mnist_follow_the_paper(mnist_labels):
 @needs_mnist
 def test_dirichlet_skew_follows_alpha(mnist_labels):
     def mean_top2_share(alpha):
-        parts = partition.make("dirichlet", mnist_labels, 20, seed=0, alpha=alpha)
+        parts = partition.create("dirichlet", mnist_labels, 20, seed=0, alpha=alpha)
         shares = [np.sort(np.bincount(mnist_labels[p], minlength=10))[::-1][:2].sum() / len(p) for p in parts]
         return float(np.mean(shares))
 
@@ -79,9 +78,9 @@ def test_dirichlet_skew_follows_alpha(mnist_labels):
 def test_bad_partitions_are_usage_errors():
     labels = np.repeat(np.arange(10), 5).astype(np.uint8)
     with pytest.raises(UsageError, match="more than the 50 training samples"):
-        partition.make("iid", labels, 51, seed=0)
+        partition.create("iid", labels, 51, seed=0)
     with pytest.raises(UsageError, match="get no data"):
-        partition.make("dirichlet", labels, 40, seed=0, alpha=0.01)
+        partition.create("dirichlet", labels, 40, seed=0, alpha=0.01)
 
 
 def test_client_sampling_is_seeded_and_sized():
@@ -110,15 +109,15 @@ def test_weighted_average_by_hand():
 
 def test_fedavg_with_server_lr_1_takes_the_average_and_smaller_lr_interpolates():
     g = np.array([1.0, 1.0], np.float32)
-    aggregate.make(Config(server_opt="fedavg", server_lr=1.0), 2).step(g, np.array([3.0, -1.0], np.float32))
+    aggregate.create(Config(server_opt="fedavg", server_lr=1.0), 2).step(g, np.array([3.0, -1.0], np.float32))
     np.testing.assert_allclose(g, [3.0, -1.0])
     g = np.array([1.0, 1.0], np.float32)
-    aggregate.make(Config(server_opt="fedavg", server_lr=0.5), 2).step(g, np.array([3.0, -1.0], np.float32))
+    aggregate.create(Config(server_opt="fedavg", server_lr=0.5), 2).step(g, np.array([3.0, -1.0], np.float32))
     np.testing.assert_allclose(g, [2.0, 0.0])
 
 
 def test_fedavgm_by_hand():
-    opt = aggregate.make(Config(server_opt="fedavgm", server_lr=1.0, server_momentum=0.5), 1)
+    opt = aggregate.create(Config(server_opt="fedavgm", server_lr=1.0, server_momentum=0.5), 1)
     g = np.array([1.0], np.float32)
     opt.step(g, np.array([0.0], np.float32))   # delta 1, v = 1, w = 0
     assert g[0] == pytest.approx(0.0)
@@ -128,7 +127,7 @@ def test_fedavgm_by_hand():
 
 def test_fedadam_by_hand():
     cfg = Config(server_opt="fedadam", server_lr=0.1, server_beta1=0.9, server_beta2=0.99, server_eps=1e-3)
-    opt = aggregate.make(cfg, 1)
+    opt = aggregate.create(cfg, 1)
     g = np.array([1.0], np.float32)
     opt.step(g, np.array([0.5], np.float32))   # delta .5, m = .05, v = .0025, step = .1*.05/(.05+.001)
     assert g[0] == pytest.approx(1.0 - 0.1 * 0.05 / (0.05 + 1e-3), rel=1e-5)

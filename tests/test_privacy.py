@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hpcfl.privacy import accountant as privacy
+from hpcfl.privacy import mechanisms, sampling
 
 dp_accounting = pytest.importorskip("dp_accounting")
 stats = pytest.importorskip("scipy.stats")
@@ -169,20 +170,20 @@ def test_calibrate_noise_rejects_bad_inputs(q, steps, delta, target):
 # --- Poisson sampling ------------------------------------------------------------------------
 
 def test_poisson_sample_is_a_pure_function_of_its_arguments():
-    a = privacy.poisson_sample(60000, Q_MNIST, seed=1, step=5)
+    a = sampling.poisson_sample(60000, Q_MNIST, seed=1, step=5)
     assert a.dtype == np.int64 and np.all(np.diff(a) > 0) and a[0] >= 0 and a[-1] < 60000
-    np.testing.assert_array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=1, step=5))
-    assert not np.array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=1, step=6))
-    assert not np.array_equal(a, privacy.poisson_sample(60000, Q_MNIST, seed=2, step=5))
-    assert len(privacy.poisson_sample(10, 0.0, 0, 0)) == 0
-    np.testing.assert_array_equal(privacy.poisson_sample(10, 1.0, 0, 0), np.arange(10))
+    np.testing.assert_array_equal(a, sampling.poisson_sample(60000, Q_MNIST, seed=1, step=5))
+    assert not np.array_equal(a, sampling.poisson_sample(60000, Q_MNIST, seed=1, step=6))
+    assert not np.array_equal(a, sampling.poisson_sample(60000, Q_MNIST, seed=2, step=5))
+    assert len(sampling.poisson_sample(10, 0.0, 0, 0)) == 0
+    np.testing.assert_array_equal(sampling.poisson_sample(10, 1.0, 0, 0), np.arange(10))
 
 
 def test_poisson_batch_size_is_binomial():
     """Over M steps the mean size has std sqrt(nq(1-q)/M) and the sample variance std about
     nq(1-q) sqrt(2/(M-1)) (the binomial's excess kurtosis, ~1/128, is negligible): 5 of each."""
     n, q, M = 60000, Q_MNIST, 4000
-    sizes = np.array([len(privacy.poisson_sample(n, q, seed=0, step=t)) for t in range(M)])
+    sizes = np.array([len(sampling.poisson_sample(n, q, seed=0, step=t)) for t in range(M)])
     var = n * q * (1 - q)
     assert abs(sizes.mean() - n * q) < 5 * math.sqrt(var / M)
     assert abs(sizes.var(ddof=1) - var) < 5 * var * math.sqrt(2 / (M - 1))
@@ -195,7 +196,7 @@ def test_poisson_inclusion_is_uniform_over_indices():
     n, q, M = 500, 0.1, 2000
     counts = np.zeros(n)
     for t in range(M):
-        counts[privacy.poisson_sample(n, q, seed=3, step=t)] += 1
+        counts[sampling.poisson_sample(n, q, seed=3, step=t)] += 1
     chi2 = float(((counts - M * q) ** 2).sum() / (M * q * (1 - q)))
     assert 1e-6 < stats.chi2.sf(chi2, n) < 1 - 1e-6
 
@@ -206,7 +207,7 @@ def test_poisson_sample_has_the_law_of_independent_bernoullis():
     n, q, M = 4, 0.3, 20000
     seen = np.zeros(2 ** n)
     for t in range(M):
-        seen[sum(1 << int(i) for i in privacy.poisson_sample(n, q, seed=4, step=t))] += 1
+        seen[sum(1 << int(i) for i in sampling.poisson_sample(n, q, seed=4, step=t))] += 1
     k = np.array([bin(mask).count("1") for mask in range(2 ** n)])
     expected = M * q ** k * (1 - q) ** (n - k)
     assert stats.chi2.sf(float(((seen - expected) ** 2 / expected).sum()), 2 ** n - 1) > 1e-6
@@ -215,7 +216,7 @@ def test_poisson_sample_has_the_law_of_independent_bernoullis():
 @pytest.mark.parametrize("n, q", [(60000, Q_MNIST), (60000, 0.5), (1000, 0.01), (50, 0.9)])
 @pytest.mark.parametrize("p_exceed", [1e-2, 1e-6, 1e-12])
 def test_poisson_capacity_bounds_the_exact_binomial_tail(n, q, p_exceed):
-    c = privacy.poisson_capacity(n, q, p_exceed)
+    c = sampling.poisson_capacity(n, q, p_exceed)
     assert n * q <= c <= n
     assert stats.binom.sf(c, n, q) <= p_exceed        # P(K > c), exactly
     exact = int(stats.binom.isf(p_exceed, n, q))      # about the smallest valid capacity
@@ -224,31 +225,31 @@ def test_poisson_capacity_bounds_the_exact_binomial_tail(n, q, p_exceed):
 
 def test_poisson_capacity_holds_for_drawn_batches():
     n, q, p_exceed, M = 60000, Q_MNIST, 1e-2, 5000
-    c = privacy.poisson_capacity(n, q, p_exceed)
-    sizes = np.array([len(privacy.poisson_sample(n, q, seed=9, step=t)) for t in range(M)])
+    c = sampling.poisson_capacity(n, q, p_exceed)
+    sizes = np.array([len(sampling.poisson_sample(n, q, seed=9, step=t)) for t in range(M)])
     assert (sizes > c).mean() < p_exceed
-    assert privacy.poisson_capacity(n, q) == 220       # the default 1e-12, as documented
-    assert privacy.poisson_capacity(100, 0.0) == 0 and privacy.poisson_capacity(100, 1.0) == 100
-    assert privacy.poisson_capacity(0, 0.5) == 0
+    assert sampling.poisson_capacity(n, q) == 220       # the default 1e-12, as documented
+    assert sampling.poisson_capacity(100, 0.0) == 0 and sampling.poisson_capacity(100, 1.0) == 100
+    assert sampling.poisson_capacity(0, 0.5) == 0
     with pytest.raises(ValueError):
-        privacy.poisson_capacity(100, 0.1, 0.0)
+        sampling.poisson_capacity(100, 0.1, 0.0)
 
 
 # --- DP-FedAvg helpers -----------------------------------------------------------------------
 
 def test_clip_l2_by_hand():
     v = np.array([3.0, 4.0], np.float32)               # norm 5
-    kept, norm = privacy.clip_l2(v, 10.0)
+    kept, norm = mechanisms.clip_l2(v, 10.0)
     np.testing.assert_array_equal(kept, [3.0, 4.0])
     assert norm == 5.0 and kept.dtype == np.float32 and kept is not v
-    clipped, norm = privacy.clip_l2(v, 2.5)            # scaled by 2.5 / 5
+    clipped, norm = mechanisms.clip_l2(v, 2.5)            # scaled by 2.5 / 5
     np.testing.assert_allclose(clipped, [1.5, 2.0], rtol=1e-7)
     assert norm == 5.0 and clipped.dtype == np.float32
     np.testing.assert_array_equal(v, [3.0, 4.0])       # the input is left alone
-    zero, norm = privacy.clip_l2(np.zeros(3, np.float32), 1.0)
+    zero, norm = mechanisms.clip_l2(np.zeros(3, np.float32), 1.0)
     assert norm == 0.0 and not zero.any()
     with pytest.raises(ValueError):
-        privacy.clip_l2(v, 0.0)
+        mechanisms.clip_l2(v, 0.0)
 
 
 def test_clip_l2_norm_accumulates_in_float64():
@@ -256,12 +257,12 @@ def test_clip_l2_norm_accumulates_in_float64():
     by_hand = float(np.float32(0.1)) * math.sqrt(235146)
     # float64 summation of 235,146 terms errs by at most n * 2^-53 ~ 3e-11 (relative), whatever
     # order BLAS picks; a float32 accumulation would be off by ~1e-4
-    assert privacy.clip_l2(v, 1.0)[1] == pytest.approx(by_hand, rel=1e-10)
-    clipped, _ = privacy.clip_l2(v, 1.0)
+    assert mechanisms.clip_l2(v, 1.0)[1] == pytest.approx(by_hand, rel=1e-10)
+    clipped, _ = mechanisms.clip_l2(v, 1.0)
     assert float(np.sqrt((clipped.astype(np.float64) ** 2).sum())) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_noise_std_by_hand():
-    assert privacy.noise_std(1.1, 0.5) == pytest.approx(0.55)
+    assert mechanisms.noise_std(1.1, 0.5) == pytest.approx(0.55)
     with pytest.raises(ValueError):
-        privacy.noise_std(1.0, 0.0)
+        mechanisms.noise_std(1.0, 0.0)

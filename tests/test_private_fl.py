@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import assert_clean_failure, needs_mnist, run_hpcfl, run_then_resume_without_seed
 
 pytestmark = needs_mnist

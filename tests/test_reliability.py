@@ -14,14 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    DATA_DIR,
+    ROOT,
+    assert_clean_failure,
+    launcher_rank_var,
+    mpirun_cmd,
+    needs_mnist,
+    open_mpi,
+    run_hpcfl,
+)
 
-from helpers import (DATA_DIR, ROOT, assert_clean_failure, launcher_rank_var, mpirun_cmd, needs_mnist,
-                     open_mpi, run_hpcfl)
 from hpcfl import data
-from hpcfl.io import checkpoint
-from hpcfl.io import locks
 from hpcfl.config import Config
 from hpcfl.errors import HpcflError
+from hpcfl.io import checkpoint, locks
 
 pytestmark = needs_mnist
 SHORT = ["--max-steps", 20, "--quiet"]

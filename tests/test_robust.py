@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hpcfl.fl import attacks
 from hpcfl.fl import aggregators as robust
+from hpcfl.fl import attacks
 
 
 def col(*values):

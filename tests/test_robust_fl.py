@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import assert_clean_failure, needs_mnist, run_hpcfl
 
 pytestmark = needs_mnist

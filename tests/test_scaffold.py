@@ -1,15 +1,15 @@
 """SCAFFOLD (Karimireddy et al. 2020, option II) with hpcfl's age limit on the control variates:
-the formulas of aggregate.py against independent computations on small arrays (a client's K
+the formulas of fl/scaffold.py against independent computations on small arrays (a client's K
 local steps simulated by hand), and end to end the run whose model the paper's rule made
 non-finite (benchmarks/ROBUSTNESS.md, section 2)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import assert_clean_failure, needs_mnist, run_hpcfl
-from hpcfl.fl import server_opt as aggregate
+
 from hpcfl.config import Config
+from hpcfl.fl import scaffold as aggregate
 
 RNG = np.random.default_rng(7)
 C, C_I = RNG.normal(size=5), RNG.normal(size=5)
@@ -103,18 +103,19 @@ def test_a_client_whose_training_diverged_keeps_its_old_variate():
     from types import SimpleNamespace
 
     from hpcfl import backends
+    from hpcfl.fl.context import FedContext
     from hpcfl.fl.scaffold import Scaffold
 
-    cfg = Config(mode="fl", scaffold=True, num_clients=2, local_lr=0.1)
-    fed = SimpleNamespace(cfg=cfg, n=3, sizes=np.array([5, 5]), n_groups=1, group=0,
-                          rep=SimpleNamespace(post_reduce=[]), global_w=np.zeros(3))
-    sc = Scaffold(fed, backends.get("numpy"))
+    ctx = FedContext(comm=SimpleNamespace(rank=0), leaders=SimpleNamespace(rank=0), leader=True, group=0,
+                     n_groups=1, n=3, sizes=np.array([5, 5]), num_clients=2, home=[[0, 1]])
+    sc = Scaffold(ctx, backends.get("numpy"), local_lr=0.1, max_age=5)
+    global_w = np.zeros(3)
     sc.start(0, 1)
     assert sc.left_out                    # no c_i yet: c alone
-    dc = sc.finish(0, np.array([np.nan, 1.0, 1.0], np.float32), 2, 1)
+    dc = sc.finish(0, np.array([np.nan, 1.0, 1.0], np.float32), 2, 1, global_w)
     np.testing.assert_array_equal(dc, np.zeros(3))
     assert sc.pending == {}
     sc.start(1, 1)
-    dc = sc.finish(1, np.array([-0.2, 0.0, 0.2], np.float32), 2, 1)     # (x - y) / (K lr), c = 0
+    dc = sc.finish(1, np.array([-0.2, 0.0, 0.2], np.float32), 2, 1, global_w)     # (x - y) / (K lr), c = 0
     np.testing.assert_allclose(dc, [1.0, 0.0, -1.0], rtol=1e-6)
     assert list(sc.pending) == [1] and sc.pending[1][1] == 1

@@ -9,9 +9,10 @@ import struct
 import numpy as np
 import pytest
 
-from hpcfl.privacy import secagg
-from hpcfl.privacy.secagg import (Client, FixedPoint, RoundParams, SecAggAbort, SecAggAuthError, SecAggError,
-                          Server)
+from hpcfl.privacy import fixedpoint, secagg, secagg_graph
+from hpcfl.privacy.fixedpoint import FixedPoint
+from hpcfl.privacy.secagg import Client, SecAggAbort, SecAggAuthError, SecAggError, Server
+from hpcfl.privacy.secagg_graph import RoundParams
 
 
 def inputs(clients, n, seed=0):
@@ -89,7 +90,7 @@ def test_dropping_holders_minus_t_clients_after_share_keys_keeps_the_survivors_s
     t, gone = params.threshold, []
 
     def pick(server):                                     # all inside client 0's holder set
-        holders = secagg.holders(server.graph, 0)
+        holders = secagg_graph.holders(server.graph, 0)
         gone[:] = [h for h in holders if h != 0][:len(holders) - t]
         return gone
 
@@ -104,7 +105,7 @@ def test_one_more_dropout_aborts_with_the_reason(m, k):
     t, gone, size = params.threshold, [], []
 
     def pick(server):
-        holders = secagg.holders(server.graph, 0)
+        holders = secagg_graph.holders(server.graph, 0)
         size.append(len(holders))
         gone[:] = [h for h in holders if h != 0][:len(holders) - t + 1]
         return gone
@@ -269,13 +270,13 @@ def test_shares_are_fresh_and_the_field_is_large():
 
 @pytest.mark.parametrize("n_holders,t", [(2, 2), (3, 2), (5, 3), (10, 6), (15, 8), (100, 51)])
 def test_default_threshold_is_the_smallest_majority(n_holders, t):
-    assert secagg.default_threshold(n_holders) == t
+    assert secagg_graph.default_threshold(n_holders) == t
 
 
 @pytest.mark.parametrize("t,n", [(1, 5), (6, 5), (0, 3)])
 def test_invalid_thresholds_are_refused(t, n):
     with pytest.raises(ValueError, match=f"2 <= t <= {n}"):
-        secagg.check_threshold(t, n)
+        secagg_graph.check_threshold(t, n)
     with pytest.raises(ValueError):
         RoundParams(0, tuple(range(n)), None, t, 8, n)
 
@@ -289,28 +290,28 @@ def test_a_single_client_cannot_aggregate_securely():
 
 @pytest.mark.parametrize("m,k", [(10, 4), (30, 10), (10, 3), (100, 14), (9, 2)])
 def test_neighbor_graph_is_symmetric_k_regular_and_seeded(m, k):
-    g = secagg.neighbor_graph(range(m), k, b"seed/round-1")
+    g = secagg_graph.neighbor_graph(range(m), k, b"seed/round-1")
     assert all(len(v) == k and len(set(v)) == k and c not in v for c, v in g.items())
     assert all(c in g[d] for c, v in g.items() for d in v)
-    assert g == secagg.neighbor_graph(range(m), k, b"seed/round-1")
-    assert g != secagg.neighbor_graph(range(m), k, b"seed/round-2")
+    assert g == secagg_graph.neighbor_graph(range(m), k, b"seed/round-1")
+    assert g != secagg_graph.neighbor_graph(range(m), k, b"seed/round-2")
 
 
 def test_neighbor_graph_odd_k_on_odd_m_rounds_up():
-    g = secagg.neighbor_graph(range(11), 3, 5)
+    g = secagg_graph.neighbor_graph(range(11), 3, 5)
     assert {len(v) for v in g.values()} == {4}
 
 
 @pytest.mark.parametrize("k", [None, 9, 12])
 def test_neighbor_graph_is_complete_when_k_reaches_m_minus_1(k):
-    g = secagg.neighbor_graph([3, 1, 7, 0, 2, 5, 4, 6, 8, 9], k, 1)
+    g = secagg_graph.neighbor_graph([3, 1, 7, 0, 2, 5, 4, 6, 8, 9], k, 1)
     assert g == {c: tuple(d for d in range(10) if d != c) for c in range(10)}
 
 
 def test_round_params_use_the_graph_and_the_holders_threshold():
     p = RoundParams.make(5, range(100), 10, k=14)
     graph = p.graph(p.clients, b"transcript-1")
-    assert p.threshold == 8 and all(len(secagg.holders(graph, c)) == 15 for c in p.clients)
+    assert p.threshold == 8 and all(len(secagg_graph.holders(graph, c)) == 15 for c in p.clients)
     assert graph != p.graph(p.clients, b"transcript-2")    # the graph follows the transcript
     assert p.min_survivors == 51 and RoundParams.make(5, range(100), 10, k=14, corrupt=10).min_survivors == 56
 
@@ -458,7 +459,7 @@ def test_fixed_point_through_secure_aggregation():
 
 @pytest.mark.parametrize("m", [1, 2, 7, 100])
 def test_wide_fixed_point_sums_match_float64_far_below_a_float32_ulp(m):
-    fp = secagg.WideFixedPoint(bound=3.0, max_terms=m)
+    fp = fixedpoint.WideFixedPoint(bound=3.0, max_terms=m)
     rng = np.random.default_rng(m)
     terms = [rng.uniform(-3, 3, 2001) for _ in range(m)]
     total = np.zeros(2 * 2001, np.uint32)
@@ -476,7 +477,7 @@ def test_wide_fixed_point_sums_match_float64_far_below_a_float32_ulp(m):
 
 def test_wide_fixed_point_through_secure_aggregation():
     m, n = 6, 500
-    fp = secagg.WideFixedPoint(bound=250000.0, max_terms=m)     # n_k x the range of 12 clients of 5000
+    fp = fixedpoint.WideFixedPoint(bound=250000.0, max_terms=m)     # n_k x the range of 12 clients of 5000
     rng = np.random.default_rng(9)
     floats = {c: rng.uniform(-250000, 250000, n) for c in range(m)}
     total = secagg.simulate(RoundParams.make(0, range(m), 2 * n), {c: fp.encode(v) for c, v in floats.items()})

@@ -9,9 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from hpcfl.privacy import secagg
-from hpcfl.privacy import server_attacks
-from hpcfl.privacy.secagg import RoundParams
+from hpcfl.privacy import secagg, secagg_graph, server_attacks
+from hpcfl.privacy.secagg_graph import RoundParams
 
 
 class NoDefence(secagg.Client):
@@ -112,41 +111,41 @@ def test_a_client_whose_own_advertisement_was_altered_aborts():
 def ring_split_probability(m, k, p, trials, seed):
     """Monte Carlo: how often independent removals with probability p disconnect H(k, m)."""
     rng = np.random.default_rng(seed)
-    graph = secagg.neighbor_graph(range(m), k, b"g")
+    graph = secagg_graph.neighbor_graph(range(m), k, b"g")
     bad = 0
     for _ in range(trials):
         alive = [c for c in range(m) if rng.random() >= p]
-        bad += len(alive) > 1 and not secagg.is_connected(graph, alive)
+        bad += len(alive) > 1 and not secagg_graph.is_connected(graph, alive)
     return bad / trials
 
 
 def test_min_neighbors_meets_its_stated_bound_and_smaller_k_splits_often():
     # the audit's setting: 100 clients, 10% dropouts. K = 2 splits nearly always, K = 4 often;
     # the bound's K, by Monte Carlo, never (it promises C(m, 2) p^K <= 2^-40)
-    k = secagg.min_neighbors(100, 0.1, 0.0)
+    k = secagg_graph.min_neighbors(100, 0.1, 0.0)
     assert k == 2 * math.ceil((40 * math.log(2) + math.log(4950)) / (-2 * math.log(0.1)))
     assert math.comb(100, 2) * 0.1 ** k <= 2.0 ** -40
-    assert secagg.min_neighbors(100, 0.1, 0.05) == 20           # the default setting's K
+    assert secagg_graph.min_neighbors(100, 0.1, 0.05) == 20           # the default setting's K
     assert ring_split_probability(100, 2, 0.1, 300, 1) > 0.9
     assert ring_split_probability(100, 4, 0.1, 2000, 2) > 0.02
     assert ring_split_probability(100, k, 0.1, 2000, 3) == 0.0
-    assert secagg.min_neighbors(10, 0.1, 0.05) is None          # small rounds: complete graph only
-    assert secagg.min_neighbors(1000, 0.1, 0.05) < 999
+    assert secagg_graph.min_neighbors(10, 0.1, 0.05) is None          # small rounds: complete graph only
+    assert secagg_graph.min_neighbors(1000, 0.1, 0.05) < 999
 
 
 def test_the_union_bound_for_a_split_by_hand():
     # H(4, 6) is the ring with offsets 1 and 2: removing {1, 2} and {4, 5} isolates 0 from 3
-    g = secagg.neighbor_graph(range(6), 4, b"x")
-    ring = secagg.shuffled_ring(range(6), b"x")
-    assert not secagg.is_connected(g, [ring[0], ring[3]])
-    assert secagg.is_connected(g, [ring[0], ring[2], ring[3], ring[5]])   # gaps of 1 keep it whole
+    g = secagg_graph.neighbor_graph(range(6), 4, b"x")
+    ring = secagg_graph.shuffled_ring(range(6), b"x")
+    assert not secagg_graph.is_connected(g, [ring[0], ring[3]])
+    assert secagg_graph.is_connected(g, [ring[0], ring[2], ring[3], ring[5]])   # gaps of 1 keep it whole
 
 
 def test_sparse_threshold_keeps_colluders_below_t():
-    t = secagg.sparse_threshold(37, 100, 0.05)
+    t = secagg_graph.sparse_threshold(37, 100, 0.05)
     assert t >= 19                                               # at least the smallest majority
-    assert secagg._binom_sf(t, 37, 0.05) <= 2.0 ** -40 / 100
-    assert secagg.sparse_threshold(37, 100, 0.3) > 19            # more colluders: a higher t
+    assert secagg_graph._binom_sf(t, 37, 0.05) <= 2.0 ** -40 / 100
+    assert secagg_graph.sparse_threshold(37, 100, 0.3) > 19            # more colluders: a higher t
 
 
 def test_the_honest_server_never_unmasks_a_disconnected_survivor_graph():
@@ -157,7 +156,7 @@ def test_the_honest_server_never_unmasks_a_disconnected_survivor_graph():
     server = secagg.Server(params, directory)
     ads = server.collect_keys({c: x.advertise_keys() for c, x in clients.items()})
     routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
-    ring = secagg.shuffled_ring(server.graph, server.transcript)
+    ring = secagg_graph.shuffled_ring(server.graph, server.transcript)
     gone = {ring[1], ring[2], ring[6], ring[7]}
     ys = {c: clients[c].masked_input(np.zeros(32, np.uint32), routed[c]) for c in routed if c not in gone}
     with pytest.raises(secagg.SecAggAbort, match="disconnected"):
@@ -165,7 +164,8 @@ def test_the_honest_server_never_unmasks_a_disconnected_survivor_graph():
 
 
 def test_the_command_line_offers_every_attack_and_no_other():
-    from hpcfl.config import Config
     import dataclasses
+
+    from hpcfl.config import Config
     field = next(f for f in dataclasses.fields(Config) if f.name == "server_attack")
     assert tuple(field.metadata["choices"]) == server_attacks.ATTACKS

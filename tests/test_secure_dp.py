@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hpcfl.privacy import noise
 from hpcfl.privacy import accountant as privacy
+from hpcfl.privacy import noise, sampling
+from hpcfl.privacy import plan as dpplan
 
 pld = pytest.importorskip("dp_accounting.pld.privacy_loss_distribution")
 
@@ -99,7 +100,7 @@ def test_calibrate_secure_noise_meets_the_target_and_no_less_noise_does():
 def test_honest_quantile_by_hand():
     # 100 clients at q 0.1: survivors ~ Binomial(100, 0.1); its 5% quantile is 5 (P(<= 4) = 0.024,
     # P(<= 5) = 0.058); less the client itself and 1 colluder: 3
-    assert privacy.honest_quantile(100, 0.1, 0.0, 1) == 3
+    assert sampling.honest_quantile(100, 0.1, 0.0, 1) == 3
     assert stats.binom.cdf(4, 100, 0.1) < 0.05 <= stats.binom.cdf(5, 100, 0.1)
 
 
@@ -110,8 +111,8 @@ def test_finding_1_the_budget_is_never_exceeded_with_real_survivor_counts(num_cl
     # a round that would overshoot is withheld (collect.SecureCollector.withhold)
     rounds = 20 if target == 4.0 else 100
     z = privacy.calibrate_secure_noise(q, rounds, 1e-5, target)
-    honest = privacy.honest_quantile(num_clients, q, dropout, 0)
-    plan = privacy.DpPlan(clip=0.2, z=z, q=q, expected=q * num_clients, noise_seed=1, delta=1e-5,
+    honest = sampling.honest_quantile(num_clients, q, dropout, 0)
+    plan = dpplan.DpPlan(clip=0.2, z=z, q=q, expected=q * num_clients, noise_seed=1, delta=1e-5,
                           target=target, secure=True, share_std=z * 0.2 / math.sqrt(honest))
     rng = np.random.default_rng(num_clients)           # test data: the rounds' survivor counts
     released = 0
@@ -127,7 +128,7 @@ def test_finding_1_the_budget_is_never_exceeded_with_real_survivor_counts(num_cl
 
 
 def test_colluders_and_the_client_itself_are_not_counted():
-    plan = privacy.DpPlan(clip=0.5, z=1.0, q=0.1, expected=10, noise_seed=1, delta=1e-5, secure=True,
+    plan = dpplan.DpPlan(clip=0.5, z=1.0, q=0.1, expected=10, noise_seed=1, delta=1e-5, secure=True,
                           share_std=0.25, colluders=2)
     assert plan.honest_shares(10) == 7 and plan.honest_shares(2) == 0
     assert plan.round_noise(10) == pytest.approx(0.25 * math.sqrt(7) / 0.5)

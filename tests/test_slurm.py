@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import DATA_DIR, ROOT, needs_mnist
 
 

@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("tensorboardX")
 
+from helpers import DATA_DIR, needs_mnist
+
 import hpcfl
 from hpcfl.io import tensorboard as tb
-from helpers import DATA_DIR, needs_mnist
 
 
 def f32(x) -> float:

@@ -1,28 +1,20 @@
-"""Compute backends: the same functions with the same signatures on every backend.
+"""Compute backends: the same functions with the same signatures on every backend (base.py
+writes them down as the Backend protocol).
 
-A backend is a module providing
-    xp                                    the array module (numpy or cupy)
-    Workspace(layout, max_batch)          preallocated activations, reused every step
-    gather(src_u8, idx, out, mean, std)   rows `idx` of the uint8 images -> (x/255 - mean)/std float32
-    gather_labels(labels, idx, out)       labels[idx] -> out (int32)
-    forward_backward(params, x, y, grads, ws, on_layer_ready=None) -> loss_sum
-                                          grads = SUM over the batch; on_layer_ready(i) is
-                                          called once layer i's grads are final (last first)
-    forward_backward_clipped(params, x, y, grads, ws, clip) -> (loss_sum, n_clipped)
-                                          grads = SUM over the batch of per-sample gradients each
-                                          clipped to L2 norm clip (DP-SGD), without materialising them
-    evaluate(params, x, y, ws) -> (correct, loss_sum)
-    sgd_update(p, g, buf, lr, momentum, weight_decay, scale)
-    adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, scale, t)
-    to_device(a), to_host(a), synchronize()
-`params`/`grads` are lists of (W, b) views into flat buffers (model.Layout.views).
-The numpy backend is the reference; the others are tested against it.
+    base.py           the Backend protocol (and HostBackend: --allreduce shm's kernels)
+    host.py           what the CPU backends share
+    numpy_backend.py  the reference, plain NumPy; the others are tested against it
+    numba_backend.py  CPU: Numba kernels around BLAS
+    cupy_backend.py   GPU: cuBLAS and fused CUDA kernels (CuPy), imported only when used
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import cast
 
+from .base import Backend
+
+# --backend's choices (besides auto), in the order auto prefers them last to first
 NAMES = ("numpy", "numba", "cupy")
 
 
@@ -30,7 +22,7 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Backend:
     """Import the backend `name`; for cupy this checks for a usable GPU at run time."""
     if name not in NAMES:
         raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(NAMES)}")
@@ -38,7 +30,7 @@ def get(name: str) -> ModuleType:
     reason = mod.unavailable_reason()
     if reason:
         raise BackendUnavailable(f"backend {name!r} is not usable here: {reason}")
-    return mod
+    return cast(Backend, mod)
 
 
 def resolve(name: str) -> str:
@@ -75,7 +67,7 @@ def set_threads(n: int) -> None:
     try:
         import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     except ImportError:
         pass
 

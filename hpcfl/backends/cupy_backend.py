@@ -34,10 +34,10 @@ import os
 
 import numpy as np
 
-from ..data.catalogue import MEAN, STD
+from .host import normalisation
 
 cp = None                    # the cupy module, once _cupy() has imported it
-_REASON = "not checked"      # cached unavailable_reason(); "not checked" before the first call
+_REASON: str | None = "not checked"      # cached unavailable_reason(); "not checked" before the first call
 _DEVICE = None               # the device id select_device() chose
 
 INSTALL_HINT = "pip install -e '.[gpu]' for CUDA 12 drivers, '.[gpu13]' for CUDA 13"
@@ -124,7 +124,7 @@ def _self_test() -> str | None:
     tiny non-square case, against NumPy: None when right, else what was wrong."""
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     b = np.arange(6, dtype=np.float32).reshape(3, 2) - 2
-    bias = np.float32([0.5, -100.0])
+    bias = np.array([0.5, -100.0], np.float32)
     want = np.maximum(a @ b + bias, 0)                      # small integers and halves: exact
     out = _cupy().empty((2, 2), np.float32)
     _blas_begin()
@@ -153,7 +153,7 @@ def _env_local_rank() -> int:
 def select_device(local_rank: int) -> int:
     """Use GPU `local_rank % (visible GPUs)` in this process; returns its id.
 
-    Call it with comm.local_rank(comm) before allocating anything on the device. More ranks
+    Call it with launch.local_rank(comm) before allocating anything on the device. More ranks
     than GPUs on a node share GPUs round-robin (correct; enable MPS for speed).
     """
     global _DEVICE
@@ -205,9 +205,6 @@ def upload_images(a):
 
 
 # ---------------------------------------------------------------- kernels
-
-_SCALE = np.float32(1.0 / (255.0 * STD))
-_SHIFT = np.float32(MEAN / STD)
 
 # Reductions: a thread handles rows t, t + blockDim.x, ... and keeps its partial sums in
 # registers; then warp shuffles and one warp finish the sum. Fixed order: deterministic.
@@ -568,7 +565,7 @@ def _clip_raw(name: str, nc: int):
 _OP_N, _OP_T = 0, 1            # CUBLAS_OP_N, CUBLAS_OP_T
 _ALPHA = np.ones(1, np.float32)
 _BETA = np.zeros(1, np.float32)
-_blas = {}                     # the handle and sgemm of the current call (set by _blas_begin)
+_blas: dict = {}               # the handle and sgemm of the current call (set by _blas_begin)
 
 
 def _blas_begin() -> None:
@@ -631,7 +628,7 @@ class Workspace:
         self.scalars = cupy.zeros(2, cupy.float64)       # loss, or (correct, loss)
         self.host = np.zeros(2, np.float64)              # their host copy
         self.n_layers = len(outs)
-        self._clip = None
+        self._clip: tuple | None = None
 
     def clip_buffers(self):
         """(asq, sq, factor) for forward_backward_clipped, allocated on its first call only:
@@ -802,15 +799,14 @@ def _device_index(idx):
     return dev
 
 
-def gather(src_u8, idx, out, mean: float = MEAN, std: float = STD) -> None:
+def gather(src_u8, idx, out, mean: float, std: float) -> None:
     """out[:len(idx)] = (src[idx] / 255 - mean) / std; src on the device (fast) or the host."""
     n = len(idx)
     if n == 0:
         return
     cupy = _cupy()
     rows = out[:n]
-    scale, shift = (_SCALE, _SHIFT) if (mean, std) == (MEAN, STD) else \
-        (np.float32(1.0 / (255.0 * std)), np.float32(mean / std))
+    scale, shift = normalisation(mean, std)
     if isinstance(src_u8, cupy.ndarray):
         ncol = src_u8.size // src_u8.shape[0]
         _elementwise("gather")(src_u8, _device_index(idx), np.int64(ncol), scale, shift, rows)

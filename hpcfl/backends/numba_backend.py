@@ -11,8 +11,7 @@ import sys
 
 import numpy as np
 
-from ..data.catalogue import MEAN, STD
-from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
+from .host import normalisation, synchronize, to_device, to_host, upload_images  # noqa: F401  (backend API)
 
 xp = np
 
@@ -26,26 +25,25 @@ def _import_numba_arraymath_without_scipy_blas() -> None:
     A kernel that calls np.dot would need this gone (Numba would then say it has no BLAS)."""
     if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
         return
-    sys.modules["scipy.linalg"] = None           # makes `import scipy.linalg...` raise ImportError
+    sys.modules["scipy.linalg"] = None  # type: ignore[assignment]   # `import scipy.linalg...` raises ImportError
     try:
         import numba.np.arraymath  # noqa: F401
     finally:
         del sys.modules["scipy.linalg"]
 
 
+_IMPORT_ERROR: str | None = None
 try:
     import numba
     from numba import njit
 
     _import_numba_arraymath_without_scipy_blas()
 except ImportError as exc:  # numba is a dependency, but keep the reason for `hpcfl info`
-    numba = None
+    numba = None  # type: ignore[assignment]
     _IMPORT_ERROR = str(exc)
 
-    def njit(*args, **kwargs):
+    def njit(*args, **kwargs):  # type: ignore[no-redef]
         return lambda f: f
-else:
-    _IMPORT_ERROR = None
 
 
 def unavailable_reason() -> str | None:
@@ -78,7 +76,7 @@ class Workspace:
         self.deltas_t = [np.empty(fi * rows, np.float32) if _input_grad_transposed(rows, fi, fo) else None
                          for fi, fo in zip(layout.sizes[1:-1], layout.sizes[2:])]
         self.n_layers = len(outs)
-        self._clip = None
+        self._clip: tuple | None = None
 
     def clip_buffers(self):
         """(asq, sq, factor) for forward_backward_clipped, allocated on its first call only:
@@ -88,10 +86,6 @@ class Workspace:
             self._clip = (np.empty((self.n_layers, self.max_batch), np.float64),
                           np.empty(self.max_batch, np.float64), np.empty(self.max_batch, np.float32))
         return self._clip
-
-
-_SCALE = np.float32(1.0 / (255.0 * STD))
-_SHIFT = np.float32(MEAN / STD)
 
 
 @njit(cache=True, nogil=True)
@@ -331,12 +325,9 @@ def _gather_labels(labels, idx, out):
         out[r] = labels[idx[r]]
 
 
-def gather(src_u8, idx, out, mean: float = MEAN, std: float = STD) -> None:
+def gather(src_u8, idx, out, mean: float, std: float) -> None:
     """out[:len(idx)] = (src[idx] / 255 - mean) / std, as src * (1/(255 std)) - mean/std."""
-    if mean == MEAN and std == STD:
-        _gather(src_u8, idx, _SCALE, _SHIFT, out)
-    else:
-        _gather(src_u8, idx, np.float32(1.0 / (255.0 * std)), np.float32(mean / std), out)
+    _gather(src_u8, idx, *normalisation(mean, std), out)
 
 
 def gather_labels(labels, idx, out) -> None:

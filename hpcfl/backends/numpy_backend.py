@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.catalogue import MEAN, STD
-from .host import synchronize, to_device, to_host  # noqa: F401  (backend API)
+from .host import synchronize, to_device, to_host, upload_images  # noqa: F401  (backend API)
 
 xp = np
 
@@ -20,7 +19,7 @@ class Workspace:
         self.max_batch = max_batch
 
 
-def gather(src_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, mean: float = MEAN, std: float = STD) -> None:
+def gather(src_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, mean: float, std: float) -> None:
     """out[:len(idx)] = (src[idx] / 255 - mean) / std (the data set's pixel statistics)."""
     out[: len(idx)] = (src_u8[idx].astype(np.float32) / 255.0 - mean) / std
 

@@ -20,10 +20,12 @@ largest logit. A model.npz without `meta` (hpcfl 0.1) is an MNIST model with mea
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..core import layout as model_mod
 from ..errors import DataError, UsageError
@@ -35,12 +37,12 @@ CHUNK = 1000      # rows per forward pass, as in training's evaluation (the same
 
 def input_constants(mean: float, std: float) -> tuple[np.float32, np.float32]:
     """(scale, shift) of the input in float32: x = pixel * scale - shift = (pixel / 255 - mean) / std.
-    One definition for inference, DP-PCA's projected training rows and the ONNX graph, so the
-    three round alike."""
+    One definition for the kernels' gather, inference, DP-PCA's projected training rows and the
+    ONNX graph, so that all of them round alike."""
     return np.float32(1.0 / (255.0 * std)), np.float32(mean / std)
 
 
-def input_rows(pixels: np.ndarray, mean: float, std: float, projection=None) -> np.ndarray:
+def input_rows(pixels: np.ndarray, mean: float, std: float, projection: np.ndarray | None = None) -> np.ndarray:
     """The float32 rows the MLP takes from (n, H*W) uint8 pixels: standardised, then projected."""
     scale, shift = input_constants(mean, std)
     rows = pixels.astype(np.float32) * scale - shift
@@ -84,7 +86,7 @@ class Model:
                 "std": self.std, "activation": "relu",
                 "input": "(pixel / 255 - mean) / std" + ("" if plain else " @ projection")}
 
-    def _rows(self, images) -> np.ndarray:
+    def _rows(self, images: ArrayLike) -> np.ndarray:
         x = np.asarray(images)
         if x.dtype != np.uint8:
             raise UsageError(f"images must be uint8 (0..255), got {x.dtype}")
@@ -95,7 +97,7 @@ class Model:
                          f"{'x'.join(map(str, self.image_shape))} images ({d} values each), "
                          f"as (N, {', '.join(map(str, self.image_shape))}) or (N, {d})")
 
-    def logits(self, images) -> np.ndarray:
+    def logits(self, images: ArrayLike) -> np.ndarray:
         """(N, classes) float32 logits, computed CHUNK rows at a time."""
         from ..backends import numpy_backend as ref
 
@@ -106,16 +108,16 @@ class Model:
             out[start:start + len(rows)] = ref._forward(views, rows)[-1]
         return out
 
-    def predict_proba(self, images) -> np.ndarray:
+    def predict_proba(self, images: ArrayLike) -> np.ndarray:
         z = self.logits(images).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
 
-    def predict(self, images) -> np.ndarray:
+    def predict(self, images: ArrayLike) -> np.ndarray:
         return self.logits(images).argmax(axis=1)
 
-    def evaluate(self, images, labels) -> dict:
+    def evaluate(self, images: ArrayLike, labels: ArrayLike) -> dict:
         """accuracy, mean cross-entropy loss, per-class accuracy, confusion matrix (rows: true
         class, columns: predicted)."""
         y = np.asarray(labels).astype(np.int64)
@@ -135,7 +137,7 @@ class Model:
                 "samples": int(len(y)), "per_class_accuracy": per_class.tolist(),
                 "confusion": confusion.tolist()}
 
-    def save(self, path) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write model.npz (atomically). `path` is a .npz file or a folder."""
         path = Path(path)
         if path.suffix != ".npz":
@@ -144,11 +146,11 @@ class Model:
         meta = np.frombuffer(json.dumps(self.meta, sort_keys=True).encode(), np.uint8)
         extra = {} if self.projection is None else {"projection": self.projection}
         atomic_write(path, lambda f: np.savez(f, params=self.params, sizes=np.array(self.sizes, np.int64),
-                                              meta=meta, **extra))
+                                              meta=meta, **extra))  # type: ignore[arg-type]
         return path
 
 
-def load_model(path) -> Model:
+def load_model(path: str | os.PathLike) -> Model:
     """A model from a folder written by --out (its model.npz) or from a .npz file."""
     path = Path(path)
     if path.is_dir():

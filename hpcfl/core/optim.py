@@ -6,16 +6,39 @@ the state buffers (momentum / Adam moments, the same flat layout as the paramete
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+
+
+class Optimizer(Protocol):
+    """An update rule over one flat float32 buffer; its state has the buffer's layout."""
+    state_vectors: ClassVar[int]      # state buffers of n floats (the memory plan)
+
+    def step(self, params: Any, grads: Any, lr: float, scale: float) -> None:
+        """params -= update(scale * grads); `scale` turns a gradient sum into a mean."""
+
+    def state(self) -> dict[str, Any]:
+        """The buffers (and counters) a checkpoint keeps."""
+
+    def reset(self) -> None:
+        """Back to a fresh optimizer, without allocating (fl clients restart every round)."""
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Put back what state() returned."""
 
 
 class SGD:
     """SGD with momentum and L2 weight decay (PyTorch's formulation)."""
+    state_vectors: ClassVar[int] = 1
 
-    def __init__(self, backend, n: int, momentum: float, weight_decay: float):
+    def __init__(self, backend: Backend, n: int, momentum: float, weight_decay: float):
         self.backend, self.momentum, self.weight_decay = backend, momentum, weight_decay
         self.buf = backend.xp.zeros(n, dtype=backend.xp.float32)
 
-    def step(self, params, grads, lr: float, scale: float) -> None:
+    def step(self, params: Any, grads: Any, lr: float, scale: float) -> None:
         """params -= update(scale * grads); `scale` turns a gradient sum into a mean."""
         self.backend.sgd_update(params, grads, self.buf, lr, self.momentum, self.weight_decay, scale)
 
@@ -31,14 +54,17 @@ class SGD:
 
 
 class Adam:
-    def __init__(self, backend, n: int, weight_decay: float, beta1=0.9, beta2=0.999, eps=1e-8):
+    state_vectors: ClassVar[int] = 2
+
+    def __init__(self, backend: Backend, n: int, weight_decay: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8):
         self.backend, self.weight_decay = backend, weight_decay
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m = backend.xp.zeros(n, dtype=backend.xp.float32)
         self.v = backend.xp.zeros(n, dtype=backend.xp.float32)
         self.t = 0
 
-    def step(self, params, grads, lr: float, scale: float) -> None:
+    def step(self, params: Any, grads: Any, lr: float, scale: float) -> None:
         self.t += 1
         self.backend.adam_update(params, grads, self.m, self.v, lr, self.beta1, self.beta2,
                                  self.eps, self.weight_decay, scale, self.t)
@@ -57,12 +83,17 @@ class Adam:
         self.t = int(state["t"])
 
 
-def make(name: str, backend, n: int, momentum: float, weight_decay: float):
-    if name == "sgd":
-        return SGD(backend, n, momentum, weight_decay)
-    if name == "adam":
-        return Adam(backend, n, weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+# --optimizer's choices: (backend, n, momentum, weight_decay) -> Optimizer
+OPTIMIZERS: dict[str, Callable[[Backend, int, float, float], Optimizer]] = {
+    "sgd": SGD,
+    "adam": lambda backend, n, momentum, weight_decay: Adam(backend, n, weight_decay),
+}
+STATE_VECTORS = {"sgd": SGD.state_vectors, "adam": Adam.state_vectors}
+
+
+def create(name: str, backend: Backend, n: int, momentum: float, weight_decay: float) -> Optimizer:
+    """The optimizer `name` over n parameters (momentum is SGD's; Adam's betas are fixed)."""
+    return OPTIMIZERS[name](backend, n, momentum, weight_decay)
 
 
 def learning_rate(base: float, schedule: str, step: int, total_steps: int) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import log
 from ..errors import DataError
 from ..io.files import fsync_dir, umask
 from .catalogue import IMAGE_SHAPE, MEAN, MNIST_SPEC, STD, Spec
 from .download import _cache_home, data_dir_variable, missing_files
 from .idx import _source, load_arrays
+
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2   # bump when the cache layout changes, so old caches are not reused
 _MANIFEST = "manifest.json"
@@ -46,7 +48,12 @@ def _sources(source: Path, spec: Spec) -> dict[str, Path]:
     """{canonical name: the file read}: the .npz itself, or each IDX file as NAME.gz or NAME."""
     if spec.format == "npz":
         return {source.name: source}
-    return {name: _source(source, name) for name in spec.file_names}
+    out = {}
+    for name in spec.file_names:
+        path = _source(source, name)
+        assert path is not None, f"{name}: checked to exist (_check_sources)"
+        out[name] = path
+    return out
 
 
 def _cache_dir_for(data_dir: Path, cache_root: Path, spec: Spec = MNIST_SPEC) -> tuple[Path, dict]:
@@ -168,20 +175,40 @@ def prepare_cache(data_dir: str | os.PathLike, cache_root: str | os.PathLike | N
     a warning. The data folder is only read.
     """
     data_dir = Path(data_dir)
-    missing = missing_files(data_dir, spec)
-    if missing:
-        what = "file" if spec.format == "npz" else f"{spec.name.upper() if spec.name == 'mnist' else spec.name} files"
-        raise DataError(f"{data_dir}: missing {what}: {', '.join(missing)}"
-                        + ("" if spec.format == "npz" else " (each as NAME.gz or NAME)")
-                        + "; download them (fetch-data) or copy them in and pass --data-dir"
-                        + ("" if spec.format == "npz" else f" / set {data_dir_variable(spec.name)}"))
+    _check_sources(data_dir, spec)
     root = globals()["cache_root"](cache_root)
     final, sources = _cache_dir_for(data_dir, root, spec)
     if _is_complete(final):
         damage = verify_cache(final)
         if damage is None:
             return final
-        log.warning(f"the data cache {final} is damaged ({damage}): rebuilding it from {data_dir}")
+        logger.warning(f"the data cache {final} is damaged ({damage}): rebuilding it from {data_dir}")
+    tmp = _staging_dir(root, final)
+    try:
+        _build(tmp, data_dir, spec, sources)
+        _discard(final) if final.exists() else None
+        published = _publish(tmp, final)
+        _prune(root, published, sources)
+        return published
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+
+
+def _check_sources(data_dir: Path, spec: Spec) -> None:
+    """Every file of the data set is there (else one error naming the missing ones and how to
+    get them)."""
+    missing = missing_files(data_dir, spec)
+    if not missing:
+        return
+    what = "file" if spec.format == "npz" else f"{spec.name.upper() if spec.name == 'mnist' else spec.name} files"
+    raise DataError(f"{data_dir}: missing {what}: {', '.join(missing)}"
+                    + ("" if spec.format == "npz" else " (each as NAME.gz or NAME)")
+                    + "; download them (fetch-data) or copy them in and pass --data-dir"
+                    + ("" if spec.format == "npz" else f" / set {data_dir_variable(spec.name)}"))
+
+
+def _staging_dir(root: Path, final: Path) -> Path:
+    """A fresh folder beside the cache's final place, to build it in and rename into place."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
@@ -189,42 +216,43 @@ def prepare_cache(data_dir: str | os.PathLike, cache_root: str | os.PathLike | N
     except OSError as e:
         raise DataError(f"{root}: cannot create the cache folder: {e.strerror or e}; "
                         "set HPCFL_CACHE_DIR to a writable folder") from e
-    try:
-        arrays, k, digests = load_arrays(data_dir, spec)
-        x = arrays["train_x"]
-        pixels = x.reshape(len(x), -1)
-        # normalisation statistics of the training set, in float64, 10,000 rows at a time
-        total = sum(float(pixels[i:i + 10000].sum(dtype=np.float64)) for i in range(0, len(pixels), 10000))
-        squares = sum(float((pixels[i:i + 10000].astype(np.float64) ** 2).sum())
-                      for i in range(0, len(pixels), 10000))
-        count = pixels.size
-        mean = total / count / 255.0
-        std = np.sqrt(max(squares / count / 255.0 ** 2 - mean ** 2, 0.0))
-        # four decimals, as these statistics are usually quoted (MNIST: 0.1307, 0.3081)
-        mean, std = round(mean, 4), max(round(float(std), 4), 1e-4)
-        files, shapes = {}, {}
-        for name, arr in arrays.items():
-            flat = arr.reshape(len(arr), -1) if name.endswith("_x") else arr
-            files[f"{name}.npy"] = _save(tmp / f"{name}.npy", flat)
-            shapes[name] = list(flat.shape)
-        for name, digest in digests.items():
-            sources[name]["sha256"] = digest
-        # Written last: its presence means every array above is complete.
-        manifest = {"version": CACHE_VERSION, "complete": True, "dataset": spec.name,
-                    "image_shape": list(x.shape[1:]), "num_classes": k, "mean": mean, "std": std,
-                    "shapes": shapes, "arrays": files, "sources": sources}
-        with open(tmp / _MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        del arrays, x, pixels
-        _discard(final) if final.exists() else None
-        published = _publish(tmp, final)
-        _prune(root, published, sources)
-        return published
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+    return tmp
+
+
+def pixel_statistics(pixels: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of the training images' pixels scaled to [0, 1], in float64, 10,000 rows at
+    a time, rounded to four decimals, as these statistics are usually quoted (MNIST: 0.1307,
+    0.3081)."""
+    total = sum(float(pixels[i:i + 10000].sum(dtype=np.float64)) for i in range(0, len(pixels), 10000))
+    squares = sum(float((pixels[i:i + 10000].astype(np.float64) ** 2).sum())
+                  for i in range(0, len(pixels), 10000))
+    count = pixels.size
+    mean = total / count / 255.0
+    std = np.sqrt(max(squares / count / 255.0 ** 2 - mean ** 2, 0.0))
+    return round(mean, 4), max(round(float(std), 4), 1e-4)
+
+
+def _build(tmp: Path, data_dir: Path, spec: Spec, sources: dict) -> None:
+    """The validated arrays as .npy files in tmp, then the manifest, written last: its
+    presence means every array above is complete."""
+    arrays, k, digests = load_arrays(data_dir, spec)
+    x = arrays["train_x"]
+    mean, std = pixel_statistics(x.reshape(len(x), -1))
+    files, shapes = {}, {}
+    for name, arr in arrays.items():
+        flat = arr.reshape(len(arr), -1) if name.endswith("_x") else arr
+        files[f"{name}.npy"] = _save(tmp / f"{name}.npy", flat)
+        shapes[name] = list(flat.shape)
+    for name, digest in digests.items():
+        sources[name]["sha256"] = digest
+    manifest = {"version": CACHE_VERSION, "complete": True, "dataset": spec.name,
+                "image_shape": list(x.shape[1:]), "num_classes": k, "mean": mean, "std": std,
+                "shapes": shapes, "arrays": files, "sources": sources}
+    with open(tmp / _MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
 
 
 @dataclass(frozen=True)

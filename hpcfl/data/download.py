@@ -162,6 +162,7 @@ def _fetch_archive(data_dir: Path, spec: Spec, urls, timeout) -> None:
 
     if not missing_files(data_dir, spec):
         return
+    assert spec.archive is not None
     url, md5, folder = spec.archive
     archive = data_dir / Path(url).name
     if not archive.is_file():

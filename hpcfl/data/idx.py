@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .. import log
 from ..errors import DataError
 from .catalogue import Spec
+
+logger = logging.getLogger(__name__)
 
 _IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short",
               0x0C: "int", 0x0D: "float", 0x0E: "double"}
@@ -112,6 +114,7 @@ def _load_idx(data_dir: Path, spec: Spec) -> tuple[dict, dict, dict]:
     arrays, hashes, where = {}, {}, {}
     for split, (img_name, lbl_name) in spec.files.items():
         img_path, lbl_path = _source(data_dir, img_name), _source(data_dir, lbl_name)
+        assert img_path is not None and lbl_path is not None      # _check_sources found them
         img_bytes, lbl_bytes = _read_bytes(img_path), _read_bytes(lbl_path)
         x, y = _parse_idx(img_path, img_bytes), _parse_idx(lbl_path, lbl_bytes)
         if x.ndim == 1:
@@ -151,7 +154,7 @@ def _check_published(spec: Spec, hashes: dict) -> None:
                 raise DataError(f"{path}: MD5 {md5} does not match the published "
                                 f"{md5_gz[name + '.gz']} of {label}")
         elif spec.sha256 or spec.md5_gz or spec.archive:
-            log.warning(f"{path}: no published checksum of this form to compare with (only checked for "
+            logger.warning(f"{path}: no published checksum of this form to compare with (only checked for "
                  "shape, counts and labels)")
 
 
@@ -175,7 +178,7 @@ def load_arrays(source: Path, spec: Spec) -> tuple[dict, int, dict]:
                 raise DataError(f"{source}: y_{split} has dtype {y.dtype}; labels must be integers")
             _validate_split(spec, split, x, y, f"{source} ({split})")
         where = {"train": f"{source} (y_train)", "test": f"{source} (y_test)"}
-        hashes = {}
+        hashes: dict = {}
     else:
         arrays, hashes, where = _load_idx(source, spec)
     k = _check_labels(spec, {s: arrays[f"{s}_y"] for s in ("train", "test")}, where)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # ---------------------------------------------------------------- sharding
 
 def shard_range(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -21,10 +21,12 @@ aggregating: the rules assume finite values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-
-NAMES = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "norm-bounded")
+from numpy.typing import ArrayLike, DTypeLike
 
 _GRAM_BLOCK = 16_384        # columns per float64 block: the Gram matrix never copies all of deltas
 
@@ -53,7 +55,7 @@ def validate(update: np.ndarray, expected_size: int, max_norm: float | None = No
     return None
 
 
-def mean(deltas: np.ndarray, weights=None) -> np.ndarray:
+def mean(deltas: np.ndarray, weights: ArrayLike | None = None) -> np.ndarray:
     """sum_i p_i delta_i with p_i = weights_i / sum(weights) (example counts, as FedAvg),
     accumulated in float64; weights None: the plain mean."""
     deltas = _stack(deltas)
@@ -113,7 +115,7 @@ def multi_krum(deltas: np.ndarray, f: int, m_select: int) -> tuple[np.ndarray, n
     return mean(deltas[selected]), selected
 
 
-def norm_bounded(deltas: np.ndarray, weights, max_norm: float) -> np.ndarray:
+def norm_bounded(deltas: np.ndarray, weights: ArrayLike | None, max_norm: float) -> np.ndarray:
     """Norm bounding (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): every
     delta becomes delta * min(1, max_norm / ||delta||_2), then the weighted mean. Deltas already
     within max_norm are left exactly as they are."""
@@ -125,7 +127,7 @@ def norm_bounded(deltas: np.ndarray, weights, max_norm: float) -> np.ndarray:
     return _weighted_sum(deltas, p * factor)    # the clip factors folded into the weights
 
 
-def fednova(deltas: np.ndarray, tau, weights) -> np.ndarray:
+def fednova(deltas: np.ndarray, tau: ArrayLike, weights: ArrayLike | None) -> np.ndarray:
     """FedNova (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
     Federated Optimization") for clients that ran tau_i local SGD steps: normalised updates
     d_i = delta_i / tau_i, aggregated as tau_eff * sum_i p_i d_i with tau_eff = sum_i p_i tau_i
@@ -142,46 +144,95 @@ def fednova(deltas: np.ndarray, tau, weights) -> np.ndarray:
     return _weighted_sum(deltas, tau_eff * p / tau)    # sum_i (tau_eff p_i / tau_i) delta_i
 
 
+@dataclass(frozen=True)
+class RuleSettings:
+    """The settings a rule may read: f Byzantine clients (krum, multi-krum), the trimmed share
+    beta, multi-krum's m_select (None: n - f), norm-bounded's max_norm."""
+    f: int = 0
+    beta: float = 0.1
+    m_select: int | None = None
+    max_norm: float | None = None
+
+
+class Aggregator(Protocol):
+    """A rule of the server: the round's aggregate delta from the (m, n) stacked updates."""
+
+    @property
+    def gathered(self) -> bool:
+        """True: the rule needs every update at the server (the leaders gather them); False: it
+        is a weighted sum of (possibly clipped) updates, which one Reduce computes on the way."""
+
+    def check(self, n_clients: int, settings: RuleSettings) -> None:
+        """Raise ValueError when the rule cannot run on n_clients updates with these settings."""
+
+    def __call__(self, deltas: np.ndarray, weights: np.ndarray | None, settings: RuleSettings) -> np.ndarray:
+        """The aggregate delta (n,) of deltas (m, n), weights (m,) example counts or None."""
+
+
+def _no_check(n_clients: int, settings: RuleSettings) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An Aggregator from two functions."""
+    apply: Callable[[np.ndarray, np.ndarray | None, RuleSettings], np.ndarray]
+    check: Callable[[int, RuleSettings], None] = _no_check
+    gathered: bool = True
+
+    def __call__(self, deltas: np.ndarray, weights: np.ndarray | None, settings: RuleSettings) -> np.ndarray:
+        return self.apply(deltas, weights, settings)
+
+
+def _norm_bounded(deltas: np.ndarray, weights: np.ndarray | None, s: RuleSettings) -> np.ndarray:
+    assert s.max_norm is not None, "checked by the rule"
+    return norm_bounded(deltas, weights, s.max_norm)
+
+
+def _multi_krum(deltas: np.ndarray, weights: np.ndarray | None, s: RuleSettings) -> np.ndarray:
+    return multi_krum(deltas, s.f, len(deltas) - s.f if s.m_select is None else s.m_select)[0]
+
+
+def _check_multi_krum(n_clients: int, s: RuleSettings) -> None:
+    _check_krum(n_clients, s.f)
+    if s.m_select is not None:
+        _check_m_select(n_clients, s.m_select)
+
+
+# --aggregator's choices; a new rule is one function above and one line in this table
+AGGREGATORS: dict[str, Aggregator] = {
+    "mean": Rule(lambda d, w, s: mean(d, w), gathered=False),
+    "median": Rule(lambda d, w, s: median(d)),
+    "trimmed-mean": Rule(lambda d, w, s: trimmed_mean(d, s.beta), lambda m, s: _check_beta(s.beta)),
+    "krum": Rule(lambda d, w, s: d[krum(d, s.f)[0]].copy(), lambda m, s: _check_krum(m, s.f)),
+    "multi-krum": Rule(_multi_krum, _check_multi_krum),
+    "norm-bounded": Rule(_norm_bounded, lambda m, s: _check_max_norm(s.max_norm), gathered=False),
+}
+NAMES = tuple(AGGREGATORS)
+
+
 def check(name: str, n_clients: int, f: int = 0, beta: float = 0.1, m_select: int | None = None,
           max_norm: float | None = None) -> None:
     """Raise ValueError when `name` cannot run on n_clients updates with these settings, so the
     trainer can refuse before training rather than fail at the first round."""
-    if name not in NAMES:
+    if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of {', '.join(NAMES)}")
     if int(n_clients) != n_clients or n_clients < 1:
         raise ValueError(f"{name} needs at least one client update, got {n_clients}")
-    if name in ("krum", "multi-krum"):
-        _check_krum(n_clients, f)
-    if name == "multi-krum" and m_select is not None:
-        _check_m_select(n_clients, m_select)
-    if name == "trimmed-mean":
-        _check_beta(beta)
-    if name == "norm-bounded":
-        _check_max_norm(max_norm)
+    AGGREGATORS[name].check(n_clients, RuleSettings(f, beta, m_select, max_norm))
 
 
-def aggregate(name: str, deltas: np.ndarray, weights=None, *, f: int = 0, beta: float = 0.1,
+def aggregate(name: str, deltas: np.ndarray, weights: ArrayLike | None = None, *, f: int = 0, beta: float = 0.1,
               m_select: int | None = None, max_norm: float | None = None) -> np.ndarray:
     """The round's aggregate delta (n,) by rule `name` (one of NAMES). weights (example counts)
     count only for mean and norm-bounded; multi-krum's m_select defaults to n - f."""
     deltas = _stack(deltas)
-    m = len(deltas)
-    check(name, m, f, beta, m_select, max_norm)
-    if name == "mean":
-        return mean(deltas, weights)
-    if name == "median":
-        return median(deltas)
-    if name == "trimmed-mean":
-        return trimmed_mean(deltas, beta)
-    if name == "krum":
-        index, _ = krum(deltas, f)
-        return deltas[index].copy()
-    if name == "multi-krum":
-        return multi_krum(deltas, f, m - f if m_select is None else m_select)[0]
-    return norm_bounded(deltas, weights, max_norm)
+    check(name, len(deltas), f, beta, m_select, max_norm)
+    w = None if weights is None else np.asarray(weights)
+    return AGGREGATORS[name](deltas, w, RuleSettings(f, beta, m_select, max_norm))
 
 
-def memory_bytes(m: int, n: int, dtype=np.float32) -> int:
+def memory_bytes(m: int, n: int, dtype: DTypeLike = np.float32) -> int:
     """Bytes to hold the m individual updates of n values (the (m, n) array). median and
     trimmed-mean sort a copy, so they need twice this at their peak; krum and multi-krum add
     only an m x m Gram matrix and one float64 block of m x 16,384."""
@@ -190,14 +241,14 @@ def memory_bytes(m: int, n: int, dtype=np.float32) -> int:
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-def _stack(deltas) -> np.ndarray:
+def _stack(deltas: ArrayLike) -> np.ndarray:
     deltas = np.asarray(deltas)
     if deltas.ndim != 2 or len(deltas) == 0:
         raise ValueError(f"deltas must be an (m, n) array with m >= 1, got shape {deltas.shape}")
     return deltas
 
 
-def _proportions(weights, m: int) -> np.ndarray:
+def _proportions(weights: ArrayLike | None, m: int) -> np.ndarray:
     """p_i = weights_i / sum(weights) as float64; None: equal weights."""
     if weights is None:
         return np.full(m, 1.0 / m)
@@ -253,6 +304,6 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"trimmed-mean needs 0 <= beta < 0.5, got beta = {beta}")
 
 
-def _check_max_norm(max_norm) -> None:
+def _check_max_norm(max_norm: float | None) -> None:
     if max_norm is None or not max_norm > 0 or not math.isfinite(max_norm):
         raise ValueError(f"norm-bounded needs a positive, finite max_norm, got {max_norm}")

@@ -5,7 +5,10 @@ alone, without communicating, and then reads only the samples of the clients it 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ..data.shard import shard_range
 from ..errors import UsageError
@@ -42,22 +45,29 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-def make(scheme: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.5) -> list[np.ndarray]:
+def _shards(labels: np.ndarray, num_clients: int, seed: int, alpha: float) -> list[np.ndarray]:
+    if 2 * num_clients > len(labels):
+        raise UsageError(f"--partition shards needs 2 samples per client; {num_clients} clients "
+                         f"are too many for {len(labels)} samples")
+    return shards(labels, num_clients, seed)
+
+
+# --partition's choices: (labels, num_clients, seed, alpha) -> each client's sample indices
+PARTITIONS: dict[str, Callable[[np.ndarray, int, int, float], list[np.ndarray]]] = {
+    "iid": lambda labels, num_clients, seed, alpha: iid(len(labels), num_clients, seed),
+    "shards": _shards,
+    "dirichlet": lambda labels, num_clients, seed, alpha: dirichlet(labels, num_clients, alpha, seed),
+}
+
+
+def create(scheme: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.5) -> list[np.ndarray]:
     """The clients' sample indices; raises UsageError when a client would get no data."""
     n = len(labels)
     if num_clients > n:
         raise UsageError(f"--num-clients {num_clients} is more than the {n} training samples")
-    if scheme == "iid":
-        parts = iid(n, num_clients, seed)
-    elif scheme == "shards":
-        if 2 * num_clients > n:
-            raise UsageError(f"--partition shards needs 2 samples per client; {num_clients} clients "
-                             f"are too many for {n} samples")
-        parts = shards(labels, num_clients, seed)
-    elif scheme == "dirichlet":
-        parts = dirichlet(labels, num_clients, alpha, seed)
-    else:
+    if scheme not in PARTITIONS:
         raise UsageError(f"unknown partition {scheme!r}")
+    parts = PARTITIONS[scheme](labels, num_clients, seed, alpha)
     empty = [k for k, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise UsageError(f"--partition {scheme}: {len(empty)} of {num_clients} clients get no data "
@@ -90,7 +100,7 @@ def assign_to_groups(clients: np.ndarray, sizes: np.ndarray, n_groups: int) -> l
     return groups
 
 
-def dropouts(clients, rate: float, server_round: int, seed: int) -> set[int]:
+def dropouts(clients: ArrayLike, rate: float, server_round: int, seed: int) -> set[int]:
     """The sampled clients that drop out of a round (--dropout-rate): each independently with
     probability `rate`, seeded by the round, so every rank knows without communicating (a
     simulation: in a real deployment only their silence tells)."""
@@ -108,7 +118,7 @@ def poisson_clients(num_clients: int, rate: float, server_round: int, seed: int)
     return np.flatnonzero(rng.random(num_clients) < rate)
 
 
-def stragglers(clients, rate: float, server_round: int, seed: int) -> dict[int, float]:
+def stragglers(clients: ArrayLike, rate: float, server_round: int, seed: int) -> dict[int, float]:
     """The sampled clients that finish only part of their local work (--straggler-rate): each
     independently with probability `rate`, and then a share of its steps uniform in (0, 1]."""
     clients = np.asarray(clients, np.int64)

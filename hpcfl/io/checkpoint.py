@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import log
 from ..errors import HpcflError, TrainingError, UsageError
 from ..io.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
@@ -98,13 +100,13 @@ def save(directory, cfg, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
     entries["sha256"] = _text(_digest(entries))
     path = path_for(directory, int(meta["step"]))
     try:
-        atomic_write(path, lambda f: np.savez(f, **entries))
+        atomic_write(path, lambda f: np.savez(f, **entries))  # type: ignore[arg-type]
     except OSError as exc:
         raise HpcflError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})") from exc
     try:
         _rotate(directory, path, cfg.keep_checkpoints)
     except OSError as exc:     # the new checkpoint is durable: an old one left over is no failure
-        log.warning(f"{path} is saved, but an older checkpoint could not be removed "
+        logger.warning(f"{path} is saved, but an older checkpoint could not be removed "
                     f"({exc.strerror or exc})")
     return path
 
@@ -162,7 +164,7 @@ def load_latest(directory, cfg, data_id: str | None = None) -> Checkpoint | None
         try:
             ckpt = load(path)
         except CorruptCheckpoint as exc:
-            log.warning(f"skipping checkpoint {path}: corrupt or truncated ({exc})")
+            logger.warning(f"skipping checkpoint {path}: corrupt or truncated ({exc})")
             continue
         check_compatible(ckpt, cfg, data_id)
         return ckpt
@@ -241,7 +243,11 @@ def restore(comm, cfg, data_id: str | None = None) -> Checkpoint | None:
     path, meta, config, specs, changed = header
     arrays = {}
     for name, shape, dtype in specs:
-        buf = found.arrays[name] if comm.rank == 0 else np.empty(shape, dtype)
+        if comm.rank == 0:
+            assert found is not None
+            buf = found.arrays[name]
+        else:
+            buf = np.empty(shape, dtype)
         comm.Bcast(buf)
         arrays[name] = buf
     return Checkpoint(Path(path), meta, config, arrays, changed)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.model import input_constants
 from ..errors import UsageError
 from ..io.files import atomic_write
-from ..core.model import input_constants
 
 OPSET = 17
 MAX_IR_VERSION = 9     # what opset 17 needs and onnxruntime >= 1.15 reads; a newer onnx would stamp more

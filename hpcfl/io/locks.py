@@ -12,6 +12,7 @@ higher SLURM_RESTART_COUNT) takes its own lock back. Rank 0 does all of this.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -19,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import log
 from ..errors import UsageError
 from ..io.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 NAME = ".hpcfl.lock"
 
@@ -115,7 +117,7 @@ class RunLock:
                     raise UsageError(f"{what} {path} is in use by another run ({_describe(theirs)}; "
                                      f"lock file {lock}): wait for it to end or use another "
                                      "folder; if that run is gone, remove the lock file") from None
-                log.warning(f"taking over the lock {lock} of a run that has ended ({why})")
+                logger.warning(f"taking over the lock {lock} of a run that has ended ({why})")
                 atomic_write(lock, lambda f: f.write(text))
                 self.held.append(lock)
                 return

@@ -3,13 +3,20 @@ and the final model (written atomically, files.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import log
 from ..errors import StopTraining
 from ..io.files import append_record, atomic_write, open_append
+from ..log import RESULT
+
+if TYPE_CHECKING:
+    from .tensorboard import TensorBoardWriter
+
+logger = logging.getLogger(__name__)
 
 
 def on_terminal(levels: int = 3) -> bool:
@@ -49,8 +56,8 @@ class Reporter:
         self.callbacks = list(callbacks) if self.active else []
         self.bar = None
         self.use_bar = self.active and not cfg.quiet and on_terminal()
-        self._fd = None
-        self.tensorboard = None                # opened with the metrics file, in begin()
+        self._fd: int | None = None
+        self.tensorboard: TensorBoardWriter | None = None    # opened with the metrics file, in begin()
 
     def begin(self, position: int | None = None, key: str = "step") -> None:
         """Open the metrics file: a fresh run truncates it; a resumed run (position = the
@@ -83,16 +90,16 @@ class Reporter:
 
     def info(self, msg: str) -> None:
         if self.active:
-            log.info(msg)
+            logger.info(msg)
 
     def result(self, msg: str) -> None:
         """The run's outcome (the final accuracy): shown even with --quiet (log.RESULT)."""
         if self.active:
-            log.result(msg)
+            logger.log(RESULT, msg)
 
     def warn(self, msg: str) -> None:
         if self.active:
-            log.warning(msg)
+            logger.warning(msg)
 
     def start_progress(self, total: int, desc: str) -> None:
         if self.use_bar:
@@ -118,6 +125,7 @@ class Reporter:
         self.info(line)
         self.begin()
         if self.cfg.metrics:
+            assert self._fd is not None          # begin() opened it
             append_record(self._fd, json.dumps(rec) + "\n")
         if self.tensorboard is not None:
             self.tensorboard(dict(rec))

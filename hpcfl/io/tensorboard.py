@@ -89,7 +89,7 @@ def scalars(rec: dict, step_key: str | None = None) -> dict[str, float]:
 
 
 def step_key_of(rec: dict) -> str | None:
-    key = STEP_KEYS.get(rec.get("mode"))
+    key = STEP_KEYS.get(str(rec.get("mode")))
     if key in rec:
         return key
     return next((k for k in STEP_KEYS.values() if k in rec), None)   # a record without "mode"
@@ -256,6 +256,7 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
                 if v.HasField("metadata") and v.metadata.plugin_data.plugin_name:
                     plugin.setdefault(v.tag, v.metadata.plugin_data.plugin_name)
                 kind = v.WhichOneof("value")
+                value: float | None
                 if kind == "simple_value":
                     value = float(v.simple_value)
                 elif kind == "tensor" and plugin.get(v.tag, "scalars") == "scalars":

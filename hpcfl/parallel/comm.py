@@ -1,4 +1,4 @@
-"""The only module that talks MPI.
+"""The only module that talks MPI (nccl.py talks NCCL, over this module's Comm).
 
 `Comm` wraps an mpi4py communicator with the few collectives hpcfl needs: capitalised buffer
 calls on NumPy arrays for the hot path, lowercase pickle calls for small metadata.
@@ -15,11 +15,12 @@ import socket
 import sys
 import time
 import traceback
+from typing import Any
 
 import numpy as np
 
-from ..runtime import watchdog
 from ..errors import HpcflError, UsageError
+from ..runtime import watchdog
 
 _mpi = None
 
@@ -113,6 +114,7 @@ class Comm:
         """recvbuf (on root only) = sum of every rank's sendbuf (unsigned integers wrap, so
         uint32 buffers sum modulo 2^32)."""
         if self.size == 1:
+            assert recvbuf is not None
             recvbuf[...] = sendbuf
             return
         watchdog.waiting(f"MPI_Reduce to rank {root}")
@@ -130,8 +132,8 @@ class Comm:
         watchdog.waiting(f"MPI_Gatherv to rank {root}")
         mpi, is_root = _MPI(), self.rank == root
         send = np.frombuffer(payload, np.uint8) if payload else np.zeros(0, np.uint8)
-        counts = np.zeros(self.size, np.int64) if is_root else None
-        self.mpicomm.Gather(np.array([send.size], np.int64), counts, root=root)
+        counts = np.zeros(self.size, np.int64)
+        self.mpicomm.Gather(np.array([send.size], np.int64), counts if is_root else None, root=root)
         recv = None
         if is_root:
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -152,8 +154,8 @@ class Comm:
             return rows.copy()
         watchdog.waiting(f"MPI_Gatherv to rank {root}")
         is_root = self.rank == root
-        counts = np.zeros(self.size, np.int64) if is_root else None
-        self.mpicomm.Gather(np.array([rows.size], np.int64), counts, root=root)
+        counts = np.zeros(self.size, np.int64)
+        self.mpicomm.Gather(np.array([rows.size], np.int64), counts if is_root else None, root=root)
         out, recv = None, None
         if is_root:
             out = np.empty((int(counts.sum()) // rows.shape[1], rows.shape[1]), rows.dtype)
@@ -167,12 +169,14 @@ class Comm:
         """Root sends payloads[r] to rank r (one Scatter of the lengths, one Scatterv): the
         server answering each client with what is addressed to it alone."""
         if self.size == 1:
+            assert payloads is not None
             return bytes(payloads[0])
         watchdog.waiting(f"MPI_Scatterv from rank {root}")
         mpi, is_root = _MPI(), self.rank == root
         count = np.zeros(1, np.int64)
         send = None
         if is_root:
+            assert payloads is not None
             counts = np.array([len(p) for p in payloads], np.int64)
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             data = np.frombuffer(b"".join(payloads), np.uint8) if counts.sum() else np.zeros(0, np.uint8)
@@ -307,8 +311,9 @@ class Comm:
 class SharedWindow:
     """A node's shared buffer (Comm.allocate_shared) and its MPI window."""
 
-    def __init__(self, win, array: np.ndarray):
-        self.win, self.array = win, array
+    def __init__(self, win: Any, array: np.ndarray):
+        self.win: Any = win
+        self.array: np.ndarray | None = array
 
     def Sync(self) -> None:
         """MPI_Win_sync: this rank's stores are visible to the node, its loads see theirs."""
@@ -356,12 +361,12 @@ class StopNotice:
 
     def __init__(self, comm: Comm):
         self.rank, self.size = comm.rank, comm.size
-        self.comm = comm.mpicomm.Dup() if comm.size > 1 else None
+        self.comm: Any = comm.mpicomm.Dup() if comm.size > 1 else None
         self._one = np.ones(1, np.int32)
         self._buf = np.zeros(1, np.int32)
         self._sends: list = []
         self.sent, self.received = False, 0
-        self._req = self._post() if self.comm is not None else None
+        self._req: Any = self._post() if self.comm is not None else None
 
     def _post(self):
         return self.comm.Irecv(self._buf, source=_MPI().ANY_SOURCE, tag=self.TAG)
@@ -404,54 +409,18 @@ class StopNotice:
         self.comm = self._req = None
 
 
+def processor_name() -> str:
+    """MPI_Get_processor_name: this node's name as MPI knows it."""
+    return _MPI().Get_processor_name()
+
+
 def library_version() -> str:
     """The MPI library, e.g. 'MPICH Version: 5.0.2' or 'Open MPI v5.0.8, ...' (first line)."""
     text = _MPI().Get_library_version().replace("\0", "").strip()
     return text.splitlines()[0].strip() if text else "unknown MPI library"
 
 
-def local_rank(comm: Comm) -> int:
-    """Rank among the processes of this node (for choosing a GPU)."""
-    node = comm.node_comm()
-    try:
-        return node.rank
-    finally:
-        node.Free()
 
-
-# The launcher's word for how many processes this one was started with, most specific first:
-# MPICH's hydra and srun --mpi=pmi2 set PMI_SIZE, Open MPI's mpirun OMPI_COMM_WORLD_SIZE, PMIx
-# launchers PMIX_SIZE; SLURM_STEP_NUM_TASKS is what srun started (with any --mpi plugin).
-_LAUNCH_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
-
-
-def launched_size(environ=os.environ) -> tuple[str, int] | None:
-    """(variable, N) from the first launcher variable set to an integer, or None."""
-    for var in _LAUNCH_SIZE_VARS:
-        value = environ.get(var, "").strip()
-        if value.isdigit():
-            return var, int(value)
-    return None
-
-
-def check_launch(world_size: int, environ=os.environ) -> None:
-    """Refuse a job whose launcher started N > 1 processes that each see an MPI world of
-    another size: N independent copies would each train alone and overwrite each other's output."""
-    found = launched_size(environ)
-    if found is None or found[1] <= 1 or found[1] == world_size:
-        return
-    var, n = found
-    if var == "SLURM_STEP_NUM_TASKS":
-        cause = ("srun started the tasks without a process-management interface that this MPI "
-                 "understands: with the mpich wheel use `srun --mpi=pmi2` (not pmix or none), with "
-                 "a site MPI the --mpi plugin it was built for (`srun --mpi=list`)")
-    else:
-        cause = ("the launcher belongs to another MPI library than the one mpi4py loaded "
-                 f"({library_version()}): use the mpirun that comes with it (e.g. the one next to "
-                 "this Python), or rebuild mpi4py against the launcher's MPI "
-                 "(pip install --no-binary=mpi4py mpi4py)")
-    raise UsageError(f"the launcher started {n} processes ({var}={n}) but MPI sees a world of "
-                     f"{world_size}: {cause}", collective=True)
 
 
 # ---- device (GPU) buffers ----
@@ -590,92 +559,6 @@ def _device_reduce(mpicomm, sendbuf, recvbuf, root: int) -> None:
         _sync_device()
 
 
-class NcclComm:
-    """NCCL collectives on CuPy device buffers among the ranks of `comm`, one GPU per rank
-    (`--allreduce nccl`). Creating it is collective over `world` (default: `comm`), of which
-    `comm` is one group: all ranks of the world agree that each can load NCCL and that no two
-    ranks of one group share a GPU (NCCL refuses that), so a refusal is one UsageError on every
-    rank, never a hang; then the group's rank 0 broadcasts its NCCL unique id over MPI.
-    Blocking like Comm's collectives: each call runs on the current stream and waits for it.
-    """
-
-    def __init__(self, comm: Comm, world: Comm | None = None, group: int = 0):
-        import warnings
-
-        world = world or comm
-        nccl, why = None, "CuPy is not installed"
-        try:
-            with warnings.catch_warnings():        # CuPy warns when libnccl is missing
-                warnings.simplefilter("ignore")
-                from cupy.cuda import nccl
-            if not getattr(nccl, "available", False):
-                why = "CuPy cannot load libnccl (pip install nvidia-nccl-cu12)"
-                nccl = None
-        except ImportError as exc:
-            why = f"cupy.cuda.nccl cannot be imported ({exc})"
-
-        def loadable():
-            if nccl is None:
-                raise UsageError(f"NCCL is not usable on every rank: {why}")
-
-        world.agree_all(loadable)
-        where = world.allgather((group, _MPI().Get_processor_name(), _gpu_bus_id()))
-        shared = _shared_gpus(where)
-        if shared:
-            raise UsageError(f"NCCL needs one GPU per rank, but {shared}: use --allreduce fused, "
-                             "or at most as many ranks per node as GPUs", collective=True)
-        self.comm, self._nccl = comm, nccl
-        uid = comm.bcast(nccl.get_unique_id() if comm.rank == 0 else None)
-        self._comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
-        self._types = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
-                       np.dtype(np.int32): nccl.NCCL_INT32, np.dtype(np.int64): nccl.NCCL_INT64}
-
-    def _stream(self):
-        import cupy
-
-        return cupy.cuda.get_current_stream()
-
-    def Allreduce_sum(self, buf) -> None:
-        stream = self._stream()
-        self._comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._types[buf.dtype],
-                             self._nccl.NCCL_SUM, stream.ptr)
-        stream.synchronize()
-
-    def Bcast(self, buf, root: int = 0) -> None:
-        stream = self._stream()
-        self._comm.bcast(buf.data.ptr, buf.size, self._types[buf.dtype], root, stream.ptr)
-        stream.synchronize()
-
-    def Reduce_sum(self, sendbuf, recvbuf, root: int = 0) -> None:
-        stream = self._stream()
-        recv = recvbuf.data.ptr if self.comm.rank == root else 0   # NULL is fine off the root
-        self._comm.reduce(sendbuf.data.ptr, recv, sendbuf.size, self._types[sendbuf.dtype],
-                          self._nccl.NCCL_SUM, root, stream.ptr)
-        stream.synchronize()
-
-    def Free(self) -> None:
-        self._comm.destroy()
-
-
-def _gpu_bus_id() -> str:
-    """The PCI bus id of this process's current GPU: the same id in every process that uses it."""
-    import cupy
-
-    return cupy.cuda.Device().pci_bus_id
-
-
-def _shared_gpus(where: list) -> str | None:
-    """From each rank's (group, host, GPU bus id): 'ranks 0 and 1 share GPU <id> on <host>' for
-    the first two ranks of one group on one GPU, or None. Ranks of different groups (different
-    NCCL communicators) may share a GPU."""
-    first = {}
-    for rank, key in enumerate(where):
-        if key in first:
-            return f"ranks {first[key]} and {rank} share GPU {key[-1]} on {key[-2]}"
-        first[key] = rank
-    return None
-
-
 def exit_process(code: int):
     """End this process with `code` without the interpreter's teardown. With Numba's kernels
     loaded, freeing the modules at exit takes 0.2-0.3 s per rank against 0.013 s this way
@@ -704,6 +587,28 @@ def exit_process(code: int):
     libc_exit(code)
 
 
+def describe_exception(exc: BaseException) -> str:
+    """An unexpected exception in one line: its type, message and where it was raised."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def abort_job(comm: Comm, exc: BaseException) -> None:
+    """An error this rank met alone (the others would wait forever in the next collective): its
+    last words on stderr, naming the rank, then MPI_Abort of every rank with its exit code."""
+    if isinstance(exc, HpcflError):
+        print(f"hpcfl: error on rank {comm.rank} ({host_name()}): {exc}; aborting all ranks",
+              file=sys.stderr, flush=True)
+        comm.Abort(exc.exit_code)
+        return
+    print(f"hpcfl: rank {comm.rank} failed: {describe_exception(exc)}; aborting all ranks"
+          " (HPCFL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    if os.environ.get("HPCFL_DEBUG"):
+        traceback.print_exception(exc)
+    comm.Abort(1)
+
+
 def run_main(fn, *args) -> int:
     """Run fn(comm, *args) on every rank with the abort-on-error policy; returns the exit code."""
     comm = Comm.world()
@@ -714,17 +619,13 @@ def run_main(fn, *args) -> int:
             if comm.rank == 0:
                 print(f"hpcfl: error: {exc}", file=sys.stderr, flush=True)
             return exc.exit_code
-        print(f"hpcfl: error on rank {comm.rank} ({host_name()}): {exc}; aborting all ranks",
-              file=sys.stderr, flush=True)
-        comm.Abort(exc.exit_code)
+        abort_job(comm, exc)
     except BaseException as exc:  # a bug, or KeyboardInterrupt: take the whole job down now
-        if os.environ.get("HPCFL_DEBUG"):
-            traceback.print_exc()
-        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        where = f" ({os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
-        print(f"hpcfl: rank {comm.rank} failed: {type(exc).__name__}: {exc}{where}; aborting all ranks"
-              " (HPCFL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         if comm.size == 1:
+            print(f"hpcfl: rank 0 failed: {describe_exception(exc)} (HPCFL_DEBUG=1 for the traceback)",
+                  file=sys.stderr, flush=True)
+            if os.environ.get("HPCFL_DEBUG"):
+                traceback.print_exception(exc)
             return 1
-        comm.Abort(1)
+        abort_job(comm, exc)
     return 1

@@ -1,6 +1,8 @@
-"""The differential-privacy math of hpcfl, with no MPI: RDP accounting of the Poisson-sampled
-Gaussian mechanism (Abadi et al. 2016; Mironov et al. 2019), noise calibration, Poisson batch
-sampling for DP-SGD, and the clipping and noise of DP-FedAvg (McMahan et al. 2018).
+"""Privacy accounting, with no MPI: RDP accounting of the Poisson-sampled Gaussian mechanism
+(Abadi et al. 2016; Mironov et al. 2019) for DP-SGD and central DP-FedAvg, the accounting of
+DP-FedAvg under secure aggregation (privacy-loss distributions of the true per-round pair), and
+the calibration of the noise to a budget. Two accountants, one interface (AccountantProtocol:
+compose a round's or step's noise, epsilon so far or after one more), made by create_accountant.
 
 The accounting is dp-accounting's RdpAccountant; it is imported inside the functions that need
 it, because non-private runs should neither require it nor pay its ~1 s import.
@@ -10,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -65,7 +67,7 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def _check_count(name: str, value, low: int) -> int:
+def _check_count(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
@@ -174,12 +176,7 @@ def calibrate_noise(q: float, steps: int, delta: float, target_epsilon: float,
     return hi
 
 
-# ------------------------------------------------------------------------------------ DP-PCA
-# Abadi et al. 2016, section 4: each training image as a vector scaled to unit L2 norm, their
-# Gram matrix A = sum x x^T (one image changes it by x x^T: Frobenius norm 1, and its upper
-# triangle, the part released, has L2 norm <= 1), the Gaussian mechanism on the upper triangle
-# (mirrored: a symmetric release), then the top K eigenvectors of the noisy matrix. The input
-# of the MLP is then the standardised image times those K directions.
+# DP-PCA's release (mechanisms.dp_pca) spends, when its noise is derived, this share of the budget
 PCA_SHARE = 0.1     # the share of --dp-epsilon the DP-PCA release spends when its noise is derived
 
 
@@ -188,103 +185,24 @@ def pca_noise_for(target_epsilon: float, delta: float, share: float = PCA_SHARE)
     return calibrate_noise(1.0, 1, delta, share * target_epsilon)
 
 
-def dp_pca(images: np.ndarray, k: int, sigma: float, key: bytes) -> np.ndarray:
-    """The (d, k) float32 matrix of the top-k eigenvectors (columns, eigenvalue descending, each
-    with its largest entry positive) of sum_i x_i x_i^T + N, x_i = image i / ||image i|| (a zero
-    image stays zero) and N symmetric with N(0, sigma^2) upper-triangle entries drawn from the
-    CSPRNG stream of `key` (noise.py). images: (n, d) or (n, h, w), any dtype."""
-    from ..privacy import noise
+class AccountantProtocol(Protocol):
+    """A run's running privacy cost: one event per DP-SGD step or DP-FedAvg round."""
+    delta: float
 
-    images = np.asarray(images)
-    d = int(np.prod(images.shape[1:]))
-    if not 1 <= k <= d:
-        raise ValueError(f"--dp-pca {k}: must be between 1 and the {d} input values")
-    gram = np.zeros((d, d))
-    for a in range(0, len(images), 10_000):        # in float64, 10,000 rows at a time
-        x = images[a:a + 10_000].reshape(-1, d).astype(np.float64)
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-        gram += x.T @ x
-    upper = np.triu_indices(d)
-    e = np.zeros((d, d))
-    e[upper] = sigma * noise.standard_normal(key, 0, len(upper[0]))
-    gram += np.triu(e) + np.triu(e, 1).T
-    values, vectors = np.linalg.eigh(gram)
-    top = vectors[:, np.argsort(values)[::-1][:k]]
-    top *= np.sign(top[np.abs(top).argmax(axis=0), np.arange(k)])      # a fixed sign per column
-    return top.astype(np.float32)
+    def step(self, z: float) -> None:
+        """One more step or round whose noise multiplier is z."""
 
+    def epsilon(self) -> float:
+        """Epsilon at delta so far."""
 
-def poisson_sample(n: int, q: float, seed: int, step: int) -> np.ndarray:
-    """The sorted int64 indices of one Poisson batch: each of the n samples joins independently
-    with probability q. A pure function of (n, q, seed, step), so every rank draws the same batch
-    without communicating.
-    Drawn as K ~ Binomial(n, q), then a uniform K-subset: the same distribution as n independent
-    Bernoulli(q) draws, since under those the size is Binomial(n, q) and every subset of a given
-    size has the same probability q^K (1-q)^(n-K). It costs O(K) instead of O(n) for small q."""
-    n = _check_count("n", n, 0)
-    if not 0 <= q <= 1:
-        raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
-    rng = np.random.default_rng([seed, step, 0x9015])
-    k = rng.binomial(n, q)
-    idx = rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64)
-    idx.sort()
-    return idx
+    def epsilon_after(self, z: float) -> float:
+        """Epsilon at delta after one more step or round at z (the check before it)."""
 
+    def state(self) -> dict:
+        """What a checkpoint keeps (JSON)."""
 
-def _kl_bernoulli(a: float, q: float) -> float:
-    """KL(Bernoulli(a) || Bernoulli(q)), 0 < q < 1, with 0 log 0 = 0."""
-    out = a * math.log(a / q) if a > 0 else 0.0
-    return out + ((1 - a) * math.log((1 - a) / (1 - q)) if a < 1 else 0.0)
-
-
-def poisson_capacity(n: int, q: float, p_exceed: float = 1e-12) -> int:
-    """A batch size c that a Poisson batch K ~ Binomial(n, q) exceeds with probability at most
-    p_exceed, so that buffers of c rows can be preallocated. From the Chernoff bound in its
-    relative-entropy form (Hoeffding 1963, Theorem 1): P(K >= k) <= exp(-n KL(k/n || q)) for
-    k >= nq; c is the smallest integer >= ceil(nq) with exp(-n KL((c+1)/n || q)) <= p_exceed.
-    About mean + sqrt(2 mean ln(1/p_exceed)) for small q: 220 for n = 60000, q = 128/60000."""
-    n = _check_count("n", n, 0)
-    if not 0 <= q <= 1:
-        raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
-    if not 0 < p_exceed <= 1:
-        raise ValueError(f"p_exceed must be in (0, 1], got {p_exceed!r}")
-    lo = math.ceil(n * q)
-    if q in (0, 1) or lo >= n:
-        return lo                                      # K is n q surely, or c = n is never exceeded
-    log_p = math.log(p_exceed)
-    if -n * _kl_bernoulli((lo + 1) / n, q) <= log_p:
-        return lo
-    hi = n                                             # P(K > n) = 0: always enough
-    while hi - lo > 1:                                 # the bound falls with c: bisect on it
-        mid = (lo + hi) // 2
-        if -n * _kl_bernoulli((mid + 1) / n, q) <= log_p:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def clip_l2(vector: np.ndarray, S: float) -> tuple[np.ndarray, float]:
-    """(vector * min(1, S / ||vector||), ||vector||): a client's update clipped to L2 norm S, so
-    that it moves the sum by at most S (DP-FedAvg's sensitivity). The norm sums squares in
-    float64: float32 would lose digits over 235,146 terms. Returns a new array, of vector's dtype
-    when that is floating (float64 otherwise)."""
-    if not S > 0:
-        raise ValueError(f"clipping norm S must be > 0, got {S!r}")
-    vector = np.asarray(vector)
-    flat = vector.astype(np.float64).ravel()
-    norm = math.sqrt(float(flat @ flat))
-    scale = min(1.0, S / norm) if norm > 0 else 1.0
-    dtype = vector.dtype if np.issubdtype(vector.dtype, np.floating) else np.float64
-    return (vector * dtype.type(scale)).astype(dtype, copy=False), norm
-
-
-def noise_std(z: float, S: float) -> float:
-    """The std of the Gaussian noise on a sum of updates clipped to S: z times the sensitivity."""
-    if not z >= 0 or not S > 0:
-        raise ValueError(f"need z >= 0 and S > 0, got z={z!r}, S={S!r}")
-    return z * S
+    def load_state(self, state: dict) -> None:
+        """Back to a state() (replaces everything composed so far)."""
 
 
 class Accountant:
@@ -294,9 +212,9 @@ class Accountant:
     reporting needs. The sum and the conversion are dp-accounting's (its per-event RDP and
     compute_epsilon); tests/test_privacy.py checks the result against epsilon() above."""
 
-    def __init__(self, delta: float):
+    def __init__(self, delta: float, q: float = 1.0):
         _check_delta(delta)
-        self.delta = delta
+        self.delta, self.q = delta, q                 # q: the run's sampling rate, for step()
         self.events: dict[tuple[float, float], int] = {}
         self._rdp = np.zeros(len(ORDERS))
         self._cache: dict[tuple[float, float], np.ndarray] = {}
@@ -325,7 +243,7 @@ class Accountant:
 
     def epsilon(self, q: float | None = None, z: float | None = None) -> float:
         """Epsilon so far, or after one more (q, z) step (for the check before it)."""
-        rdp_total = self._rdp if q is None else self._rdp + self._event_rdp(q, z)
+        rdp_total = self._rdp if q is None or z is None else self._rdp + self._event_rdp(q, z)
         if not self.events and q is None:
             return 0.0
         if not np.isfinite(rdp_total).all() and np.isinf(rdp_total).all():
@@ -335,66 +253,19 @@ class Accountant:
         with _quiet_absl():
             return float(rdp.compute_epsilon(ORDERS, rdp_total, self.delta)[0])
 
+    def step(self, z: float) -> None:
+        self.compose(self.q, z)
 
-@dataclass
-class DpPlan:
-    """The differential privacy of one run: the clip S (sensitivity), the noise multiplier z,
-    the sampling rate q (clients per round in fl, samples per step in dp), the expected number
-    sampled (the fixed denominator q N), the secret seed of the noise and of the sampling, and
-    the running accountant."""
-    clip: float
-    z: float
-    q: float
-    expected: float
-    noise_seed: int
-    delta: float
-    accountant: Accountant = field(repr=False, default=None)
-    target: float | None = None        # --dp-epsilon: no round may take epsilon past it
-    secure: bool = False               # DP-FedAvg under secure aggregation (SecureAccountant)
-    share_std: float = 0.0             # secure: each client's noise share, per coordinate
-    colluders: int = 0                 # secure: clients whose shares do not count (--dp-colluders)
-    pca: int = 0                       # DP-SGD: --dp-pca K (0: off)
-    pca_noise: float = 0.0             # its release's noise multiplier
-
-    def __post_init__(self):
-        if self.accountant is None:
-            self.accountant = (SecureAccountant(self.delta, self.q, self.z) if self.secure
-                               else Accountant(self.delta))
-            if self.pca:               # released once, before training, from every image
-                self.accountant.compose(1.0, self.pca_noise, 1)
-
-    def honest_shares(self, survivors: int) -> int:
-        """The noise shares of a round of `survivors` that protect a client: not its own, not
-        the colluders'."""
-        return max(0, survivors - 1 - self.colluders)
-
-    def round_noise(self, survivors: int) -> float:
-        """The noise multiplier a secure round of `survivors` is accounted with."""
-        return self.share_std * math.sqrt(self.honest_shares(survivors)) / self.clip
-
-    def compose_round(self, z: float) -> None:
-        if self.secure:
-            self.accountant.compose(z)
-        else:
-            self.accountant.compose(self.q, z)
+    def epsilon_after(self, z: float) -> float:
+        return self.epsilon(self.q, z)
 
     def state(self) -> dict:
-        """What a checkpoint keeps: the seed (whoever holds a checkpoint can remove the noise:
-        README) and the privacy spent so far."""
-        if self.secure:
-            return {"noise_seed": self.noise_seed, "z": self.z, "rounds_z": self.accountant.state()}
-        return {"noise_seed": self.noise_seed, "z": self.z,
-                "events": [[q, z, c] for (q, z), c in self.accountant.events.items()]}
+        return {"events": [[q, z, c] for (q, z), c in self.events.items()]}
 
     def load_state(self, state: dict) -> None:
-        self.noise_seed = int(state["noise_seed"])
-        if self.secure:
-            self.accountant = SecureAccountant(self.delta, self.q, self.z)
-            self.accountant.load_state(state["rounds_z"])
-            return
-        self.accountant = Accountant(self.delta)
+        self.events, self._rdp = {}, np.zeros(len(ORDERS))
         for q, z, count in state["events"]:
-            self.accountant.compose(q, z, count)
+            self.compose(q, z, count)
 
 
 # ------------------------------------------------------------ DP-FedAvg under secure aggregation
@@ -434,7 +305,7 @@ def gaussian_delta(eps: float, mu: np.ndarray) -> np.ndarray:
     return out
 
 
-def _epsilon_from_delta(delta_of, delta: float, hi: float = 1.0) -> float:
+def _epsilon_from_delta(delta_of: Callable[[float], float], delta: float, hi: float = 1.0) -> float:
     """The smallest eps with delta_of(eps) <= delta, by bisection (delta_of falls with eps)."""
     if delta_of(0.0) <= delta:
         return 0.0
@@ -481,17 +352,6 @@ def calibrate_secure_noise(q: float, rounds: int, delta: float, target_epsilon: 
     return hi
 
 
-def honest_quantile(num_clients: int, q: float, dropout: float, colluders: int,
-                    quantile: float = SECURE_QUANTILE) -> int:
-    """A low quantile of the honest noise shares a client can count on in a round: the
-    survivors (Binomial(num_clients, q (1 - dropout)) under Poisson sampling and independent
-    dropouts) less itself and the colluders."""
-    from scipy.stats import binom
-
-    survivors = int(binom.ppf(quantile, num_clients, q * (1 - dropout)))
-    return survivors - 1 - colluders
-
-
 class SecureAccountant:
     """The running epsilon of DP-FedAvg under secure aggregation (the block comment above):
     one z_r per round; z_r = 0 (no honest share besides the client's own) has infinite weight."""
@@ -499,13 +359,13 @@ class SecureAccountant:
     def __init__(self, delta: float, q: float, z_plan: float):
         _check_delta(delta)
         self.delta, self.q, self.z_plan = delta, q, z_plan
-        self.step = 1.0 / (z_plan ** 2 * GRID_PER_ROUND)    # the grid of mu^2
+        self.grid = 1.0 / (z_plan ** 2 * GRID_PER_ROUND)    # the grid of mu^2
         self.zs: list[float] = []
         self._pmf = np.ones(1)                              # of mu^2 / step, finite part
         self._inf = 0.0                                     # P(i took part in a z_r = 0 round)
 
     def _grid(self, z: float) -> int | None:
-        return None if z <= 0 else math.ceil((1.0 / z ** 2) / self.step * (1 - 1e-12))
+        return None if z <= 0 else math.ceil((1.0 / z ** 2) / self.grid * (1 - 1e-12))
 
     def _compose_pmf(self, pmf, inf, z):
         k = self._grid(z)
@@ -528,13 +388,31 @@ class SecureAccountant:
         if inf > self.delta:
             return math.inf
         support = np.flatnonzero(pmf > 0)
-        w, mu = pmf[support], np.sqrt(support * self.step)
+        w, mu = pmf[support], np.sqrt(support * self.grid)
         return _epsilon_from_delta(lambda e: inf + float(w @ gaussian_delta(e, mu)), self.delta)
 
-    def state(self) -> list[float]:
-        return list(self.zs)
+    def step(self, z: float) -> None:
+        self.compose(z)
 
-    def load_state(self, zs) -> None:
+    def epsilon_after(self, z: float) -> float:
+        return self.epsilon(z)
+
+    def state(self) -> dict:
+        return {"rounds_z": list(self.zs)}
+
+    def load_state(self, state: dict) -> None:
         self.zs, self._pmf, self._inf = [], np.ones(1), 0.0
-        for z in zs:
+        for z in state["rounds_z"]:
             self.compose(z)
+
+
+# the accountants, by what they account: "rdp" (DP-SGD, central DP-FedAvg: the Poisson-sampled
+# Gaussian), "secure" (DP-FedAvg under secure aggregation: the true per-round pair)
+ACCOUNTANTS: dict[str, Callable[[float, float, float], AccountantProtocol]] = {
+               "rdp": lambda delta, q, z_plan: Accountant(delta, q),
+               "secure": lambda delta, q, z_plan: SecureAccountant(delta, q, z_plan)}
+
+
+def create_accountant(name: str, delta: float, q: float, z_plan: float) -> AccountantProtocol:
+    """The accountant `name` for a run at sampling rate q whose planned noise is z_plan."""
+    return ACCOUNTANTS[name](delta, q, z_plan)

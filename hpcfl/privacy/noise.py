@@ -194,7 +194,7 @@ class Gaussian:
             self._buf = np.empty(nbytes + 16, np.uint8)
         iv = struct.pack(">QQ", stream, block)
         Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update_into(
-            memoryview(self._zeros)[:nbytes], self._buf)
+            memoryview(self._zeros)[:nbytes], self._buf)  # type: ignore[arg-type]  # a writable buffer
         return self._buf[:nbytes].view(dtype)
 
     def standard_normal(self, key: bytes, stream: int, out: np.ndarray) -> np.ndarray:

@@ -61,11 +61,9 @@ README); traffic analysis (who talks when).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import secrets
 import struct
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -78,6 +76,8 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import HpcflError
+from ..parallel import wire
+from .secagg_graph import RoundParams, check_threshold, holders, is_connected
 
 PRIME = 2**521 - 1                 # Mersenne prime > 2^256: any 32-byte secret is a field element
 SHARE_BYTES = 66                   # ceil(521 / 8)
@@ -87,7 +87,6 @@ KEYS_MESSAGE_BYTES = 2 * KEY_BYTES + SIG_BYTES
 NONCE_BYTES = 12
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + 16
 KIND_B, KIND_S = 1, 2
-SIGMA = 40                         # statistical security parameter: failure probability <= 2^-40
 _ZERO_IV = bytes(16)               # each PRG key expands exactly one stream, so a fixed IV is safe
 
 
@@ -155,182 +154,17 @@ def transcript_hash(server_round: int, advertisements: bytes) -> bytes:
                           + advertisements).digest()
 
 
-# ---------------------------------------------------------------------------- round parameters
-
-def check_threshold(t: int, n_holders: int) -> int:
-    if not 2 <= t <= n_holders:
-        raise ValueError(f"secure aggregation threshold t={t} must satisfy 2 <= t <= {n_holders} "
-                         f"(the number of share holders per client)")
-    return t
-
-
-def default_threshold(n_holders: int) -> int:
-    """The smallest majority of the share holders: n_holders // 2 + 1."""
-    return check_threshold(n_holders // 2 + 1, n_holders)
-
-
-def holders_per_client(k: int | None, m: int) -> int:
-    """Share holders of each client (itself and its neighbours) in neighbor_graph(m clients, k)."""
-    if k is None or k >= m - 1:
-        return m
-    return k + 1 + (k % 2 and m % 2)
-
-
-def min_neighbors(m: int, max_dropout: float, corrupt: float, sigma: int = SIGMA) -> int | None:
-    """The smallest K for which the survivors' graph of a round of m clients stays connected
-    once the dropped and the corrupt clients (each independently, with probability at most
-    max_dropout and corrupt) are removed, except with probability 2^-sigma (Bell et al. 2020's
-    requirement, bounded for this graph). The graph is the circulant with offsets 1..h, h = K/2,
-    over a random ring: survivors next to each other on the ring are joined unless h consecutive
-    clients between them are gone, so it splits only if two such gaps occur, and two gaps hold two
-    disjoint windows of h removed clients: P(split) <= C(m, 2) p^(2h), p = max_dropout + corrupt.
-    None: only the complete graph qualifies (the bound's K is m - 1 or more)."""
-    p = max_dropout + corrupt
-    if m < 3:
-        return None
-    if p <= 0:
-        half = 1
-    elif p >= 1:
-        return None
-    else:
-        half = math.ceil((sigma * math.log(2) + math.log(math.comb(m, 2))) / (-2 * math.log(p)))
-    k = 2 * half
-    return k if k < m - 1 else None
-
-
-def _binom_sf(t: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) >= t)."""
-    return sum(math.comb(n, i) * p**i * (1 - p)**(n - i) for i in range(max(t, 0), n + 1))
-
-
-def sparse_threshold(holders: int, m: int, corrupt: float, sigma: int = SIGMA) -> int:
-    """t for a sparse graph: the smallest majority of the holders, raised until the corrupt
-    clients among one client's holders reach t with probability at most 2^-sigma / m (Bell et
-    al. 2020); at most the number of holders."""
-    t = default_threshold(holders)
-    while t < holders and corrupt > 0 and _binom_sf(t, holders, corrupt) > 2.0**-sigma / m:
-        t += 1
-    return t
-
-
-def neighbor_graph(clients: Iterable[int], k: int | None,
-                   round_seed: bytes | int) -> dict[int, tuple[int, ...]]:
-    """The SecAgg+ communication graph: complete when k is None or k >= m-1, otherwise the
-    Harary graph H(k, m) over a permutation of the clients drawn from round_seed (each client
-    is joined to the k/2 nearest on either side of a shuffled ring). Odd k: with m even each
-    client also joins the one opposite on the ring (exactly k-regular); with m odd no k-regular
-    graph exists, so k+1 is used. Every process computes the same graph from the same seed."""
-    clients = sorted({int(c) for c in clients})
-    m = len(clients)
-    if k is None or k >= m - 1:
-        return {c: tuple(d for d in clients if d != c) for c in clients}
-    if k < 1:
-        raise ValueError(f"neighbour count k={k} must be at least 1")
-    ring = shuffled_ring(clients, round_seed)
-    if k % 2 and m % 2:
-        k += 1
-    offsets = list(range(1, k // 2 + 1)) + [-d for d in range(1, k // 2 + 1)]
-    if k % 2:
-        offsets.append(m // 2)
-    return {c: tuple(sorted(ring[(p + d) % m] for d in offsets)) for p, c in enumerate(ring)}
-
-
-def shuffled_ring(clients: Iterable[int], round_seed: bytes | int) -> list[int]:
-    """The clients in the ring order of neighbor_graph: a permutation from a hash rather than a
-    seeded numpy RNG (no 32-bit seed, the same everywhere)."""
-    seed = round_seed if isinstance(round_seed, bytes) else str(int(round_seed)).encode()
-    prefix = b"hpcfl-secagg/graph" + struct.pack("<I", len(seed)) + seed
-    return sorted({int(c) for c in clients},
-                  key=lambda c: hashlib.sha256(prefix + struct.pack("<Q", c)).digest())
-
-
-def is_connected(graph: Mapping[int, Sequence[int]], nodes: Iterable[int]) -> bool:
-    """Whether the subgraph of `graph` induced on `nodes` is connected (empty: False)."""
-    nodes = set(nodes)
-    if not nodes:
-        return False
-    start = min(nodes)
-    seen, todo = {start}, [start]
-    while todo:
-        for d in graph[todo.pop()]:
-            if d in nodes and d not in seen:
-                seen.add(d)
-                todo.append(d)
-    return seen == nodes
-
-
-@dataclass(frozen=True)
-class RoundParams:
-    """What every process knows before a round: server_round, the sampled clients U, the
-    neighbour count k (None: complete graph), the Shamir threshold t, the vector length n
-    (uint32 words) and min_survivors (module docstring). The graph itself is fixed only after
-    stage 0, from the transcript (graph())."""
-
-    server_round: int
-    clients: tuple[int, ...]
-    k: int | None
-    threshold: int
-    n: int
-    min_survivors: int
-
-    def __post_init__(self):
-        if list(self.clients) != sorted(set(self.clients)):
-            raise ValueError("clients must be sorted and distinct")
-        if self.clients and not 0 <= self.clients[0] <= self.clients[-1] < 2**32 - 1:
-            raise ValueError("client ids must be in [0, 2^32 - 2]")
-        check_threshold(self.threshold, holders_per_client(self.k, len(self.clients)))
-        if not self.threshold <= self.min_survivors <= len(self.clients):
-            raise ValueError(f"min_survivors={self.min_survivors} must be between t={self.threshold} "
-                             f"and the {len(self.clients)} sampled clients")
-        if self.n < 1:
-            raise ValueError(f"vector length n={self.n} must be positive")
-
-    @classmethod
-    def make(cls, server_round: int, clients: Iterable[int], n: int, k: int | None = None,
-             threshold: int | None = None, corrupt: int = 0) -> RoundParams:
-        """threshold defaults to the smallest majority of the holders; `corrupt` is how many
-        colluding clients the consistency round must withstand."""
-        clients = tuple(sorted({int(c) for c in clients}))
-        m = len(clients)
-        if threshold is None:
-            threshold = default_threshold(holders_per_client(k, m))
-        need = max(int(threshold), min((m + int(corrupt)) // 2 + 1, m))
-        return cls(int(server_round), clients, k, int(threshold), int(n), need)
-
-    def graph(self, members: Iterable[int], transcript: bytes) -> dict[int, tuple[int, ...]]:
-        return neighbor_graph(members, self.k, transcript)
-
-
-def holders(graph: Mapping[int, Sequence[int]], cid: int) -> tuple[int, ...]:
-    """Who holds shares of cid's secrets: cid itself and its neighbours, sorted."""
-    return tuple(sorted((cid,) + tuple(graph[cid])))
-
-
 # ------------------------------------------------------------------------------------ encoding
 
-def encode_map(items: Mapping[int, bytes]) -> bytes:
-    ids = sorted(items)
-    head = struct.pack(f"<I{2 * len(ids)}I", len(ids), *[v for i in ids for v in (i, len(items[i]))])
-    return head + b"".join(bytes(items[i]) for i in ids)
+encode_map = wire.encode_map
 
 
 def decode_map(data: bytes) -> dict[int, bytes]:
-    data = bytes(data)
-    if len(data) < 4:
-        raise SecAggError("truncated id map")
-    (count,) = struct.unpack_from("<I", data)
-    end = 4 + 8 * count
-    if len(data) < end:
-        raise SecAggError("truncated id map header")
-    fields = struct.unpack_from(f"<{2 * count}I", data, 4)
-    ids, lengths = fields[0::2], fields[1::2]
-    if any(a >= b for a, b in zip(ids, ids[1:])) or end + sum(lengths) != len(data):
-        raise SecAggError("malformed id map (ids not increasing, or lengths do not add up)")
-    out = {}
-    for i, n in zip(ids, lengths):
-        out[i] = data[end:end + n]
-        end += n
-    return out
+    """wire.decode_map, a malformed message being a protocol error here."""
+    try:
+        return wire.decode_map(data)
+    except wire.MalformedMessage as exc:
+        raise SecAggError(str(exc)) from None
 
 
 def encode_unmask_request(survivors: Iterable[int], dropped: Iterable[int]) -> bytes:
@@ -434,7 +268,7 @@ class Prg:
         """The stream of key; a view of the reused buffer, overwritten by the next call."""
         if len(key) != KEY_BYTES:
             raise ValueError(f"PRG keys are {KEY_BYTES} bytes, got {len(key)}")
-        Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor().update_into(self._zeros, self._buf)
+        Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor().update_into(self._zeros, self._buf)  # type: ignore[arg-type]  # a writable buffer
         return self.words
 
     def add(self, acc: np.ndarray, key: bytes, sign: int = 1) -> None:
@@ -789,99 +623,6 @@ class Server:
         if value >= 2**(8 * KEY_BYTES):            # inconsistent shares: never a 32-byte secret
             raise SecAggError(f"client {owner}'s {what} shares are inconsistent")
         return value.to_bytes(KEY_BYTES, "big")
-
-
-# --------------------------------------------------------------------------------- fixed point
-
-class FixedPoint:
-    """Floats <-> uint32 for masking. Each value is clipped to [-bound, bound], scaled by
-    `scale` and rounded to the nearest integer q, |q| <= q_max = round(bound * scale); the
-    default scale = floor((2^31 - 1) / max_terms) / bound makes max_terms * q_max < 2^31, so
-    the sum of up to max_terms contributions stays in (-2^31, 2^31) and the uint32 sum mod 2^32,
-    read as int32 (two's complement), is the exact integer sum. Decoding that sum of n_terms
-    contributions (each within the bound) errs per coordinate by at most
-    n_terms * (1/2 + 2^-20) / scale: half a step per rounding, plus a margin for float64."""
-
-    def __init__(self, bound: float, max_terms: int, scale: float | None = None):
-        if not (math.isfinite(bound) and bound > 0) or max_terms < 1:
-            raise ValueError(f"fixed point needs bound > 0 and max_terms >= 1, got {bound}, {max_terms}")
-        if scale is None:
-            if max_terms > 2**31 - 1:
-                raise ValueError(f"{max_terms} terms cannot share 31 bits")
-            scale = ((2**31 - 1) // max_terms) / bound
-        self.bound, self.max_terms, self.scale = float(bound), int(max_terms), float(scale)
-        self.q_max = int(np.rint(self.bound * self.scale))
-        if self.q_max < 1 or max_terms * self.q_max >= 2**31:
-            raise ValueError(f"{max_terms} terms of up to {self.q_max} steps (bound {bound} x scale "
-                             f"{scale:g}) can leave (-2^31, 2^31): lower the scale or max_terms")
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        if not np.isfinite(x).all():
-            raise ValueError("fixed point cannot encode NaN or infinity")
-        q = np.rint(np.clip(x, -self.bound, self.bound) * self.scale)
-        np.clip(q, -self.q_max, self.q_max, out=q)     # guards float rounding at the bound
-        return q.astype(np.int32).view(np.uint32)
-
-    def decode(self, s_u32: np.ndarray, n_terms: int = 1) -> np.ndarray:
-        if n_terms > self.max_terms:
-            raise ValueError(f"a sum of {n_terms} terms may have overflowed (max_terms={self.max_terms})")
-        return np.asarray(s_u32, np.uint32).view(np.int32) / self.scale
-
-    def error_bound(self, n_terms: int = 1) -> float:
-        return n_terms * (0.5 + 2.0**-20) / self.scale
-
-
-class WideFixedPoint:
-    """Floats <-> two uint32 limbs per value, for sums that must match float64 arithmetic: about
-    2 (31 - log2 max_terms) bits instead of 31 - log2 max_terms (48 bits at 100 terms), so the
-    decoded mean equals the plain float64 one to far below a float32 ulp, and FedAvg in the clear
-    and under secure aggregation give the same float32 model. A value is clipped to the bound,
-    scaled and rounded to q, |q| <= q_max, and offset to u = q + q_max in [0, 2^(2k)); its limbs
-    u mod 2^k and u >> k each sum over max_terms terms without reaching 2^31, so the uint32 sums
-    mod 2^32 are exact. encode gives [low limbs | high limbs] (2n words); decode needs the exact
-    number of terms summed (each brought one offset)."""
-
-    def __init__(self, bound: float, max_terms: int):
-        if not (math.isfinite(bound) and bound > 0) or max_terms < 1:
-            raise ValueError(f"fixed point needs bound > 0 and max_terms >= 1, got {bound}, {max_terms}")
-        self.k = 31 - math.ceil(math.log2(max_terms)) if max_terms > 1 else 30
-        if self.k < 8:
-            raise ValueError(f"{max_terms} terms leave too few bits per limb")
-        self.bound, self.max_terms = float(bound), int(max_terms)
-        self.q_max = 2 ** (2 * self.k - 1) - 1
-        self.scale = self.q_max / self.bound
-
-    def encode(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """[low limbs | high limbs] of x, into `out` (2n uint32 words) when given."""
-        x = np.asarray(x, np.float64)
-        if not np.isfinite(x).all():
-            raise ValueError("fixed point cannot encode NaN or infinity")
-        q = np.clip(x, -self.bound, self.bound)
-        q *= self.scale
-        np.rint(q, out=q)
-        np.clip(q, -self.q_max, self.q_max, out=q)
-        u = q.astype(np.int64)
-        u += self.q_max
-        np.clip(u, 0, 2 * self.q_max, out=u)           # float64 cannot hold q_max itself exactly
-        n = len(u)
-        out = np.empty(2 * n, np.uint32) if out is None else out
-        np.bitwise_and(u, (1 << self.k) - 1, out=out[:n], casting="unsafe")
-        np.right_shift(u, self.k, out=u)
-        out[n:] = u
-        return out
-
-    def decode(self, s_u32: np.ndarray, n_terms: int) -> np.ndarray:
-        if not 0 <= n_terms <= self.max_terms:
-            raise ValueError(f"a sum of {n_terms} terms may have overflowed (max_terms={self.max_terms})")
-        s = np.asarray(s_u32, np.uint32).astype(np.int64)
-        n = len(s) // 2
-        total = (s[n:] << self.k) + s[:n] - n_terms * self.q_max
-        return total / self.scale
-
-    def error_bound(self, n_terms: int = 1) -> float:
-        # half a step per rounding, plus float64's own rounding of x * scale (q_max < 2^62)
-        return n_terms * (0.5 + self.q_max * 2.0**-52) / self.scale
 
 
 # ------------------------------------------------------------------------------ in-process run

@@ -1,6 +1,6 @@
 """A malicious secure-aggregation server, for researchers: `--server-attack NAME` runs it against
 honest clients (secagg.Client), which is how a user sees the protocol's guarantees hold. Pure
-protocol code like secagg.py, no MPI: the trainer (collect.py) and the tests call the same hooks.
+protocol code like secagg.py, no MPI: the trainer (fl/secure.py) and the tests call the same hooks.
 
 Each attack deviates at one stage against one target client and then tries to compute the
 target's input from what it was sent, as a real attacker would (`recover`); `learned_individual`
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ..privacy import secagg
+from ..privacy import secagg, secagg_graph
 from ..privacy.secagg import KEY_BYTES, KIND_B, KIND_S
 
 ATTACKS = ("empty-route", "key-swap", "lie-dropped", "split-graph")
@@ -46,6 +46,7 @@ class MaliciousServer:
         self._target_shares: dict[int, bytes] = {}   # key-swap: the target's ciphertexts
         self._routed_to_target: set[int] = set()
         self._views: dict[int, bytes] = {}
+        self._s_shares: dict[int, dict[int, int]] = {}   # split-graph: the "dropped" mask keys' shares
 
     # ---- stage 0: the key list each client gets
     def advertisements_for(self, receiver: int, advertisements: bytes) -> bytes:
@@ -98,7 +99,7 @@ class MaliciousServer:
         members = sorted(srv.graph)
         if k is None or k >= len(members) - 1 or k % 2:
             return None
-        ring = secagg.shuffled_ring(members, srv.transcript)
+        ring = secagg_graph.shuffled_ring(members, srv.transcript)
         pos, h, m = ring.index(t), k // 2, len(ring)
         part = {ring[pos], ring[(pos + 1) % m]}
         cut = {ring[(pos - d) % m] for d in range(1, h + 1)} | {ring[(pos + 1 + d) % m] for d in range(1, h + 1)}
@@ -211,7 +212,7 @@ class MaliciousServer:
         for a in part:                               # masks shared with the "dropped": rebuilt
             for j in srv.graph[a]:
                 if j in cut:
-                    shares = getattr(self, "_s_shares", {}).get(j, {})
+                    shares = self._s_shares.get(j, {})
                     if len(shares) < p.threshold:
                         return None
                     s_j = X25519PrivateKey.from_private_bytes(srv.secret(shares, j, "mask key"))
@@ -220,7 +221,6 @@ class MaliciousServer:
         return estimate
 
     def _s_shares_of(self, j: int) -> dict[int, int]:
-        self.__dict__.setdefault("_s_shares", {})
         return self._s_shares.setdefault(j, {})
 
     def _pair_key(self, j: int, s: bytes | None, ads) -> bytes | None:
@@ -231,7 +231,7 @@ class MaliciousServer:
         if s is not None:
             return secagg.pair_key(X25519PrivateKey.from_private_bytes(s), ads[j][KEY_BYTES:2 * KEY_BYTES],
                                    p.server_round, t, j)
-        shares = getattr(self, "_s_shares", {}).get(j, {})
+        shares = self._s_shares.get(j, {})
         if len(shares) < p.threshold:
             return None
         s_j = X25519PrivateKey.from_private_bytes(self.server.secret(shares, j, "mask key"))
@@ -242,7 +242,7 @@ def learned_individual(estimate: np.ndarray | None, x_true: np.ndarray) -> bool:
     return estimate is not None and np.array_equal(estimate, x_true)
 
 
-def run(params: secagg.RoundParams, xs: Mapping[int, np.ndarray], name: str, target: int,
+def run(params: secagg_graph.RoundParams, xs: Mapping[int, np.ndarray], name: str, target: int,
         client_cls=secagg.Client, colluders=()) -> dict:
     """One round in one process against the malicious server; returns {"detected": who aborted
     and why (or None), "learned_individual": bool}. client_cls lets a test remove a defence."""
@@ -256,7 +256,7 @@ def run(params: secagg.RoundParams, xs: Mapping[int, np.ndarray], name: str, tar
         ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
         shares_up = {c: cl.share_keys(evil.advertisements_for(c, ads)) for c, cl in clients.items()}
         honest = {c: v for c, v in shares_up.items() if c != target or name != "key-swap"}
-        readdressed = {target: _readdress(server, target)} if len(honest) < len(shares_up) else {}
+        readdressed = {target: readdress(server, target)} if len(honest) < len(shares_up) else {}
         routed = server.route_shares({**honest, **readdressed})
         routed = evil.route(shares_up, routed)
         ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in routed}
@@ -270,7 +270,7 @@ def run(params: secagg.RoundParams, xs: Mapping[int, np.ndarray], name: str, tar
     return {"detected": detected, "learned_individual": learned_individual(evil.recover(responses), xs[target])}
 
 
-def _readdress(server: secagg.Server, target: int) -> bytes:
+def readdress(server: secagg.Server, target: int) -> bytes:
     """key-swap: the target's shares went to the server's keys; what the honest route stage
     needs in their place (empty ciphertexts to its real neighbours: they never decrypt them
     unless the round reaches unmasking)."""

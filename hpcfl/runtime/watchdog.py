@@ -48,7 +48,7 @@ class Watchdog:
     def __init__(self, timeout: float, rank: int, host: str, abort):
         self.timeout, self.rank, self.host, self.abort = timeout, rank, host, abort
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self):
         if self.timeout > 0:

@@ -1,9 +1,8 @@
 import pytest
+from helpers import DATA_DIR, have_mnist
 
 from hpcfl import data as data_mod
 from hpcfl.parallel.comm import Comm
-
-from helpers import DATA_DIR, have_mnist
 
 
 @pytest.fixture(scope="session")

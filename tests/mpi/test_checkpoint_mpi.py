@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from hpcfl import backends
-from hpcfl.io import checkpoint
-from hpcfl.training import dataparallel as dp
-from hpcfl.runtime import faults
-from hpcfl.runtime import preempt
 from hpcfl.config import Config
 from hpcfl.errors import Preempted, UsageError
+from hpcfl.io import checkpoint
 from hpcfl.io.report import Reporter
+from hpcfl.runtime import preempt, testing
+from hpcfl.training import dataparallel as dp
 
 
 @pytest.fixture
@@ -23,9 +22,9 @@ def shared_dir(comm, tmp_path):
     return comm.bcast(str(tmp_path) if comm.rank == 0 else None)
 
 
-def train(cfg, comm, mnist):
+def train(cfg, comm, mnist, hooks=testing.NO_HOOKS):
     with preempt.handling():    # as hpcfl.train(..., handle_signals=True) and the CLI do
-        return dp.train(cfg, comm, mnist, backends.get(cfg.backend), Reporter(cfg, rank=1))["params"]
+        return dp.train(cfg, comm, mnist, backends.get(cfg.backend), Reporter(cfg, rank=1), hooks=hooks).params
 
 
 @pytest.mark.mpi
@@ -62,17 +61,13 @@ def keep_signal_handlers():
 
 @pytest.mark.mpi
 @pytest.mark.usefixtures("keep_signal_handlers")
-def test_preempted_mid_epoch_then_resumed_is_bitwise_the_uninterrupted_run(comm, mnist, shared_dir, monkeypatch):
+def test_preempted_mid_epoch_then_resumed_is_bitwise_the_uninterrupted_run(comm, mnist, shared_dir):
     # 40 steps per epoch, 80 in all; the last rank gets SIGTERM during step 47 (epoch 2, batch 7)
     cfg = Config(batch_size=1500, epochs=2, optimizer="adam", lr=1e-3, backend="numba", quiet=True)
     plain = train(cfg, comm, mnist)
     ckpt = cfg.replace(checkpoint_dir=shared_dir)
-    monkeypatch.setattr(faults, "_kind", "term")
-    monkeypatch.setattr(faults, "_rank", comm.size - 1)
-    monkeypatch.setattr(faults, "_step", 47)
     with pytest.raises(Preempted, match="after step 47") as info:
-        train(ckpt, comm, mnist)
+        train(ckpt, comm, mnist, testing.FaultInjection("term", comm.size - 1, 47))
     assert info.value.collective and info.value.exit_code == 75
-    monkeypatch.setattr(faults, "_kind", None)
     resumed = train(ckpt.replace(resume=True), comm, mnist)
     assert np.array_equal(resumed, plain)

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from hpcfl import backends
-from hpcfl.training import dataparallel as dp
-from hpcfl.parallel.comm import Comm
 from hpcfl.config import Config
 from hpcfl.data.shard import shard_range
 from hpcfl.errors import HpcflError, TrainingError
 from hpcfl.io.report import Reporter
+from hpcfl.parallel.comm import Comm
+from hpcfl.training import dataparallel as dp
 
 # P ranks differ from one process only in the order float32 gradients are summed (each rank
 # sums its slice, then Allreduce sums the slices). Measured after 100 steps at 2, 3 and 4 ranks:
@@ -25,7 +25,7 @@ def rel_diff(a, b) -> float:
 
 def train(cfg, comm, mnist):
     be = backends.get(cfg.backend)
-    return dp.train(cfg, comm, mnist, be, Reporter(cfg, rank=1))["params"]  # silent reporter
+    return dp.train(cfg, comm, mnist, be, Reporter(cfg, rank=1)).params  # silent reporter
 
 
 @pytest.mark.mpi
@@ -66,9 +66,9 @@ def test_replicas_stay_identical(comm, mnist):
 def test_diverged_replica_is_an_error_on_every_rank(comm, mnist):
     if comm.size == 1:
         pytest.skip("needs two replicas")
-    rep = dp.Replica(Config(), backends.get("numba"), 64)
+    rep = dp.Replica(Config(), backends.get("numba"), 64, norm=(mnist.mean, mnist.std))
     if comm.rank == comm.size - 1:
-        rep.params[0] += 1e-3
+        rep.model.params[0] += 1e-3
     with pytest.raises(TrainingError, match="diverged") as info:
         rep.check_replicas(comm)
     assert info.value.collective
@@ -77,7 +77,7 @@ def test_diverged_replica_is_an_error_on_every_rank(comm, mnist):
 @pytest.mark.mpi
 def test_parallel_evaluation_counts_every_test_sample_once(comm, mnist):
     be = backends.get("numba")
-    rep = dp.Replica(Config(), be, 64)
+    rep = dp.Replica(Config(), be, 64, norm=(mnist.mean, mnist.std))
     acc, loss = rep.evaluate(comm, mnist.test_x, mnist.test_y)
     acc1, loss1 = rep.evaluate(Comm.self_(), mnist.test_x, mnist.test_y)
     assert acc == acc1                      # counts are integers: exactly equal
@@ -138,9 +138,9 @@ def test_overlapped_step_with_ranks_that_hold_no_rows(comm, mnist):
     idx = np.arange(max(1, comm.size - 1))
     results = []
     for mode in ("fused", "overlap"):
-        rep = dp.Replica(Config(allreduce=mode), be, 4)
+        rep = dp.Replica(Config(allreduce=mode), be, 4, norm=(mnist.mean, mnist.std))
         loss = rep.step(comm, mnist.train_x, mnist.train_y, idx, 0.05)
-        results.append((loss, rep.params.copy()))
+        results.append((loss, rep.host_params().copy()))
     (loss_f, p_f), (loss_o, p_o) = results
     assert loss_o == pytest.approx(loss_f, rel=1e-6)
     assert rel_diff(p_o, p_f) < REL_TOL

@@ -10,16 +10,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hpcfl import api, backends
-from hpcfl.fl import collectors as collect
-from hpcfl.training import federated as fl
-from hpcfl.fl import partition
-from hpcfl.privacy import accountant as privacy
-from hpcfl.privacy import secagg
-from hpcfl.parallel.comm import Comm
+from hpcfl import backends
 from hpcfl.config import Config
 from hpcfl.errors import TrainingError
+from hpcfl.fl import collectors as collect
+from hpcfl.fl import partition
+from hpcfl.fl import secure as secure_collector
 from hpcfl.io.report import Reporter
+from hpcfl.parallel.comm import Comm
+from hpcfl.privacy import accountant as privacy
+from hpcfl.privacy import plan as dpplan
+from hpcfl.privacy import sampling, secagg
+from hpcfl.runtime import testing
+from hpcfl.training import federated as fl
 
 # plain FedAvg on the server (server lr 1, no momentum), not the DP defaults (fedavgm, a server lr
 # scaled by the clients per round): the tests
@@ -34,8 +37,8 @@ def subset(mnist, n):
 
 def run(comm, data, **kw):
     cfg = Config(mode="fl", backend="numba", quiet=True, **{**BASE, **kw})
-    plan = api.plan_privacy(cfg, comm, data)
-    return fl.train(cfg, comm, data, backends.get("numba"), Reporter(cfg, rank=1), dp=plan)
+    plan = dpplan.create_plan(cfg, comm, data.n_train)
+    return fl.train(cfg, comm, data, backends.get("numba"), Reporter(cfg, rank=1), plan=plan)
 
 
 def group_sizes(comm):
@@ -46,21 +49,25 @@ def group_sizes(comm):
 def record(monkeypatch):
     """What the leaders put in (each client's uint32 vector) and what the server unmasks."""
     seen = {"inputs": {}, "totals": [], "uploads": {}}
-    add, aggregate = collect.SecureCollector.add, secagg.Server.aggregate
+    add, aggregate = secure_collector.SecureCollector.add, secagg.Server.aggregate
 
-    def recording_add(self, k, *args):
-        add(self, k, *args)
-        seen["inputs"][k] = self.inputs[k].copy()
+    def recording_add(self, update):
+        add(self, update)
+        seen["inputs"][update.client] = self.inputs[update.client].copy()
 
     def recording_aggregate(self, *args):
         total = aggregate(self, *args)
         seen["totals"].append(total.copy())
         return total
 
-    monkeypatch.setattr(collect.SecureCollector, "add", recording_add)
+    class Uploads(testing.Hooks):
+        def uploads(self, server_round, uploads):
+            seen["uploads"].update({k: v.copy() for k, v in uploads.items()})
+
+    monkeypatch.setattr(secure_collector.SecureCollector, "add", recording_add)
     monkeypatch.setattr(secagg.Server, "aggregate", recording_aggregate)
-    monkeypatch.setattr(collect, "observers", [lambda r, ys: seen["uploads"].update({k: v.copy() for k, v in ys.items()})])
-    return seen
+    with testing.installed(Uploads()):
+        yield seen
 
 
 def all_inputs(comm, seen) -> dict:
@@ -92,8 +99,8 @@ def test_the_unmasked_sum_is_the_plain_sum_exactly(comm, mnist, record, neighbor
 def test_the_model_is_plain_fedavg_within_the_quantisation_bound(comm, mnist):
     data = subset(mnist, 2000)
     for R in group_sizes(comm):
-        plain = run(comm, data, rounds=3, ranks_per_client=R)["params"]
-        secure = run(comm, data, rounds=3, secure_agg=True, ranks_per_client=R)["params"]
+        plain = run(comm, data, rounds=3, ranks_per_client=R).params
+        secure = run(comm, data, rounds=3, secure_agg=True, ranks_per_client=R).params
         rel = np.linalg.norm(secure - plain) / np.linalg.norm(plain)
         assert rel < 1e-4, rel                    # measured: ~1e-7 (issue: within 1e-4 after 3 rounds)
         assert not np.array_equal(secure, plain)  # quantised: not the same bits (the test can tell)
@@ -109,10 +116,10 @@ def test_every_upload_looks_uniform_and_uncorrelated_with_the_update(comm, mnist
             counts = np.bincount(y >> 24, minlength=256)            # the top 8 bits of each word
             chi2 = ((counts - len(y) / 256) ** 2 / (len(y) / 256)).sum()
             assert stats.chi2.sf(chi2, 255) > 1e-6, (k, chi2)
-            x = inputs[k][:-collect.TAIL].view(np.int32).astype(np.float64)
-            r = np.corrcoef(x, y[:-collect.TAIL].astype(np.float64))[0, 1]
+            x = inputs[k][:-secure_collector.TAIL].view(np.int32).astype(np.float64)
+            r = np.corrcoef(x, y[:-secure_collector.TAIL].astype(np.float64))[0, 1]
             assert abs(r) < 6 / np.sqrt(len(y)), (k, r)             # ~0 within 6 standard errors
-            assert abs(np.corrcoef(x, inputs[k][:-collect.TAIL].view(np.int32))[0, 1] - 1) < 1e-9
+            assert abs(np.corrcoef(x, inputs[k][:-secure_collector.TAIL].view(np.int32))[0, 1] - 1) < 1e-9
 
 
 def drop_the_first(monkeypatch, count):
@@ -128,7 +135,7 @@ def test_up_to_n_minus_t_dropouts_still_give_the_survivors_exact_sum(comm, mnist
     out = run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
     inputs = all_inputs(comm, record)
     assert len(inputs) == t                        # the dropped never trained nor reported
-    assert out["history"][0]["dropped"] == m - t
+    assert out.history[0]["dropped"] == m - t
     if comm.rank == 0:
         expected = sum((x.astype(np.uint64) for x in inputs.values()), np.zeros(1, np.uint64)).astype(np.uint32)
         assert np.array_equal(record["totals"][0], expected)
@@ -159,8 +166,12 @@ def test_a_tampered_ciphertext_fails_authentication_naming_the_clients(comm, mni
         held[sender] = bytes(bad)
         return {**routed, receiver: secagg.encode_map(held)}
 
-    monkeypatch.setattr(collect, "tamper", flip_one)
-    with pytest.raises(TrainingError, match=r"share ciphertext from client \d+ to client \d+ failed authentication") as info:
+    class Tamper(testing.Hooks):
+        def relay(self, server_round, routed):
+            return flip_one(server_round, routed)
+
+    with testing.installed(Tamper()), \
+            pytest.raises(TrainingError, match=r"share ciphertext from client \d+ to client \d+ failed authentication") as info:
         run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
     assert info.value.collective and "no model was built" in str(info.value)
 
@@ -174,22 +185,24 @@ def test_the_dp_noise_has_the_stated_standard_deviation(comm, mnist, secure, mon
     z, S, q, N = 2.0, 0.5, 0.5, 20
     kw = dict(local_lr=1e-12, dp_noise=z, dp_clip=S, secure_agg=secure, dp_noise_seed=3)
     if secure:      # one client's training diverges: it still adds its noise share (zero-out)
-        add = collect.SecureCollector.add
+        add = secure_collector.SecureCollector.add
 
-        def diverge_first(self, k, w_k, n_k, loss_sum, *rest):
-            add(self, k, w_k, n_k, float("nan") if k == min(self.sampled) else loss_sum, *rest)
-        monkeypatch.setattr(collect.SecureCollector, "add", diverge_first)
+        def diverge_first(self, update):
+            if update.client == min(self.sampled):
+                update = dataclasses.replace(update, loss_sum=float("nan"))
+            add(self, update)
+        monkeypatch.setattr(secure_collector.SecureCollector, "add", diverge_first)
     out = run(comm, subset(mnist, 2000), **kw)
     init = fl.Federation(Config(mode="fl", **BASE), Comm.self_(), subset(mnist, 2000),
                          backends.get("numba")).global_w
-    step = out["params"].astype(np.float64) - init
-    m = out["history"][0]["clients"]
-    plan = api.plan_privacy(Config(mode="fl", quiet=True, **{**BASE, **kw}), Comm.self_(), subset(mnist, 2000))
+    step = out.params.astype(np.float64) - init
+    m = out.history[0]["clients"]
+    plan = dpplan.create_plan(Config(mode="fl", quiet=True, **{**BASE, **kw}), Comm.self_(), 2000)
     # central: N(0, z^2 S^2) once; secure: m shares of N(0, share_std^2) each, share_std sized for
     # the 5% quantile of the honest survivors: z S / sqrt(honest_quantile)
     if secure:
-        assert plan.share_std == pytest.approx(z * S / np.sqrt(privacy.honest_quantile(N, q, 0.0, 0)))
-        assert out["history"][0]["rejected"] == 1      # counted, never named
+        assert plan.share_std == pytest.approx(z * S / np.sqrt(sampling.honest_quantile(N, q, 0.0, 0)))
+        assert out.history[0]["rejected"] == 1      # counted, never named
     want = (plan.share_std * np.sqrt(m) if secure else z * S) / (q * N)
     assert abs(step.mean()) < 5 * want / np.sqrt(step.size)
     assert step.std() == pytest.approx(want, rel=0.01)   # 235,146 coordinates: ~0.15% standard error
@@ -229,13 +242,13 @@ def test_dp_epsilon_is_what_dp_accounting_computes_directly(comm, mnist, secure,
     out = run(comm, subset(mnist, 2000), rounds=3, dp_noise=1.3, secure_agg=secure, dp_noise_seed=1)
     accountant = dp_accounting.rdp.RdpAccountant(privacy.ORDERS)
     zs = []
-    for rec in out["history"]:
+    for rec in out.history:
         z = rec["dp_noise"]
         if secure:
             survivors = rec["clients"] - rec["dropped"]
             assert rec["dp_honest_shares"] == survivors - 1
             zs.append(z)       # the planned z at the quantile, scaled by the shares that really came
-            assert z == pytest.approx(1.3 * np.sqrt((survivors - 1) / privacy.honest_quantile(20, 0.5, 0.0, 0)))
+            assert z == pytest.approx(1.3 * np.sqrt((survivors - 1) / sampling.honest_quantile(20, 0.5, 0.0, 0)))
         else:
             assert z == 1.3
             accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)))
@@ -243,7 +256,7 @@ def test_dp_epsilon_is_what_dp_accounting_computes_directly(comm, mnist, secure,
     if secure and comm.rank == 0:
         # never below the exact value (dp-accounting's PLD is pessimistic: within its 1e-3 grid)
         exact = epsilon_by_enumeration(zs, 0.5, 1e-5)
-        assert exact * (1 - 2e-3) <= out["history"][-1]["dp_epsilon"] <= exact * 1.02
+        assert exact * (1 - 2e-3) <= out.history[-1]["dp_epsilon"] <= exact * 1.02
 
 
 @pytest.mark.mpi
@@ -255,9 +268,9 @@ def test_central_dp_p_ranks_give_the_single_process_model(comm, mnist):
     diff = None
     if comm.rank == 0:
         single = run(Comm.self_(), data, **{**kw, "ranks_per_client": 1})
-        diff = float(np.linalg.norm(out["params"] - single["params"]) / np.linalg.norm(single["params"]))
+        diff = float(np.linalg.norm(out.params - single.params) / np.linalg.norm(single.params))
         other = run(Comm.self_(), data, **{**kw, "ranks_per_client": 1, "dp_noise_seed": 12})
-        assert np.linalg.norm(other["params"] - single["params"]) > 100 * 1e-5 * np.linalg.norm(single["params"])
+        assert np.linalg.norm(other.params - single.params) > 100 * 1e-5 * np.linalg.norm(single.params)
     assert comm.bcast(diff) < 1e-5
 
 
@@ -265,25 +278,25 @@ def test_central_dp_p_ranks_give_the_single_process_model(comm, mnist):
 def test_a_round_that_would_pass_the_budget_is_withheld_and_training_stops(comm, mnist, monkeypatch):
     # the plan believes in 3x the honest shares a round really has (the noise is sized too small),
     # so real rounds cost more than planned: the one that would pass --dp-epsilon is never unmasked
-    real = privacy.honest_quantile
-    monkeypatch.setattr(privacy, "honest_quantile", lambda *a, **k: 3 * real(*a, **k))
+    real = sampling.honest_quantile
+    monkeypatch.setattr(sampling, "honest_quantile", lambda *a, **k: 3 * real(*a, **k))
     out = run(comm, subset(mnist, 2000), rounds=8, dp_epsilon=6.0, secure_agg=True, dp_noise_seed=2)
-    recs = out["history"]
+    recs = out.history
     assert "budget_stop" in recs[-1] and "past --dp-epsilon 6" in recs[-1]["budget_stop"]
     assert 1 <= len(recs) - 1 < 8 and all(r["dp_epsilon"] <= 6.0 for r in recs)
-    assert out["dp_epsilon"] <= 6.0 and recs[-1]["dp_epsilon"] == recs[-2]["dp_epsilon"]   # nothing released
+    assert out.extra["dp_epsilon"] <= 6.0 and recs[-1]["dp_epsilon"] == recs[-2]["dp_epsilon"]   # nothing released
 
 
 @pytest.mark.mpi
 def test_finding_8_under_central_dp_a_rejected_client_is_counted_never_named(comm, mnist, monkeypatch, capfd):
-    add = collect.DpCollector.add
+    add = collect.CentralDpCollector.add
 
-    def diverge_first(self, k, w_k, n_k, loss_sum, *rest):
-        add(self, k, w_k, n_k, float("nan") if k == 3 else loss_sum, *rest)
-    monkeypatch.setattr(collect.DpCollector, "add", diverge_first)
+    def diverge_first(self, update):
+        add(self, dataclasses.replace(update, loss_sum=float("nan")) if update.client == 3 else update)
+    monkeypatch.setattr(collect.CentralDpCollector, "add", diverge_first)
     monkeypatch.setattr(partition, "poisson_clients", lambda n, rate, r, seed: np.arange(0, 20, 2) + (r % 2 == 0) * 1)
     out = run(comm, subset(mnist, 2000), rounds=2, dp_noise=1.0, dp_noise_seed=4)
-    assert [r["rejected"] for r in out["history"]] == [0, 1]     # client 3 is sampled in round 2 only
+    assert [r["rejected"] for r in out.history] == [0, 1]     # client 3 is sampled in round 2 only
     err = capfd.readouterr().err
     if comm.rank == 0:
         assert "rejected" in err and "(differential privacy hides which)" in err

@@ -1,0 +1,546 @@
+"""The secure-aggregation collector: the server (world rank 0) learns only the sum of the round's
+updates (privacy/secagg.py: Bonawitz et al. 2017 against a malicious server, SecAgg+ of Bell et
+al. 2020), run over the client groups' leaders.
+
+Each client's contribution is quantised to uint32 words (fixed point), masked, and relayed
+through rank 0 with Gatherv/Scatterv, as a real server would relay it: signed keys, encrypted
+shares, masked inputs, consistency signatures, unmask responses. Without DP a contribution is
+n_k * clip(w_k - w, +-R) with its weight n_k (R large enough not to cut real updates:
+secagg_range); with DP it is clip_L2(w_k - w, S) plus the client's share of the noise
+(DpPlan.share_std, sized so that a low quantile of the honest survivors gives the planned z),
+from the CSPRNG (noise.py), so that the server never sees an un-noised sum; a round that would
+take epsilon past the budget is withheld before unmasking.
+
+Also here: the settings' checks and the per-round protocol parameters (round_plan), which the
+configuration's validation shares.
+"""
+from __future__ import annotations
+
+import math
+import secrets as _secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import UsageError
+from ..privacy import fixedpoint, mechanisms, secagg, secagg_graph
+from .context import ClientUpdate, FedContext, RoundResult
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..privacy.plan import DpPlan
+    from ..runtime.testing import Hooks
+
+TAIL = 6        # words after the model: weight, weight x steps, samples seen, loss sum (fixed point),
+                # diverged, clipped (coordinates cut by the range; with DP: whether the L2 clip bit)
+STAGES = ("keys", "shares", "masking", "unmasking")
+
+
+class _Status:
+    """What the server tells every leader when a stage cannot go on (the codes of _down)."""
+    SKIP, ERROR, VIOLATION, BUDGET = 1, 2, 3, 4
+    KEYS = {SKIP: "skip", ERROR: "error", VIOLATION: "violation", BUDGET: "budget"}
+
+
+class _Raised(Exception):
+    """A status that ends a round's protocol, carried between the stages."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+def _status_of(exc: secagg.SecAggError) -> int:
+    if isinstance(exc, secagg.SecAggViolation):
+        return _Status.VIOLATION
+    return _Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR
+
+
+class SecureCollector:
+    """Secure aggregation over the group leaders; rank 0 is the server and a leader too. Each
+    client always trains on the same group (FedContext.home), whose leader holds its long-term
+    identity key; the leaders exchange the public halves once, among themselves (the trusted
+    set-up: the server relays none of it)."""
+
+    def __init__(self, ctx: FedContext, cfg: Config, plan: DpPlan | None, hooks: Hooks):
+        assert ctx.home is not None, "secure aggregation needs each client trained by one group"
+        self.ctx, self.cfg, self.plan, self.hooks = ctx, cfg, plan, hooks
+        self.n = ctx.n
+        self.max_client = int(ctx.sizes.max())
+        self.range = secagg_range(cfg, ctx.sizes)
+        self.directory: dict[int, bytes] = {}
+        self.identities: dict[int, secagg.Identity] = {}
+        if ctx.leader:
+            self.identities = {int(k): secagg.Identity() for k in ctx.home[ctx.leaders.rank]}
+            for part in ctx.leaders.allgather({k: i.public for k, i in self.identities.items()}):
+                self.directory.update(part)
+        self.attack = cfg.server_attack
+        self.words = self.n if plan is not None else 2 * self.n     # uint32 words of the model part
+        self.reproducible = plan is not None and cfg.dp_noise_seed is not None
+        self.gaussian: Any = None
+        self.stages = dict.fromkeys(STAGES, 0.0)
+        self.traffic_up = self.traffic_down = 0
+        self.target: int | None = None                  # --server-attack: its target, on rank 0
+        self.oracle: dict[int, np.ndarray] = {}         # the colluders' inputs
+        self.recovered: np.ndarray | None = None        # what the attacker reconstructed
+
+    # ---- a round's inputs
+    def begin(self, server_round: int, global_w: np.ndarray, sampled: Sequence[int], dropped: set[int],
+              owners: list[list[int]]) -> None:
+        self.server_round, self.sampled, self.dropped = server_round, list(sampled), set(dropped)
+        self.global_w, self.owned_by = global_w, owners    # owned_by[g]: the clients leader g trains
+        m = len(self.sampled)
+        self.params: secagg_graph.RoundParams | None = None
+        self.skip: str | None = None
+        if m < 2:
+            self.skip = f"{m} client(s) sampled: secure aggregation needs 2 or more"
+        else:
+            k, t, corrupt = round_plan(self.cfg, m)
+            try:
+                self.params = secagg_graph.RoundParams.make(server_round, self.sampled, self.words + TAIL, k=k,
+                                                      threshold=t, corrupt=corrupt)
+            except ValueError as exc:
+                self.skip = f"{m} clients sampled: {exc}"
+        # The sum of m contributions must not wrap mod 2^32 (FixedPoint raises if it could).
+        self.model_fp: fixedpoint.FixedPoint | fixedpoint.WideFixedPoint
+        if self.plan is None:     # two limbs: the plain model's float32 bits (WideFixedPoint)
+            self.model_fp = fixedpoint.WideFixedPoint(self.max_client * self.range, max(m, 1))
+        else:
+            # 10 standard deviations: a noise share is clipped with probability ~1e-23 per coordinate
+            self.model_fp = fixedpoint.FixedPoint(self.plan.clip + 10 * self.plan.share_std, max(m, 1))
+        loss_bound = 100.0 * self.max_client * self.cfg.local_epochs   # a mean loss above 100 has diverged
+        self.loss_fp = fixedpoint.FixedPoint(loss_bound, max(m, 1))
+        self.inputs: dict[int, np.ndarray] = {}
+
+    def noise_share(self, k: int) -> np.ndarray:
+        """Client k's share of the round's noise, N(0, share_std^2) per coordinate, from the
+        CSPRNG: keyed by (the noise seed, k, the round) with --dp-noise-seed (reproducible),
+        else by a fresh key from the OS that nobody else ever holds."""
+        from ..privacy import noise
+
+        assert self.plan is not None
+        if self.gaussian is None:
+            self.gaussian = noise.Gaussian()
+        key = (noise.derive_key(self.plan.noise_seed, "share", k, self.server_round) if self.reproducible
+               else _secrets.token_bytes(noise.KEY_BYTES))
+        out = self.gaussian.standard_normal(key, 0, np.empty(self.n, np.float64))
+        out *= self.plan.share_std
+        return out
+
+    def add(self, update: ClientUpdate) -> None:
+        u, n, w = update, self.n, self.words
+        x = np.zeros(w + TAIL, np.uint32)
+        delta = u.params.astype(np.float64) - self.global_w
+        finite = bool(np.isfinite(delta).all() and math.isfinite(u.loss_sum))
+        if not finite:
+            x[w + 4] = 1          # diverged: a zero update; the server learns only how many did
+        if self.plan is None:
+            assert isinstance(self.model_fp, fixedpoint.WideFixedPoint)
+            if finite:
+                weight = u.num_examples / u.steps if self.cfg.straggler_rate > 0 else u.num_examples   # FedNova
+                over = np.count_nonzero(np.abs(delta) > self.range)
+                np.clip(delta, -self.range, self.range, out=delta)
+                delta *= weight
+                self.model_fp.encode(delta, out=x[:w])
+                x[w:w + 2] = (u.num_examples, u.num_examples * u.steps)
+                x[w + 5] = over
+            else:
+                x[:w] = self.model_fp.encode(np.zeros(n))     # zero in the offset encoding
+        else:
+            # every client adds its noise share, a diverged one to a zero update (zero-out: the
+            # accounting counts every survivor's share)
+            clipped, norm = mechanisms.clip_l2(delta, self.plan.clip) if finite else (np.zeros(n), 0.0)
+            x[:n] = self.model_fp.encode(clipped + self.noise_share(u.client))
+            x[w:w + 2] = (1, u.steps) if finite else (0, 0)
+            x[w + 5] = int(finite and norm > self.plan.clip)
+        if finite:
+            x[w + 2] = u.seen
+            x[w + 3] = self.loss_fp.encode(np.array([u.loss_sum]))[0]
+        self.inputs[u.client] = x
+
+    # ---- the protocol's message flow, through rank 0
+    def _up(self, payload: dict[int, bytes], error: tuple[int, str] | None = None) -> dict[int, bytes] | None:
+        """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
+        or raises the first leader's error (then every leader learns it in the next _down)."""
+        blob = bytes([error[0]]) + error[1].encode() if error else b"\x00" + secagg.encode_map(payload)
+        parts = self.ctx.leaders.gather_bytes(blob)
+        if parts is None:
+            return None
+        merged, errors = {}, []
+        for part in parts:
+            if part[:1] != b"\x00":
+                errors.append((part[0], part[1:].decode()))
+            else:
+                merged.update(secagg.decode_map(part[1:]))
+        self.traffic_up += sum(len(p) for p in parts)
+        for code, text in sorted(errors, key=lambda e: -e[0]):   # a violation outranks an error
+            raise _Raised(code, text)
+        return merged
+
+    def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
+        """Server -> leaders: each leader gets the replies for its own clients, or the status
+        (_Status) that ends the protocol everywhere."""
+        leaders = self.ctx.leaders
+        payloads = None
+        if leaders.rank == 0:
+            code, text = status
+            payloads = []
+            for g in range(leaders.size):
+                if code:
+                    payloads.append(bytes([code]) + text.encode())
+                else:
+                    assert replies is not None
+                    mine = {c: replies[c] for c in self.owned_by[g] if c in replies}
+                    payloads.append(b"\x00" + secagg.encode_map(mine))
+            self.traffic_down += sum(len(p) for p in payloads)
+        got = leaders.scatter_bytes(payloads)
+        if got[:1] != b"\x00":
+            raise _Raised(got[0], got[1:].decode())
+        return secagg.decode_map(got[1:])
+
+    def _exchange(self, server_step: Callable[[dict[int, bytes]], dict[int, bytes]],
+                  client_step: Callable[[], dict[int, bytes]]) -> dict[int, bytes]:
+        """One exchange: clients -> server (server_step turns the merged messages into replies),
+        server -> clients. A failure anywhere reaches every leader, then is raised."""
+        error = None
+        try:
+            payload = client_step()
+        except secagg.SecAggError as exc:
+            payload, error = {}, (_status_of(exc), str(exc))
+        status, replies = (0, ""), None
+        try:
+            merged = self._up(payload, error)
+            if merged is not None:
+                replies = server_step(merged)
+        except _Raised as exc:
+            status = (exc.code, exc.text)
+        except secagg.SecAggError as exc:
+            status = (_Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR, str(exc))
+        return self._down(replies, status)
+
+    def _protocol(self, my_clients: list[int]) -> dict[str, Any]:
+        """Run the five stages (keys, shares, masking, consistency, unmasking); on rank 0 return
+        the unmasked sum of the survivors' inputs ("total") and their count ("survivors")."""
+        assert self.params is not None
+        run = _ProtocolRun(self, my_clients)
+        clock = time.perf_counter
+        t = clock()
+        lists = run.keys()
+        self.stages["keys"], t = clock() - t, clock()
+        routed = run.shares(lists)
+        self.stages["shares"], t = clock() - t, clock()
+        requests = run.masking(routed)
+        self.stages["masking"], t = clock() - t, clock()
+        sigs = run.consistency(requests)
+        try:
+            run.unmasking(sigs)
+        finally:
+            self.stages["unmasking"] = clock() - t
+            run.close()
+        return run.out
+
+    # ---- the round's result
+    def finish(self, server_round, clients):
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        self.traffic_up = self.traffic_down = 0
+        # wall seconds of each stage on rank 0 (key agreement, share generation and encryption,
+        # mask expansion and upload, unmasking): each includes the other leaders' work
+        self.stages = dict.fromkeys(STAGES, 0.0)
+        if self.attack:
+            self._prepare_attack()
+        outcome = self._run_protocol()
+        if ctx.comm.rank != 0:
+            return None, RoundResult()
+        assert outcome is not None
+        result = RoundResult(secagg_seconds=time.perf_counter() - t0, bytes_to_server=self.traffic_up,
+                             bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages),
+                             loss_sum=0.0, seen=0)
+        if self.attack:
+            self._record_attack(outcome, result)
+        for key in ("violation", "error"):       # every rank raises it, once the Federation has broadcast it
+            if key in outcome:
+                result.error = f"secure aggregation failed: {outcome[key]}; no model was built from it"
+                return None, result
+        if "budget" in outcome:
+            result.budget_stop = outcome["budget"]
+            return None, result
+        if "skip" in outcome:
+            result.skipped = outcome["skip"]
+            return None, result
+        return self._unmasked_model(outcome["total"], outcome["survivors"], result)
+
+    def _run_protocol(self) -> dict[str, Any] | None:
+        """The protocol on the leaders; on rank 0 its outcome: the unmasked sum, or why not."""
+        ctx = self.ctx
+        if self.params is None:
+            return {"skip": self.skip}
+        if not ctx.leader:
+            return None
+        try:
+            out = self._protocol(list(self.owned_by[ctx.leaders.rank]))
+            return out if ctx.comm.rank == 0 else None
+        except _Raised as exc:
+            return {_Status.KEYS[exc.code]: exc.text}
+
+    def _unmasked_model(self, total: np.ndarray, survivors: int,
+                        result: RoundResult) -> tuple[np.ndarray | None, RoundResult]:
+        """The new average model from the unmasked sum of `survivors` inputs."""
+        w = self.words
+        diverged = int(total[w + 4])
+        result.loss_sum = float(self.loss_fp.decode(total[w + 3:w + 4], survivors)[0])
+        result.seen, result.nonfinite = int(total[w + 2]), diverged
+        result.rejected = [("?", "its training diverged")] * diverged
+        summed = self.model_fp.decode(total[:w], survivors)
+        if self.plan is None:
+            result.secagg_clipped = int(total[w + 5])
+            weight = int(total[w])
+            if weight == 0:
+                result.skipped = "every client's training diverged"
+                return None, result
+            mean = summed / weight
+            if self.cfg.straggler_rate > 0:
+                mean *= int(total[w + 1]) / weight                 # FedNova's tau_eff
+            return (self.global_w + mean).astype(np.float32), result
+        result.clipped = int(total[w + 5])
+        result.dp_noise = self.plan.round_noise(survivors)
+        result.dp_honest_shares = self.plan.honest_shares(survivors)
+        # the noise was released with the sum: the round counts even if every client diverged
+        return (self.global_w + summed / self.plan.expected).astype(np.float32), result
+
+    def withhold(self, survivors: int) -> str | None:
+        """Why the round's sum must not be released (it would take epsilon past the target), or None."""
+        plan = self.plan
+        if plan is None or plan.target is None:
+            return None
+        z = plan.round_noise(survivors)
+        eps = plan.epsilon_after(z)
+        if eps > plan.target * (1 + 1e-9):
+            return (f"round {self.server_round} would take epsilon to {eps:.4g}, past --dp-epsilon "
+                    f"{plan.target:g} ({survivors} survivors: {plan.honest_shares(survivors)} honest noise "
+                    f"shares besides a client's own, z = {z:.3g})")
+        return None
+
+    # ---- --server-attack: the simulated malicious server
+    def _prepare_attack(self) -> None:
+        """The target (the smallest sampled client of rank 0's group, so that the simulation's
+        oracle, its true input, is on rank 0) and the colluders' inputs."""
+        self.target, self.oracle, self.recovered = None, {}, None
+        mine = [int(c) for c in self.sampled if c in self.owned_by[0] and c not in self.dropped]
+        if self.ctx.comm.rank == 0 and mine:
+            self.target = int(mine[0])
+            self.oracle = {c: self.inputs[c] for c in mine[1:] if c in self.inputs}
+
+    def _record_attack(self, outcome: dict[str, Any], result: RoundResult) -> None:
+        from ..privacy import server_attacks
+
+        x_true = self.inputs.get(self.target) if self.target is not None else None
+        result.server_attack = {
+            "name": self.attack, "target": self.target,
+            "detected": "violation" in outcome, "detected_by": outcome.get("violation"),
+            "learned_individual": bool(x_true is not None and
+                                       server_attacks.learned_individual(self.recovered, x_true))}
+        outcome.pop("violation", None)
+        outcome.setdefault("skip", "the simulated malicious server builds no model")
+
+
+class _ProtocolRun:
+    """One round of the protocol on a leader: its clients' state, and on rank 0 the server (and
+    the simulated malicious server with --server-attack). Each stage is one exchange through the
+    server (SecureCollector._exchange); `out` collects rank 0's results."""
+
+    def __init__(self, collector: SecureCollector, my_clients: list[int]):
+        from ..privacy import server_attacks
+
+        c = self.c = collector
+        p = collector.params
+        assert p is not None
+        self.p: secagg_graph.RoundParams = p
+        self.clients = {k: secagg.Client(k, p, c.identities[k], c.directory) for k in my_clients}
+        self.server = secagg.Server(p, c.directory) if c.ctx.comm.rank == 0 else None
+        self.evil = None
+        if self.server is not None and c.attack:
+            # a target nobody is (-1) when rank 0 trains no sampled client this round
+            target = c.target if c.target is not None else -1
+            self.evil = server_attacks.MaliciousServer(c.attack, self.server, target, c.oracle)
+        self.out: dict[str, Any] = {}
+        self.alive: list[int] = []
+
+    @property
+    def srv(self) -> secagg.Server:
+        """The server: its steps run on rank 0 only."""
+        assert self.server is not None
+        return self.server
+
+    def keys(self) -> dict[int, bytes]:
+        evil = self.evil
+
+        def collect(merged):
+            ads = self.srv.collect_keys(merged)
+            return {k: evil.advertisements_for(k, ads) if evil else ads for k in merged}
+
+        return self.c._exchange(collect, lambda: {k: cl.advertise_keys() for k, cl in self.clients.items()})
+
+    def shares(self, lists: dict[int, bytes]) -> dict[int, bytes]:
+        from ..privacy import server_attacks
+
+        c, evil = self.c, self.evil
+
+        def route(merged):
+            honest, t = merged, c.target
+            if evil and c.attack == "key-swap" and t is not None and t in merged:
+                honest = {**merged, t: server_attacks.readdress(self.srv, t)}
+            routed = c.hooks.relay(c.server_round, self.srv.route_shares(honest))
+            return evil.route(merged, routed) if evil else routed
+
+        routed = c._exchange(route, lambda: {k: self.clients[k].share_keys(lists[k])
+                                             for k in self.clients if k in lists})
+        # dropouts: these clients go silent after the key exchange (simulated, seeded by the round)
+        self.alive = [k for k in self.clients if k not in c.dropped and k in routed]
+        return routed
+
+    def masking(self, routed: dict[int, bytes]) -> dict[int, bytes]:
+        """The masked vectors travel as one uint32 matrix per leader (Gatherv straight into the
+        server's stack), their client ids beside them; the other stages' messages are small."""
+        c, p, leaders = self.c, self.p, self.c.ctx.leaders
+        error = None
+        try:
+            ids = np.array(self.alive, np.int64)
+            ys = np.empty((len(self.alive), p.n), np.uint32)
+            for row, k in enumerate(self.alive):
+                ys[row] = self.clients[k].masked_input(c.inputs[k], routed[k])
+        except secagg.SecAggError as exc:
+            ids, ys = np.zeros(0, np.int64), np.empty((0, p.n), np.uint32)
+            error = (_Status.VIOLATION if isinstance(exc, secagg.SecAggViolation) else _Status.ERROR, str(exc))
+        all_ids = leaders.gather(ids)
+        stacked = leaders.gather_rows(ys)
+        errors = leaders.gather(error)
+        replies, status = None, (0, "")
+        if self.server is not None:                  # rank 0: the gathers' root
+            assert all_ids is not None and stacked is not None and errors is not None
+            try:
+                replies = self._unmask_request(all_ids, stacked, errors)
+            except _Raised as exc:
+                status = (exc.code, exc.text)
+            except secagg.SecAggError as exc:
+                status = (_Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR, str(exc))
+        return c._down(replies, status)
+
+    def _unmask_request(self, all_ids: list[np.ndarray], stacked: np.ndarray,
+                        errors: list[tuple[int, str] | None]) -> dict[int, bytes]:
+        """Rank 0: the stacked uploads' sum and the unmask request to the survivors, unless a
+        leader failed or releasing the round's sum would pass the privacy budget."""
+        c, evil = self.c, self.evil
+        for e in sorted((e for e in errors if e), key=lambda e: -e[0]):
+            raise _Raised(*e)
+        order = np.concatenate(all_ids)
+        uploads = dict(zip(order.tolist(), stacked))
+        c.hooks.uploads(c.server_round, uploads)
+        if evil:
+            evil.masked_inputs(uploads)
+        self.out["sum"] = np.add.reduce(stacked, axis=0, dtype=np.uint32)   # wraps: mod 2^32
+        self.out["survivors"] = len(order)
+        replies = self.srv.unmask_request(uploads)
+        # the last moment a round can be withheld: nothing about its sum is out yet
+        why = c.withhold(len(order)) if c.plan is not None else None
+        if why:
+            raise _Raised(_Status.BUDGET, why)
+        return evil.requests(replies) if evil else replies
+
+    def consistency(self, requests: dict[int, bytes]) -> dict[int, bytes]:
+        evil = self.evil
+
+        def signatures(merged):
+            if evil:
+                return evil.signatures_for(merged)
+            blob = self.srv.collect_signatures(merged)
+            return dict.fromkeys(merged, blob)
+
+        return self.c._exchange(signatures, lambda: {k: self.clients[k].consistency(requests[k])
+                                                     for k in self.alive if k in requests})
+
+    def unmasking(self, sigs: dict[int, bytes]) -> None:
+        evil, out = self.evil, self.out
+
+        def aggregate(merged):
+            if evil:
+                out["responses"] = merged
+                raise _Raised(_Status.SKIP, "the simulated malicious server builds no model")
+            out["total"] = self.srv.aggregate(out["sum"], merged)
+            return {}
+
+        self.c._exchange(aggregate, lambda: {k: self.clients[k].unmask(sigs[k]) for k in self.alive if k in sigs})
+
+    def close(self) -> None:
+        """Rank 0: the round's traffic, and the simulated attacker's attempt."""
+        if self.server is not None:
+            self.c.traffic_up, self.c.traffic_down = self.server.bytes_to_server, self.server.bytes_from_server
+            if self.evil:
+                self.c.recovered = self.evil.recover(self.out.get("responses", {}))
+
+
+def secagg_range(cfg: Config, sizes: np.ndarray) -> float:
+    """The clipping range R of each coordinate of a client's update under secure aggregation
+    without DP: --secagg-range, or local lr x the most local steps any client takes (a
+    coordinate moves by at most lr per step when its gradient is at most 1, as the output
+    layer's biases' always are); `secagg_clipped` counts the coordinates it cuts."""
+    if cfg.secagg_range is not None:
+        return float(cfg.secagg_range)
+    steps = cfg.local_epochs * math.ceil(int(np.max(sizes)) / cfg.local_batch_size)
+    return max(1.0, cfg.local_lr * steps)
+
+
+def round_plan(cfg: Config, m: int) -> tuple[int | None, int | None, int]:
+    """(K, t, corrupt) of a round of m clients: K from --secagg-neighbors when it meets Bell et
+    al.'s bound (secagg_graph.min_neighbors) at this m, else the bound's K, or the complete graph
+    (None); t from --secagg-threshold, else the smallest majority (complete graph) or
+    secagg_graph.sparse_threshold; corrupt = the colluders the consistency round withstands."""
+    dropout, corrupt = secagg_bounds(cfg)
+    bound = secagg_graph.min_neighbors(m, dropout, corrupt)
+    k = cfg.secagg_neighbors
+    if bound is None or k is None and m <= 2 * bound:   # small rounds: complete is as cheap
+        k = None
+    elif k is None or k < bound:
+        k = bound
+    holders = secagg_graph.holders_per_client(k, m)
+    t = cfg.secagg_threshold
+    if t is None and k is not None:
+        t = secagg_graph.sparse_threshold(holders, m, corrupt)
+    if t is not None:
+        t = min(t, holders)
+    return k, t, math.ceil(corrupt * m)
+
+
+def secagg_bounds(cfg: Config) -> tuple[float, float]:
+    """(the dropout fraction the graph must survive, the corrupt fraction it must withstand)."""
+    dropout = cfg.secagg_max_dropout if cfg.secagg_max_dropout is not None else max(0.1, cfg.dropout_rate)
+    return dropout, cfg.secagg_corrupt_fraction
+
+
+def check_settings(cfg: Config, per_round: float) -> None:
+    """Settings secure aggregation cannot work with, for `per_round` clients a round (the same
+    on every rank: config.validate calls it)."""
+    if per_round < 2:
+        raise UsageError(f"--secure-agg needs at least 2 clients per round (this run samples "
+                         f"{per_round:g}): with one, the sum the server learns is that client's update")
+    m = round(per_round)
+    dropout, corrupt = secagg_bounds(cfg)
+    if cfg.dropout_rate > dropout:
+        raise UsageError(f"--dropout-rate {cfg.dropout_rate:g} is above --secagg-max-dropout {dropout:g}, "
+                         "the dropout the neighbour graph is sized for")
+    bound = secagg_graph.min_neighbors(m, dropout, corrupt)
+    k = cfg.secagg_neighbors
+    if k is not None and k < m - 1 and (bound is None or k < bound):
+        need = f"K >= {bound}" if bound is not None else f"the complete graph (K >= {m - 1})"
+        raise UsageError(f"--secagg-neighbors {k} is below Bell et al.'s bound for {m} clients per round: "
+                         f"the survivors' graph must stay connected, except with probability 2^-{secagg_graph.SIGMA}, "
+                         f"when up to {dropout:g} of them drop out (--secagg-max-dropout) and {corrupt:g} "
+                         f"collude (--secagg-corrupt-fraction); that needs {need}, or leave the option out")
+    k, _, _ = round_plan(cfg, m)
+    holders = secagg_graph.holders_per_client(k, m)
+    if cfg.secagg_threshold is not None and not 2 <= cfg.secagg_threshold <= holders:
+        raise UsageError(f"--secagg-threshold {cfg.secagg_threshold} must be between 2 and the "
+                         f"{holders} share holders of each client (the client and its "
+                         f"{'neighbours' if k is not None else 'fellow sampled clients'})")
