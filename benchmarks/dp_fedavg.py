@@ -12,7 +12,8 @@ defaults with --dp-epsilon 8): what the defaults of the checkout give.
 
     python benchmarks/dp_fedavg.py --ranks 2 --seeds 0 --out benchmarks/results
 
-runs the grid (13 runs, about 15 minutes per seed on 2 cores that nothing else uses), writes OUT/dp_fedavg.csv (every run) and
+runs the grid (13 runs, about 15 minutes per seed on 2 cores that nothing else uses), writes \
+OUT/dp_fedavg.csv (every run) and
 the section "Client-level DP (DP-FedAvg)" of benchmarks/PRIVACY.md (the table, the commands, the
 machine, the date; other sections of that file are kept), and prints the table. --quick (about
 2 minutes) runs 20 rounds at epsilon 8 and without DP only, and writes its section to
@@ -129,7 +130,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (n, eps, kind), runs in groups.items():
         ok = [r for r in runs if r["status"] == "ok"]
 
-        def med(key):
+        def med(key, ok=ok, runs=runs):
             vals = [r[key] for r in ok if r.get(key) is not None]
             return statistics.median(vals) if vals and len(ok) == len(runs) else None
         out.append({"num_clients": n, "target_epsilon": eps, "kind": kind, "seeds": len(runs),
@@ -172,7 +173,8 @@ def section(rows: list[dict], args, rounds: int, info: dict, seconds: float) -> 
         cells.append(f"**{pct(base['final_accuracy'])}**" if base else "-")
         for e in epsilons:
             s = find.get((n, e, "tuned"))
-            cells.append(f"**{pct(s['final_accuracy'])}** (reached {s['epsilon_reached']:.3g}, z {s['noise_multiplier']:.3g})"
+            cells.append(f"**{pct(s['final_accuracy'])}** (reached {s['epsilon_reached']:.3g}, "
+                         f"z {s['noise_multiplier']:.3g})"
                          if s and s["final_accuracy"] is not None else "-")
         lines.append(f"| {n} ({per}) | " + " | ".join(cells) + " |")
     goal = find.get((6000, 8, "tuned"))

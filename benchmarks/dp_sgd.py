@@ -67,7 +67,8 @@ PRIVATE_ONLY = ("--dp-clip",)            # options that only mean something with
 NON_PRIVATE = {"--batch-size": "128", "--epochs": "12", "--lr": "0.05", "--momentum": "0.9", "--schedule": "cosine",
                "--weight-decay": "0.0001"}
 # the settings that a run's config.json records, shown by name for the as-written command
-SHOWN = ("batch_size", "epochs", "lr", "momentum", "schedule", "optimizer", "dp_clip", "hidden", "weight_decay", "dp_pca")
+SHOWN = ("batch_size", "epochs", "lr", "momentum", "schedule", "optimizer", "dp_clip", "hidden", "weight_decay",
+         "dp_pca")
 
 # ---- speed
 SPEED_BATCH, SPEED_HIDDEN = 512, "256,128"
@@ -283,16 +284,17 @@ def profile_worker(reps: int, hidden: str, seed: int) -> dict:
     sizes = []
     for k in range(reps + 3):                   # 3 warm-up steps first (numba's cache, page faults)
         r, s = k, k % SPEED_STEPS
-        idx = timed("poisson_sample", lambda: sampling.poisson_sample(N_TRAIN, q, plan.noise_seed, r))
+        idx = timed("poisson_sample", lambda r=r: sampling.poisson_sample(N_TRAIN, q, plan.noise_seed, r))
         fixed = perm[s * SPEED_BATCH:(s + 1) * SPEED_BATCH]
-        timed("gather, fixed batch", lambda: (nb.gather(d.train_x, fixed, x, data.MEAN, data.STD),
-                                              nb.gather_labels(d.train_y, fixed, y)))
-        timed("gather, Poisson batch", lambda: (nb.gather(d.train_x, idx, x, data.MEAN, data.STD),
-                                                nb.gather_labels(d.train_y, idx, y)))
+        timed("gather, fixed batch", lambda fixed=fixed: (nb.gather(d.train_x, fixed, x, data.MEAN, data.STD),
+                                                          nb.gather_labels(d.train_y, fixed, y)))
+        timed("gather, Poisson batch", lambda idx=idx: (nb.gather(d.train_x, idx, x, data.MEAN, data.STD),
+                                                        nb.gather_labels(d.train_y, idx, y)))
         m = len(idx)                            # both kernels on this same Poisson batch
         sizes.append(m)
-        timed("forward_backward", lambda: nb.forward_backward(pv, x[:m], y[:m], gv_plain, ws))
-        timed("forward_backward_clipped", lambda: nb.forward_backward_clipped(pv, x[:m], y[:m], gv_dp, ws, SPEED_CLIP))
+        timed("forward_backward", lambda m=m: nb.forward_backward(pv, x[:m], y[:m], gv_plain, ws))
+        timed("forward_backward_clipped",
+              lambda m=m: nb.forward_backward_clipped(pv, x[:m], y[:m], gv_dp, ws, SPEED_CLIP))
         noise.step = r
         timed("GaussianNoise", lambda: noise(g_dp))
         timed("accountant.compose", lambda: accountant.compose(q, SPEED_Z))
@@ -333,7 +335,8 @@ SPEED_VARIANTS = {   # name -> (how it is run, shown as the command)
 # the same pair at DP-SGD's default expected batch (config.DP_DEFAULTS): the noise per step is the
 # same, the work per step 8x larger
 BIG_BATCH = 4096
-SPEED_VARIANTS[f"hpcfl plain SGD, batch {BIG_BATCH}"] = "python -m hpcfl " + " ".join(hpcfl_speed_args(False, 3, BIG_BATCH))
+SPEED_VARIANTS[f"hpcfl plain SGD, batch {BIG_BATCH}"] = "python -m hpcfl " + " ".join(
+    hpcfl_speed_args(False, 3, BIG_BATCH))
 SPEED_VARIANTS[f"hpcfl DP-SGD, batch {BIG_BATCH}"] = "python -m hpcfl " + " ".join(hpcfl_speed_args(True, 3, BIG_BATCH))
 WORKER = {"PyTorch plain SGD": "torch", "Opacus ghost clipping": "opacus-ghost",
           "Opacus per-sample hooks": "opacus-hooks"}
@@ -355,7 +358,8 @@ def speed_part(args, info) -> tuple[list[dict], list[dict]]:
             else:
                 hooks = v == "Opacus per-sample hooks"
                 steps = (3 if args.quick else 10) if hooks else SPEED_STEPS
-                res = common.run_worker([PY, __file__, "--worker", WORKER[v], "--epochs", 1 if args.quick or hooks else 2,
+                res = common.run_worker([PY, __file__, "--worker", WORKER[v],
+                                         "--epochs", 1 if args.quick or hooks else 2,
                                          "--steps", steps, "--hidden", SPEED_HIDDEN], timeout=1200)
             for i, sec in enumerate(res["epoch_seconds"]):
                 rows.append({"variant": v, "round": rnd, "epoch": i, "epoch_seconds": sec,
@@ -469,7 +473,8 @@ def accuracy_lines(rows: list[dict], quick: bool) -> list[str]:
     if goals and not quick:
         lines += ["Without DP-PCA (the rows marked \"no PCA\"): " + "; ".join(goals) + ".", ""]
     lines += [f"Settings of the runs without PCA but one: `{' '.join(flat(SETTINGS))}` (hpcfl's defaults with "
-              f"`--dp-sgd --dp-noise`, and with `--dp-epsilon` before DP-PCA); the row \"the settings that did best at 8\": `{' '.join(flat(SETTINGS_EPS8))}`. "
+              f"`--dp-sgd --dp-noise`, and with `--dp-epsilon` before DP-PCA); the row \"the settings that did best "
+              f"at 8\": `{' '.join(flat(SETTINGS_EPS8))}`. "
               "(Poisson batches of the expected "
               "size, each sample's gradient clipped to `--dp-clip`, the noise added once to the sum, the sum "
               "divided by the expected batch). The non-private run trains the same model as hpcfl does without "
@@ -513,7 +518,8 @@ def speed_lines(rows: list[dict], prows: list[dict]) -> list[str]:
                   "options): the noise costs the same per step whatever the batch."]
     goals = []
     if plain and dp:
-        goals.append(f"DP-SGD / plain SGD = {dp / plain:.2f} (goal <= 1.25: {'met' if dp / plain <= 1.25 else '**not met**'})")
+        goals.append(f"DP-SGD / plain SGD = {dp / plain:.2f} "
+                     f"(goal <= 1.25: {'met' if dp / plain <= 1.25 else '**not met**'})")
     ghost = m.get("Opacus ghost clipping")
     if dp and ghost:
         goals.append(f"hpcfl DP-SGD / Opacus ghost = {dp / ghost:.2f} (goal <= 0.4: "
@@ -530,7 +536,8 @@ def speed_lines(rows: list[dict], prows: list[dict]) -> list[str]:
                  "forward_backward": "plain only", "forward_backward_clipped": "DP only",
                  "GaussianNoise": "DP only", "accountant.compose": "DP only", "sgd_update": "both"}
         for k, r in p.items():
-            lines.append(f"| `{k}` | {r['median_ms_per_call']:.3f} | {r['seconds_per_epoch']:.4f} | {where.get(k, '')} |")
+            lines.append(f"| `{k}` | {r['median_ms_per_call']:.3f} | {r['seconds_per_epoch']:.4f} | "
+                         f"{where.get(k, '')} |")
 
         def s(k):
             return p[k]["seconds_per_epoch"] if k in p else 0.0

@@ -60,7 +60,7 @@ def run(partition: str, server_opt: str, server_lr: float, local_lr: float, rank
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            errors = [l for l in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in l]
+            errors = [line for line in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in line]
             why = "diverged" if errors and "became nan" in errors[0] else (errors or ["failed"])[0]
             return {"status": why, "wall_s": wall}
         recs = [json.loads(line) for line in metrics.read_text().splitlines()]

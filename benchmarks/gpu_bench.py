@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"command": "python " + " ".join(["benchmarks/gpu_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        record = {"command": "python " + " ".join(["benchmarks/gpu_bench.py",
+                                                   *(argv if argv is not None else sys.argv[1:])]),
                   "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                   "gpu": gpu, "host": platform.node(), "cupy": be.xp.__version__, "data": source,
                   "model": list(layout.sizes), "sgemm_tflops_8192": peak, "sgemm_tflops_shape": shape_rate,

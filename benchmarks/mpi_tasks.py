@@ -316,7 +316,7 @@ def task_profile(args):
         rep.step(comm, data.train_x, data.train_y, perm[s * B:(s + 1) * B], lr)
     T = dict.fromkeys(PHASES[:-1] + ["local_gradient", "sync_update"], 0.0)
     plain, instr, n_plain, n_instr, s = 0.0, 0.0, 0, 0, 0
-    for block in range(args.blocks):                       # alternate plain and timed blocks
+    for _block in range(args.blocks):                      # alternate plain and timed blocks
         for kind in ("plain", "timed"):
             comm.Barrier()
             t0 = perf()
@@ -456,14 +456,14 @@ def task_compute(args):
     for b in batches:
         steps = max(20, min(400, int(args.budget / (b * 1e-5 + 2e-4))))
         times, upd = [], []
-        for rep_i in range(5):
+        for _rep_i in range(5):
             t0 = perf()
             for s in range(steps):
                 o = (s * b) % (data.n_train - b)
                 rep.step(comm, data.train_x, data.train_y, perm[o:o + b], 0.01)
             times.append((perf() - t0) / steps)
         t0 = perf()
-        for s in range(steps):
+        for _s in range(steps):
             rep.model.opt.step(rep.model.params, rep.sync.grads, 0.0, 1.0 / b)
         upd = (perf() - t0) / steps
         # the minimum of the repeats: this feeds a model of an unloaded machine, and on a shared

@@ -86,7 +86,8 @@ def allreduce(plt, out, a):
     if fit:
         m = [r["bytes"] for r in o["by_ranks"][2]]
         ax1.loglog(m, [1e6 * (fit["alpha_s"] + x * fit["beta_s_per_byte"]) for x in m], "k--", lw=1,
-                   label=f"alpha-beta fit (2 ranks): {fit['alpha_s'] * 1e6:.1f} us + m / {1e-9 / fit['beta_s_per_byte']:.1f} GB/s")
+                   label=f"alpha-beta fit (2 ranks): {fit['alpha_s'] * 1e6:.1f} us + m / "
+                         f"{1e-9 / fit['beta_s_per_byte']:.1f} GB/s")
         if o.get("p2p_GBps"):
             ax1.loglog(m, [1e6 * x / (o["p2p_GBps"] * 1e9) for x in m], "k:", lw=1,
                        label=f"ring bound 2(n-1)/n m / BW, n=2, BW = p2p {o['p2p_GBps']:.1f} GB/s")

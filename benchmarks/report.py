@@ -69,7 +69,8 @@ def _shm_analysis(out: Path) -> dict | None:
         return None
     cells = {}
     for r in _measured(rows):
-        cells.setdefault((r["batch"], r["ranks"], r["allreduce"]), {}).setdefault(r["round"], []).append(r["epoch_seconds"])
+        cells.setdefault((r["batch"], r["ranks"], r["allreduce"]), {}).setdefault(r["round"], []).append(
+            r["epoch_seconds"])
     median = {k: statistics.median([statistics.median(v) for v in rounds.values()]) for k, rounds in cells.items()}
     eff = {}
     for (batch, ranks, mode), t in median.items():
@@ -333,7 +334,8 @@ def targets(a) -> list[dict]:
          "ratio": _f(s.get("ratio_floor"), ".2f"), "status": _met(s.get("ratio_floor"), GOALS["floor"])},
         {"target": "1b. 1 rank: hpcfl (numba) epoch / PyTorch CPU epoch", "goal": "<= 0.75",
          "measured": f"{_f(s.get('median', {}).get('hpcfl-numba'))} s / {_f(s.get('median', {}).get('torch'))} s",
-         "ratio": _f(s.get("ratio_torch"), ".2f"), "status": _met(s.get("ratio_torch"), GOALS["torch"], needs="PyTorch")},
+         "ratio": _f(s.get("ratio_torch"), ".2f"),
+         "status": _met(s.get("ratio_torch"), GOALS["torch"], needs="PyTorch")},
         {"target": "2a. 2 ranks x 1 thread: strong-scaling efficiency vs 1 rank", "goal": ">= 0.90",
          "measured": f"{_f(p.get('median', {}).get('hpcfl 1 rank fused'))} s -> "
                      f"{_f(p.get('median', {}).get('hpcfl 2 ranks fused'))} s",
@@ -345,8 +347,10 @@ def targets(a) -> list[dict]:
          "ratio": _f(p.get("ddp_speedup"), ".2f"), "status": _met(p.get("ddp_speedup"), GOALS["ddp"], True,
                                                                   needs="PyTorch")},
         {"target": "3. gradient sync per step / bare Allreduce (2 ranks, fused)", "goal": "<= 1.10",
-         "measured": f"{_f(y.get('fused', {}).get('sync_us'), '.0f')} us / {_f(y.get('fused', {}).get('bare_us'), '.0f')} us",
-         "ratio": _f(y.get("fused", {}).get("ratio"), ".2f"), "status": _met(y.get("fused", {}).get("ratio"), GOALS["sync"])},
+         "measured": f"{_f(y.get('fused', {}).get('sync_us'), '.0f')} us / "
+                     f"{_f(y.get('fused', {}).get('bare_us'), '.0f')} us",
+         "ratio": _f(y.get("fused", {}).get("ratio"), ".2f"),
+         "status": _met(y.get("fused", {}).get("ratio"), GOALS["sync"])},
         {"target": f"4. launch to end of first step, {st.get('ranks', 8)} ranks on {a['info'].get('cores', '?')} cores",
          "goal": "<= 3 s", "measured": f"{_f(st.get('first_step_end_s'), '.2f')} s",
          "ratio": _f(st.get("first_step_end_s") / GOALS["startup"] if st.get("first_step_end_s") else None, ".2f"),
@@ -430,7 +434,8 @@ def render(a: dict) -> str:
         for run, names in sorted(runs.values(), key=lambda v: v[0].get("date") or ""):
             w(f"> - {', '.join(names)}: `{run.get('command', '?')}` of {run.get('date', '?')} (code "
               f"{run.get('commit') or 'commit not recorded'}) on "
-              f"{run.get('cpu_model', '?')}, {run.get('cores', '?')} cores (load before `{run.get('load_before', '?')}`)")
+              f"{run.get('cpu_model', '?')}, {run.get('cores', '?')} cores "
+              f"(load before `{run.get('load_before', '?')}`)")
         w("")
         w("The latest run:\n")
     w(f"- command: `{info.get('command', '?')}` ({info.get('repeats', '?')} interleaved rounds, "
@@ -518,7 +523,8 @@ def _profile(a, w):
       "handling, views, the dispatch of ~20 BLAS/Numba calls, the learning-rate and loss bookkeeping). "
       "Warm: after 60 steps; the page cache already holds the images. ![profile]({IMG}/profile.png)\n")
     ranks = sorted(p["by_ranks"])
-    w("| phase | " + " | ".join(f"{r} rank{'s' if r > 1 else ''} (local batch {p['local_batch'].get(r)}): us/step" for r in ranks) + " |")
+    w("| phase | " + " | ".join(f"{r} rank{'s' if r > 1 else ''} (local batch {p['local_batch'].get(r)}): us/step"
+                               for r in ranks) + " |")
     w("|---|" + "---|" * len(ranks))
     for ph in p["phases"] + ["total"]:
         cells = []
@@ -570,13 +576,16 @@ def _sync(a, w):
     w("`bare with compute` times the same bare calls with two GEMMs of the step's shapes between them "
       "on both ranks (the buffer rewritten by the second): caches and scheduling as in training, "
       "without its load imbalance.\n")
-    w("| allreduce | sync us/step (min over ranks) | incl. waiting (mean over ranks) | bare us/call | incl. waiting | bare with compute | ratio sync/bare |")
+    w("| allreduce | sync us/step (min over ranks) | incl. waiting (mean over ranks) | bare us/call | incl. waiting "
+      "| bare with compute | ratio sync/bare |")
     w("|---|---|---|---|---|---|---|")
     for mode in ("fused", "overlap"):
         if mode in s:
             r = s[mode]
-            w(f"| {mode} | {_f(r['sync_us'], '.0f')} | {_f(r['sync_incl_wait_us'], '.0f')} | {_f(r['bare_us'], '.0f')} | "
-              f"{_f(r['bare_incl_wait_us'], '.0f')} | {_f(r.get('bare_with_compute_us'), '.0f')} | {_f(r['ratio'], '.2f')} |")
+            w(f"| {mode} | {_f(r['sync_us'], '.0f')} | {_f(r['sync_incl_wait_us'], '.0f')} | "
+              f"{_f(r['bare_us'], '.0f')} | "
+              f"{_f(r['bare_incl_wait_us'], '.0f')} | {_f(r.get('bare_with_compute_us'), '.0f')} | "
+              f"{_f(r['ratio'], '.2f')} |")
     if "overlap" in s and s["overlap"].get("start_us") is not None:
         w(f"\nIn overlap mode the four Iallreduce calls themselves take {_f(s['overlap']['start_us'], '.0f')} us "
           f"per step; the rest of its sync time is the final Waitall.")
@@ -606,7 +615,8 @@ def _osu(a, w):
             if r["bytes"] in (4, 64, 1024, 16384, 262144, 1048576, 4194304):
                 w(f"| {ranks}{' (oversubscribed)' if r.get('oversubscribed') else ''} | {r['bytes']:,} | "
                   f"{r['lat_avg_us']:.1f} | {r['busbw_GBps']:.2f} | {_f(r.get('ring_bound_us'), '.1f')} | "
-                  f"{_f(r.get('model_us'), '.1f')} | {_f(100 * r['model_error'] if r.get('model_error') is not None else None, '+.0f')}% |")
+                  f"{_f(r.get('model_us'), '.1f')} | "
+                  f"{_f(100 * r['model_error'] if r.get('model_error') is not None else None, '+.0f')}% |")
     w("")
 
 
@@ -660,7 +670,8 @@ def _startup(a, w):
       f"medians; times from the launch of mpirun:\n")
     w("| every rank's interpreter up | first step starts (last rank) | first step done | mpirun exits |")
     w("|---|---|---|---|")
-    w(f"| {s['python_up_s']:.2f} s | {s['first_step_start_s']:.2f} s | {s['first_step_end_s']:.2f} s | {s['exit_s']:.2f} s |")
+    w(f"| {s['python_up_s']:.2f} s | {s['first_step_start_s']:.2f} s | {s['first_step_end_s']:.2f} s | "
+      f"{s['exit_s']:.2f} s |")
     w("\nThe first step includes loading the cached Numba kernels (they load lazily, at first call). "
       "`mpirun exits` adds the evaluation of the test set after the step and MPI_Finalize.\n")
     prof = a.get("startup_profile")
@@ -688,7 +699,8 @@ def _memory(a, w):
       "are a read-only memory map of the uint8 cache file: their pages are the kernel's page cache, "
       "shared by every rank (and every other process that maps the file), so Rss counts them once per "
       "rank but Pss divides them among the processes that map them. ![memory]({IMG}/memory.png)\n")
-    w("| ranks | peak RSS (ru_maxrss) MiB | RSS MiB | private (RssAnon) MiB | Pss MiB | images mapped MiB | images Rss MiB | images Pss MiB |")
+    w("| ranks | peak RSS (ru_maxrss) MiB | RSS MiB | private (RssAnon) MiB | Pss MiB | images mapped MiB "
+      "| images Rss MiB | images Pss MiB |")
     w("|---|---|---|---|---|---|---|---|")
     for ranks, r in sorted(m.items()):
         w(f"| {ranks} | {r['ru_maxrss_mib']:.0f} | {r['rss_mib']:.0f} | {r['rss_anon_mib']:.0f} | {r['pss_mib']:.0f} | "
@@ -811,7 +823,8 @@ def _notes(a, w):
         head = (f"- **Target 1 (floor)**: {status} ({_f(s.get('ratio_floor'), '.2f')}). "
                 f"At 1 rank the GEMMs take {gemm:.0f} us of the {one.get('total', 0):.0f} us step (about the "
                 f"floor's rate for the same GEMMs back to back). The other {rest:.0f} us "
-                f"({100 * rest / max(gemm, 1):.0f}% on top of the GEMMs) are: optimizer {one.get('optimizer', 0):.0f} us, "
+                f"({100 * rest / max(gemm, 1):.0f}% on top of the GEMMs) are: "
+                f"optimizer {one.get('optimizer', 0):.0f} us, "
                 f"batch gather {one.get('gather', 0):.0f} us, elementwise {one.get('elementwise', 0):.0f} us, Python "
                 f"{one.get('python_overhead', 0):.0f} us.")
         if status == "**missed**":
@@ -880,10 +893,14 @@ def _notes(a, w):
                    f"the difference is within this run's noise (at 1 rank, where both modes run the very "
                    f"same code, overlap/fused = {_f(one, '.3f')})")
         default = p.get("default_mode", "fused")
+        agreement = ("The default agrees with this run. "
+                     if default == faster or abs(ratio - 1) <= max(noise, 0.02) else
+                     "**This run disagrees with the default: re-check on a quiet machine and switch it if it holds.** ")
         w(f"- **Overlap** (default `--allreduce {default}`): at 2 ranks overlap/fused = {ratio:.3f}; {verdict}. "
-          f"{'The default agrees with this run. ' if default == faster or abs(ratio - 1) <= max(noise, 0.02) else '**This run disagrees with the default: re-check on a quiet machine and switch it if it holds.** '}"
+          f"{agreement}"
           f"`fused` stays the default unless overlap is clearly faster: one collective per step, and the "
-          f"same code path at every rank count. The layer-0 gradient is 85% of the bytes and is the last one ready (its GEMM "
+          f"same code path at every rank count. The layer-0 gradient is 85% of the bytes and is the last one "
+          f"ready (its GEMM "
           f"ends the backward pass), so at most the small layers' reductions can overlap; and with "
           f"MPICH's default progress (only inside MPI calls) the nonblocking reductions advance only in "
           f"the final Waitall anyway. The progress thread (`MPIR_CVAR_ASYNC_PROGRESS=1`) would advance "
@@ -901,7 +918,8 @@ def _fl_notes(a, w):
     rounds_s = t["last round end"] - t["first round end"]
     status = _met(f["ratio"], GOALS["fl_vs_flower"])
     text = (f"- **Target 10a (FL vs Flower)**: {status} ({f['ratio']:.2f}). Of hpcfl's {f['median']['hpcfl']:.2f} s, "
-            f"start-up to the first round takes {t['federation built']:.2f} s, round 1 {t['first round end'] - t['federation built']:.2f} s "
+            f"start-up to the first round takes {t['federation built']:.2f} s, "
+            f"round 1 {t['first round end'] - t['federation built']:.2f} s "
             f"(of which {t['numba_load_s']:.2f} s load the cached Numba kernels, nearly all of it Numba's own "
             f"initialisation at the first kernel: each further kernel loads in about 2 ms), and rounds 2-{f['rounds']} "
             f"{rounds_s:.2f} s.")

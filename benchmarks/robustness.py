@@ -268,7 +268,8 @@ def md_norms(rows) -> list[str]:
                        f"{min(late):.3f}-{max(late):.3f} (single updates {min(late_min):.3f}-{max(late_max):.3f}); "
                        f"M = {MAX_UPDATE_NORM:g} is {MAX_UPDATE_NORM / statistics.median(late):.2f}x their "
                        f"median and {MAX_UPDATE_NORM / min(late_min):.2f}x the smallest, below the 4x "
-                       f"(16 honest vs {ATTACKERS} attackers) at which a clipped sign-flip would cancel the honest sum.")
+                       f"(16 honest vs {ATTACKERS} attackers) at which a clipped sign-flip would cancel the "
+                       f"honest sum.")
     return out + [""]
 
 
@@ -365,7 +366,8 @@ def md_scaffold(rows) -> tuple[list[str], list[str]]:
     if not rows:
         return ["(not run yet)", ""], []
     out = ["| algorithm | local lr | c_i max age | server lr | rounds to 97% (median) | per seed | reached 97% | "
-           "best acc per seed (%) | rounds run per seed | s/round (median) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "best acc per seed (%) | rounds run per seed | s/round (median) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     sets = scaffold_settings(rows)
     for s in sets:
         per = ", ".join(f"{r['rounds_to_97']:.1f}" if r["rounds_to_97"] is not None else
@@ -444,7 +446,8 @@ def markdown(args, norms, attacks_rows, per_round, scaffold_rows, info, tag) -> 
         f"{info.get('load_start', '?')} at the start, {info.get('load_end', '?')} at the end; "
         "the seconds below are per-round figures from the records and are noisy, the accuracies and round "
         "counts do not depend on timing.", "",
-        f"Date: {dates(attacks_rows + scaffold_rows) or info.get('date')}. Command (with `HPCFL_DATA_DIR` pointing at MNIST):", "",
+        f"Date: {dates(attacks_rows + scaffold_rows) or info.get('date')}. "
+        "Command (with `HPCFL_DATA_DIR` pointing at MNIST):", "",
         f"    {script}", "",
         f"## 1. Accuracy after {args.rounds1} rounds under attack", "",
         f"{CLIENTS} clients, all sampled every round (`--client-fraction 1.0`), local batch 50, 1 local epoch "

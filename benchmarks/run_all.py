@@ -368,7 +368,8 @@ def sec_shm(ctx):
             res = run_worker([mpirun(), "-n", ranks, PY, BENCH / "mpi_tasks.py", "profile", "--allreduce", mode,
                               *blocks])
             phases.append({"ranks": ranks, "allreduce": mode, "step_us": res["step_us"],
-                           "sync_update_us": res["sync_update_us"], **{f"{k}_us": v for k, v in res["phases_us"].items()}})
+                           "sync_update_us": res["sync_update_us"],
+                           **{f"{k}_us": v for k, v in res["phases_us"].items()}})
     write_csv(ctx.out / "shm_profile.csv", phases)
     mem = []
     for mode in ("fused", "shm"):

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                 stages = r.get("secagg_stages", {})
                 rows.append({"pass": rep + 1, "config": label, "clients_per_round": per_round, "round": r["round"],
                              "round_seconds": r["round_seconds"], "secagg_seconds": r.get("secagg_seconds"),
-                             "bytes_to_server": r.get("bytes_to_server"), "bytes_from_server": r.get("bytes_from_server"),
+                             "bytes_to_server": r.get("bytes_to_server"),
+                             "bytes_from_server": r.get("bytes_from_server"),
                              "job_wall_seconds": wall, **{f"stage_{k}": v for k, v in stages.items()}})
     write_csv(out / "secagg_cost.csv", rows)
     info = {**machine_info(), "load_before": load_before}
@@ -141,14 +142,15 @@ def render(rows, args, info) -> str:
     for r in rows:
         if r["round"] >= 2:
             groups.setdefault((r["clients_per_round"], r["config"]), []).append(r)
-    plain = {k[0]: median([r["round_seconds"] for r in v]) for k, v in groups.items() if "FedAvg" in k[1] and "hpcfl" in k[1]}
+    plain = {k[0]: median([r["round_seconds"] for r in v]) for k, v in groups.items()
+             if "FedAvg" in k[1] and "hpcfl" in k[1]}
     flower_plain = {k[0]: median([r["round_seconds"] for r in v]) for k, v in groups.items() if k[1] == "Flower FedAvg"}
     for (per_round, config), rs in sorted(groups.items()):
         t = median([r["round_seconds"] for r in rs])
         base = flower_plain.get(per_round) if config.startswith("Flower") else plain.get(per_round)
         st = {k: median([r.get(f"stage_{k}") for r in rs if r.get(f"stage_{k}") is not None])
               for k in ("keys", "shares", "masking", "unmasking")}
-        mb = lambda key: median([r[key] for r in rs if r.get(key) is not None])
+        mb = lambda key, rs=rs: median([r[key] for r in rs if r.get(key) is not None])
         fmt = lambda x, f=".3f": "-" if x is None else format(x, f)
         to, frm = mb("bytes_to_server"), mb("bytes_from_server")
         L.append(f"| {per_round} | {config} | {fmt(t)} | {fmt(t / base if base else None, '.2f')}x | "

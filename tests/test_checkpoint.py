@@ -174,7 +174,7 @@ def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(t
                      "--out", tmp_path / "out", "--metrics", tmp_path / "m.jsonl")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert np.array_equal(weights(tmp_path / "out"), uninterrupted[optimizer])   # bitwise
-    records = [line for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    records = list((tmp_path / "m.jsonl").read_text().splitlines())
     assert len(records) == 2                 # epoch 1 from the first run, epoch 2 from the second
 
 

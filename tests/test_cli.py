@@ -114,7 +114,8 @@ IDX_DAMAGE = {  # file -> (change to its uncompressed bytes, words of the messag
     "magic": ("t10k-labels-idx1-ubyte", lambda raw: b"\x12\x34" + raw[2:], ["bad magic bytes 12 34"]),
     "counts": ("t10k-labels-idx1-ubyte", lambda raw: raw[:4] + (9999).to_bytes(4, "big") + raw[8:8 + 9999],
                ["10000 images but 9999 labels"]),
-    "label": ("t10k-labels-idx1-ubyte", lambda raw: raw[:8] + bytes([12]) + raw[9:], ["label 12 at index 0 outside 0..9"]),
+    "label": ("t10k-labels-idx1-ubyte", lambda raw: raw[:8] + bytes([12]) + raw[9:],
+              ["label 12 at index 0 outside 0..9"]),
     "size": ("t10k-images-idx3-ubyte", lambda raw: raw[:8] + (28).to_bytes(4, "big") + (27).to_bytes(4, "big")
              + raw[16:16 + 10000 * 28 * 27], ["wrong image size: 28x28 expected, found 28x27"]),
 }

@@ -171,7 +171,7 @@ class EmuClipKernel(test_cupy.EmuRawKernel):
 
 
 @pytest.fixture
-def emu_clip(emu, cxx, monkeypatch):
+def emu_clip(emu, cxx, monkeypatch):  # noqa: F811  (emu, cxx: the fixtures imported from test_cupy)
     for name, spec in EMU_CLIP.items():
         monkeypatch.setitem(test_cupy.EMU_RAW, name, spec)
     monkeypatch.setattr(emu, "RawKernel", lambda code, name: EmuClipKernel(cxx, code, name))

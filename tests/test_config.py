@@ -30,7 +30,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     parser = cli.train_parser()
     parser.print_help()
     text = " ".join(capsys.readouterr().out.split())
-    for name, f in FIELDS.items():
+    for name, _f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
     # each option's own help (argparse wraps lines at hyphens when it prints them)

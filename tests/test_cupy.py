@@ -45,7 +45,7 @@ from hpcfl.config import Config
 from hpcfl.core import layout as model
 from hpcfl.data import MEAN, STD
 from hpcfl.errors import UsageError
-from hpcfl.parallel import comm, launch, nccl, sync
+from hpcfl.parallel import comm, nccl, sync
 from hpcfl.training import dataparallel as dp
 
 REASON = cb.unavailable_reason()
@@ -275,7 +275,8 @@ def staging(monkeypatch):
     """hpcfl.parallel.comm with pinned memory and stream syncs replaced by recorders; not CUDA-aware."""
     log = []
     monkeypatch.setattr(comm, "_staging", comm._Staging())
-    monkeypatch.setattr(comm, "_pinned_empty", lambda size, dtype: log.append(("pinned", size)) or np.empty(size, dtype))
+    monkeypatch.setattr(comm, "_pinned_empty",
+                        lambda size, dtype: log.append(("pinned", size)) or np.empty(size, dtype))
     monkeypatch.setattr(comm, "_sync_device", lambda: log.append(("sync",)))
     monkeypatch.setattr(comm, "_cuda_aware", False)
     return log
@@ -352,8 +353,8 @@ def test_nccl_comm_without_nccl_is_a_clear_error():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from cupy.cuda import nccl
-        if getattr(nccl, "available", False):
+            from cupy.cuda import nccl as cupy_nccl
+        if getattr(cupy_nccl, "available", False):
             pytest.skip("CuPy loads NCCL here")
     except ImportError:
         pass
@@ -426,7 +427,8 @@ def test_cuda_sources_compile_with_nvrtc():
 
         nvrtc.getVersion()
     except Exception as exc:
-        pytest.skip(f"no NVRTC here ({type(exc).__name__}); test_cuda_sources_compile_with_nvcc_without_spills checks them")
+        pytest.skip(f"no NVRTC here ({type(exc).__name__}); "
+                    "test_cuda_sources_compile_with_nvcc_without_spills checks them")
     for name, source in RAW_SOURCES:
         prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
         try:
@@ -464,7 +466,8 @@ def test_cuda_sources_compile_with_nvcc_without_spills(tmp_path, arch):
                 report[entry]["registers"] = int(line.split("Used")[1].split()[0])
     assert sorted(report) == sorted(RAW_KERNELS), report
     for kernel, info in report.items():
-        assert info["spill"].startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), (kernel, info)
+        assert info["spill"].startswith(
+            "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), (kernel, info)
         assert info["registers"] <= 64, (kernel, info)
 
 

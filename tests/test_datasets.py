@@ -78,8 +78,10 @@ def test_idx_labels_must_fit_and_shapes_must_agree(tmp_path):
         data.prepare_cache(tmp_path / "one", cache_root=tmp_path / "c", spec=datasets.get("idx"))
     synthetic(tmp_path / "mixed", datasets.MNIST_FILES)
     synthetic(tmp_path / "other", datasets.MNIST_FILES, shape=(8, 8))
-    (tmp_path / "mixed" / "t10k-images-idx3-ubyte.gz").write_bytes((tmp_path / "other" / "t10k-images-idx3-ubyte.gz").read_bytes())
-    (tmp_path / "mixed" / "t10k-labels-idx1-ubyte").write_bytes((tmp_path / "other" / "t10k-labels-idx1-ubyte").read_bytes())
+    (tmp_path / "mixed" / "t10k-images-idx3-ubyte.gz").write_bytes(
+        (tmp_path / "other" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "mixed" / "t10k-labels-idx1-ubyte").write_bytes(
+        (tmp_path / "other" / "t10k-labels-idx1-ubyte").read_bytes())
     with pytest.raises(DataError, match="train images are"):
         data.prepare_cache(tmp_path / "mixed", cache_root=tmp_path / "c", spec=datasets.get("idx"))
 
@@ -115,7 +117,8 @@ def test_npz_data_sets(tmp_path):
     np.savez(tmp_path / "d.npz", x_train=x, y_train=rng.integers(0, 3, 50), x_test=x[:10], y_test=np.arange(10) % 3)
     ds = data.open_cache(data.prepare_cache(tmp_path / "d.npz", cache_root=tmp_path / "c", spec=datasets.get("npz")))
     assert ds.image_shape == (6, 6) and ds.num_classes == 3 and ds.n_train == 50
-    np.savez(tmp_path / "bad.npz", x_train=x.astype(np.float32), y_train=np.zeros(50, int), x_test=x, y_test=np.zeros(50, int))
+    np.savez(tmp_path / "bad.npz", x_train=x.astype(np.float32), y_train=np.zeros(50, int), x_test=x,
+             y_test=np.zeros(50, int))
     with pytest.raises(DataError, match="must be uint8"):
         data.prepare_cache(tmp_path / "bad.npz", cache_root=tmp_path / "c", spec=datasets.get("npz"))
     np.savez(tmp_path / "missing.npz", x_train=x)

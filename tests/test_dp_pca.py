@@ -86,7 +86,8 @@ def test_options_that_cannot_work_exit_2():
     assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-noise", 1, "--dp-pca-noise", 9), 2, "--dp-pca K")
     assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 0, "--dp-pca-noise", 9), 2,
                          "--dp-pca K")
-    assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 785), 2, "more directions than the 784")
+    assert_clean_failure(run_hpcfl(1, "--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 785), 2,
+                         "more directions than the 784")
 
 
 PCA = ["--dp-sgd", "--dp-epsilon", 2, "--dp-pca", 30, "--epochs", 3, "--dp-noise-seed", 4, "--quiet"]

@@ -14,10 +14,10 @@ ort = pytest.importorskip("onnxruntime")
 from helpers import DATA_DIR, ROOT, needs_mnist  # noqa: E402
 
 from hpcfl import data  # noqa: E402
-from hpcfl.core import layout as model_mod
+from hpcfl.core import layout as model_mod  # noqa: E402
 from hpcfl.core.model import Model, load_model  # noqa: E402
 from hpcfl.errors import UsageError  # noqa: E402
-from hpcfl.io import export
+from hpcfl.io import export  # noqa: E402
 
 TOL = 1e-4
 

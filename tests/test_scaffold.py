@@ -61,7 +61,7 @@ def test_server_variate_stays_the_mean_of_all_stored_variates():
     N = 6
     stored = {k: np.zeros(4) for k in range(N)}          # unseen clients count as 0
     c = np.zeros(4)
-    for rnd in range(5):
+    for _rnd in range(5):
         sampled = RNG.choice(N, size=2, replace=False)
         dc_sum = np.zeros(4)
         for k in sampled:

@@ -2,5 +2,6 @@
 
     preempt.py   SIGTERM/SIGUSR1: checkpoint and exit 75
     watchdog.py  --stall-timeout: abort a rank that sees no progress
-    faults.py    the tests' fault injection (HPCFL_TESTING=1 only), in one place
+    testing.py   the tests' seams (fault injection with HPCFL_TESTING=1, secure aggregation's
+                 taps), in one place: production code calls Hooks that do nothing
 """

@@ -171,7 +171,8 @@ def test_a_tampered_ciphertext_fails_authentication_naming_the_clients(comm, mni
             return flip_one(server_round, routed)
 
     with testing.installed(Tamper()), \
-            pytest.raises(TrainingError, match=r"share ciphertext from client \d+ to client \d+ failed authentication") as info:
+            pytest.raises(TrainingError,
+                          match=r"share ciphertext from client \d+ to client \d+ failed authentication") as info:
         run(comm, subset(mnist, 2000), secure_agg=True, ranks_per_client=1)
     assert info.value.collective and "no model was built" in str(info.value)
 
