@@ -134,7 +134,7 @@ def task_sync(args):
         mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         between[i] = perf() - t0
     between_stats = per_call_stats(comm, between)
-    epochs = [h["epoch_seconds"] for h in summary["history"]]
+    epochs = [h["epoch_seconds"] for h in summary.history]
     if comm.rank == 0:
         emit({"task": "sync", "ranks": comm.size, "allreduce": args.allreduce, "floats": n,
               "epoch_seconds": epochs, "sync": sync, "bare": bare_stats, "bare_with_compute": between_stats,

@@ -31,7 +31,7 @@ from . import data as data_mod
 from .config import Config
 from .core.model import Model
 from .data import catalogue
-from .errors import HpcflError, UsageError
+from .errors import HpcflError, UsageError, computed_alike
 from .io.locks import RunLock
 from .io.report import Reporter
 from .parallel.comm import Comm, abort_job, host_name
@@ -105,15 +105,6 @@ def guarded(comm: Comm, fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
-def _collective(fn: Callable[[], Any]) -> Any:
-    """Run fn() where every rank computes the same thing: its UsageError is collective."""
-    try:
-        return fn()
-    except HpcflError as exc:
-        exc.collective = True
-        raise
-
-
 def _train(config: Config, comm: Comm, callbacks: Sequence[Callable[[dict], None]], report_result: bool) -> Result:
     cfg, hooks = _settle(config, comm, report_result)
     cfg, backend = _machine(cfg, comm)
@@ -143,7 +134,7 @@ def _settle(cfg: Config, comm: Comm, report_result: bool) -> tuple[Config, testi
     naming the step instead."""
     import numpy as np
 
-    _collective(lambda: config_mod.validate(cfg, comm.size))
+    computed_alike(lambda: config_mod.validate(cfg, comm.size))
     comm.agree_all(lambda: log.configure(comm.rank, cfg.log_level, quiet=cfg.quiet,
                                          show_result=report_result, log_file=cfg.log_file))
     if comm.is_world():
@@ -174,7 +165,7 @@ def _machine(cfg: Config, comm: Comm) -> tuple[Config, Backend]:
     """One backend for the whole job (the settings checked again with it resolved), and on a
     GPU one device per rank of a node, by node-local rank."""
     cfg, backend = resolve_backend(cfg, comm)
-    _collective(lambda: config_mod.check_backend(cfg))
+    computed_alike(lambda: config_mod.check_backend(cfg))
     if cfg.backend == "cupy":
         from .parallel.launch import local_rank
 
@@ -264,8 +255,8 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None, *, comm: Any 
     the cache; then every rank opens the cache (memory-mapped) and all ranks agree that they
     could."""
     comm = _as_comm(comm)
-    spec = _collective(lambda: catalogue.get(name))
-    source = _collective(lambda: data_mod.resolve_data_dir(data_dir, name))
+    spec = computed_alike(lambda: catalogue.get(name))
+    source = computed_alike(lambda: data_mod.resolve_data_dir(data_dir, name))
 
     def prepare() -> str:  # rank 0 only; the others wait
         if fetch and data_mod.missing_files(source, spec) and spec.format == "idx" and (spec.urls or spec.archive):
@@ -321,7 +312,7 @@ def _memory_plan(cfg: Config, comm: Comm, layout: Layout, data: data_mod.Dataset
     from .fl import partition
     from .training import federated
 
-    parts = _collective(lambda: partition.create(cfg.partition, np.asarray(data.train_y), cfg.num_clients,
+    parts = computed_alike(lambda: partition.create(cfg.partition, np.asarray(data.train_y), cfg.num_clients,
                                                  cfg.seed, cfg.alpha))
     sizes = np.array([len(p) for p in parts])
     plan = replica.buffer_bytes(cfg.replace(optimizer="sgd"), layout, federated.max_local_batch(cfg, sizes))

@@ -2,6 +2,12 @@
 
 The Python API raises them; the command line turns them into one message and an exit code.
 """
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class HpcflError(Exception):
@@ -47,3 +53,14 @@ class Preempted(HpcflError):
 
 class StopTraining(Exception):
     """Raised by a callback (on rank 0) to end training early; not an error: train() returns."""
+
+
+def computed_alike(fn: Callable[[], T]) -> T:
+    """fn() where every rank computes the same thing from the same inputs (a setting's check, a
+    partition): an HpcflError it raises is raised alike on every rank, so it is marked collective
+    (each rank exits cleanly; none aborts the job)."""
+    try:
+        return fn()
+    except HpcflError as exc:
+        exc.collective = True
+        raise

@@ -107,7 +107,7 @@ def test_a_client_whose_training_diverged_keeps_its_old_variate():
     from hpcfl.fl.scaffold import Scaffold
 
     ctx = FedContext(comm=SimpleNamespace(rank=0), leaders=SimpleNamespace(rank=0), leader=True, group=0,
-                     n_groups=1, n=3, sizes=np.array([5, 5]), num_clients=2, home=[[0, 1]])
+                     n_groups=1, n=3, sizes=np.array([5, 5]), home=[[0, 1]])
     sc = Scaffold(ctx, backends.get("numpy"), local_lr=0.1, max_age=5)
     global_w = np.zeros(3)
     sc.start(0, 1)

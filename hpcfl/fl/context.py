@@ -23,10 +23,13 @@ class FedContext:
     n_groups: int
     n: int                        # model parameters
     sizes: np.ndarray             # (num_clients,) examples of each client
-    num_clients: int
     # the clients each group always trains (secure aggregation: the group's leader holds their
     # identity keys; SCAFFOLD: their c_i never move), or None: assigned afresh every round
     home: list[list[int]] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.sizes)
 
 
 @dataclass

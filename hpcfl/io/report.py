@@ -138,7 +138,7 @@ class Reporter:
         return False
 
     def save_model(self, params, sizes, projection=None) -> None:
-        """--out: model.npz (inference.py documents the format) and config.json, atomically."""
+        """--out: model.npz (core/model.py documents the format) and config.json, atomically."""
         if not (self.active and self.cfg.out):
             return
         from ..core.model import Model

@@ -61,6 +61,10 @@ class DpPlan:
         is released."""
         return self.accountant.epsilon_after(z)
 
+    def summary(self) -> dict:
+        """What a run reports of its privacy at the end (Result.extra)."""
+        return {"dp_epsilon": self.accountant.epsilon(), "dp_noise": self.z, "dp_delta": self.delta}
+
     def state(self) -> dict:
         """What a checkpoint keeps: the seed (whoever holds a checkpoint can remove the noise:
         README) and the privacy spent so far."""

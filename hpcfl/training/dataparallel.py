@@ -202,9 +202,7 @@ class DataParallel:
         return self._save(0.0)
 
     def summary(self, history: list[dict], params: np.ndarray) -> loop.Summary:
-        extra: dict = {"steps": self.step}
-        if self.plan is not None:
-            extra.update(dp_epsilon=self.plan.accountant.epsilon(), dp_noise=self.plan.z, dp_delta=self.plan.delta)
+        extra = {"steps": self.step, **(self.plan.summary() if self.plan is not None else {})}
         return loop.Summary(history, params, history[-1]["test_accuracy"] if history else None,
                             projection=self.projection, extra=extra)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core import layout as model_layout
 from ..core.replica import FedProx, Replica
-from ..errors import TrainingError, UsageError
+from ..errors import TrainingError, UsageError, computed_alike
 from ..fl import aggregators, attacks, collectors, partition, server_opt
 from ..fl.context import ClientUpdate, FedContext, RoundResult
 from ..fl.scaffold import Scaffold
@@ -128,7 +128,7 @@ class Federation:
     def __init__(self, cfg: Config, comm: Comm, data: Dataset, backend: Backend, layout: Layout | None = None,
                  plan: DpPlan | None = None, hooks: Hooks = NO_HOOKS):
         self.cfg, self.comm, self.data, self.backend, self.plan, self.hooks = cfg, comm, data, backend, plan, hooks
-        self.parts = _collective(lambda: partition.create(cfg.partition, backend.to_host(data.train_y),
+        self.parts = computed_alike(lambda: partition.create(cfg.partition, backend.to_host(data.train_y),
                                                           cfg.num_clients, cfg.seed, cfg.alpha))
         self.sizes = np.array([len(p) for p in self.parts])
         self.layout = layout or model_layout.layout(cfg.hidden)
@@ -166,7 +166,7 @@ class Federation:
         home = partition.assign_to_groups(np.arange(cfg.num_clients), self.sizes, n_groups) \
             if cfg.secure_agg or cfg.scaffold else None
         return FedContext(comm=comm, leaders=self.leaders, leader=leader, group=group, n_groups=n_groups,
-                          n=self.n, sizes=self.sizes, num_clients=cfg.num_clients, home=home)
+                          n=self.n, sizes=self.sizes, home=home)
 
     def _local_replica(self) -> Replica:
         """Local training is plain SGD, as in the paper (server momentum is --server-opt fedavgm);
@@ -469,9 +469,7 @@ class Federation:
         return self._save(self.last_round, self.best) if self.any_round else None
 
     def summary(self, history: list[dict], params: np.ndarray) -> loop.Summary:
-        extra: dict = {"rounds": len(history)}
-        if self.plan is not None:
-            extra.update(dp_epsilon=self.plan.accountant.epsilon(), dp_noise=self.plan.z, dp_delta=self.plan.delta)
+        extra = {"rounds": len(history), **(self.plan.summary() if self.plan is not None else {})}
         return loop.Summary(history, params, loop.last_accuracy(history), best_accuracy=self.best, extra=extra)
 
     # ---- checkpoints
@@ -532,15 +530,6 @@ class Federation:
 def _warn(comm: Comm, message: str) -> None:
     if comm.rank == 0:
         logger.warning(message)
-
-
-def _collective(fn):
-    """fn() computed alike on every rank: its UsageError is the same everywhere."""
-    try:
-        return fn()
-    except UsageError as exc:
-        exc.collective = True
-        raise
 
 
 def buffer_bytes(cfg: Config, layout: Layout, server: bool, groups: int = 1) -> int:
