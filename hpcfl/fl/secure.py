@@ -52,10 +52,16 @@ class _Raised(Exception):
         self.code, self.text = code, text
 
 
-def _status_of(exc: secagg.SecAggError) -> int:
-    if isinstance(exc, secagg.SecAggViolation):
-        return _Status.VIOLATION
+def _server_status(exc: secagg.SecAggError) -> int:
+    """What a server-side protocol error ends the round with: too few clients left (skip), or an
+    error."""
     return _Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR
+
+
+def _status_of(exc: secagg.SecAggError) -> int:
+    """What a client's protocol error ends the round with: its abort for a violation, else as on
+    the server."""
+    return _Status.VIOLATION if isinstance(exc, secagg.SecAggViolation) else _server_status(exc)
 
 
 class SecureCollector:
@@ -217,7 +223,7 @@ class SecureCollector:
         except _Raised as exc:
             status = (exc.code, exc.text)
         except secagg.SecAggError as exc:
-            status = (_Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR, str(exc))
+            status = (_server_status(exc), str(exc))
         return self._down(replies, status)
 
     def _protocol(self, my_clients: list[int]) -> dict[str, Any]:
@@ -425,7 +431,7 @@ class _ProtocolRun:
             except _Raised as exc:
                 status = (exc.code, exc.text)
             except secagg.SecAggError as exc:
-                status = (_Status.SKIP if isinstance(exc, secagg.SecAggAbort) else _Status.ERROR, str(exc))
+                status = (_server_status(exc), str(exc))
         return c._down(replies, status)
 
     def _unmask_request(self, all_ids: list[np.ndarray], stacked: np.ndarray,

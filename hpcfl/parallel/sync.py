@@ -187,7 +187,7 @@ class ShmSync:
         self.opt = optim.create(cfg.optimizer, backend, self.hi - self.lo, cfg.momentum, cfg.weight_decay)
         self.red = np.zeros(self.hi - self.lo + 2, np.float32)    # multi-node: slice sum (+ tail)
 
-    def write_params(self, flat: np.ndarray) -> None:
+    def load_params(self, model: ModelState, flat: np.ndarray) -> None:
         """The node's rank 0 writes the shared parameters; every rank waits until it has."""
         if self.node.rank == 0:
             self.params[...] = flat
@@ -243,20 +243,11 @@ class ShmSync:
     def totals(self) -> tuple[float, float]:
         return float(self.result[0]), float(self.result[1])
 
-    def load_params(self, model: ModelState, flat: np.ndarray) -> None:
-        self.write_params(flat)
-
     def host_params(self, model: ModelState) -> np.ndarray:
         """A copy: the shared window goes away with free()."""
         return np.array(self.params)
 
     def optimizer_state(self, comm: Comm, model: ModelState) -> dict | None:
-        return self.gather_state(comm)
-
-    def load_optimizer_state(self, model: ModelState, state: dict) -> None:
-        self.load_state(state)
-
-    def gather_state(self, comm: Comm) -> dict | None:
         """The whole optimizer state on rank 0, from the slices of node 0's ranks (every node
         holds the same): a checkpoint of an shm run is that of a fused one. Collective."""
         mine = {k: (v if isinstance(v, int) else np.array(v)) for k, v in self.opt.state().items()}
@@ -274,7 +265,7 @@ class ShmSync:
                     full.setdefault(k, np.zeros(self.n, np.float32))[lo:hi] = v
         return full
 
-    def load_state(self, state: dict) -> None:
+    def load_optimizer_state(self, model: ModelState, state: dict) -> None:
         """This rank's slice of a full optimizer state (of a fused or an shm run)."""
         self.opt.load_state({k: (v if np.ndim(v) == 0 else np.asarray(v)[self.lo:self.hi])
                              for k, v in state.items()})

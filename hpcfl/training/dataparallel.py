@@ -203,7 +203,7 @@ class DataParallel:
 
     def summary(self, history: list[dict], params: np.ndarray) -> loop.Summary:
         extra = {"steps": self.step, **(self.plan.summary() if self.plan is not None else {})}
-        return loop.Summary(history, params, history[-1]["test_accuracy"] if history else None,
+        return loop.Summary(history, params, loop.last_accuracy(history),
                             projection=self.projection, extra=extra)
 
     # ---- checkpoints
