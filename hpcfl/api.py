@@ -114,6 +114,9 @@ def _train(config: Config, comm: Comm, callbacks: Sequence[Callable[[dict], None
     from .privacy.plan import create_plan
 
     plan = create_plan(cfg, comm, data.n_train)
+    if plan is not None:      # fixed constants, not the private training set's mean and std
+        mean, std = catalogue.dp_normalisation(cfg.dataset)
+        data = dataclasses.replace(data, mean=mean, std=std)
     with _locks(cfg, comm):
         if cfg.backend == "cupy":             # GPU-resident data: uploaded once (47 MB of uint8)
             data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))

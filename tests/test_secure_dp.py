@@ -104,34 +104,76 @@ def test_honest_quantile_by_hand():
     assert stats.binom.cdf(4, 100, 0.1) < 0.05 <= stats.binom.cdf(5, 100, 0.1)
 
 
-@pytest.mark.parametrize("num_clients,q,dropout,target", [(100, 0.1, 0.0, 8.0), (100, 0.1, 0.1, 8.0),
-                                                          (6000, 0.05, 0.1, 8.0), (100, 0.1, 0.1, 4.0)])
-def test_finding_1_the_budget_is_never_exceeded_with_real_survivor_counts(num_clients, q, dropout, target):
-    # the audit's settings, 100 rounds (20 at target 4), survivors drawn as the run draws them;
-    # a round that would overshoot is withheld (collect.SecureCollector.withhold)
+def test_calibrate_filter_noise_fits_the_planned_rounds_and_no_more():
+    # each client's own ledger is Gaussian DP: k rounds at z cost k / z^2 in mu^2; the noise lets
+    # a client take the 95% quantile of the rounds Poisson sampling gives it, and not one more
+    for q, rounds, target in [(0.1, 20, 4.0), (0.05, 100, 8.0), (1.0, 20, 4.0)]:
+        z = privacy.calibrate_filter_noise(q, rounds, 1e-5, target)
+        k = int(stats.binom.ppf(0.95, rounds, q))
+        assert privacy.planned_participation(q, rounds) == k
+        # independently: dp-accounting's PLD of k Gaussian mechanisms (one with std z / sqrt(k))
+        assert pld.from_gaussian_mechanism(z / math.sqrt(k)).get_epsilon_for_delta(1e-5) <= target * 1.002
+        assert pld.from_gaussian_mechanism(z / math.sqrt(k + 1)).get_epsilon_for_delta(1e-5) > target
+
+
+def test_gdp_epsilon_and_mu_against_dp_accountings_pld():
+    for mu in (0.3, 1.0, 2.5):
+        ours = privacy.gdp_epsilon(mu, 1e-5)
+        upper = pld.from_gaussian_mechanism(1 / mu).get_epsilon_for_delta(1e-5)
+        lower = pld.from_gaussian_mechanism(1 / mu, pessimistic_estimate=False).get_epsilon_for_delta(1e-5)
+        assert lower * (1 - 1e-3) <= ours <= upper * (1 + 1e-3)
+        assert privacy.gdp_mu(ours, 1e-5) == pytest.approx(mu, rel=1e-6)
+
+
+def plan_for(num_clients, q, dropout, rounds, target, colluders=0, corrupt=0.05):
+    """A secure DP plan as create_plan makes it for these settings (clip 0.2)."""
+    z = privacy.calibrate_filter_noise(q, rounds, 1e-5, target)
+    honest = sampling.honest_quantile(num_clients, q, dropout, colluders, corrupt_fraction=corrupt)
+    return dpplan.DpPlan(clip=0.2, z=z, q=q, expected=q * num_clients, noise_seed=1, delta=1e-5,
+                         target=target, secure=True, share_std=z * 0.2 / math.sqrt(honest),
+                         colluders=colluders, corrupt_fraction=corrupt, accept_honest=honest)
+
+
+@pytest.mark.parametrize("num_clients,q,dropout,target,thin", [(100, 0.1, 0.0, 8.0, False),
+                                                               (100, 0.1, 0.1, 8.0, True),
+                                                               (6000, 0.05, 0.1, 8.0, True),
+                                                               (100, 0.1, 0.1, 4.0, True)])
+def test_finding_2_no_client_passes_its_budget_whatever_the_survivor_counts(num_clients, q, dropout, target, thin):
+    # the audit's settings, 100 rounds (20 at target 4), rounds drawn as a run draws them; with
+    # `thin` the server names only the fewest survivors the clients accept (thin-survivors).
+    # Each client keeps its own books (ledger.ClientBooks) and joins only while it can afford the
+    # round; every view a client accepts carries at least the planned noise
+    from hpcfl.privacy.ledger import ClientBooks, Ledger
+
     rounds = 20 if target == 4.0 else 100
-    z = privacy.calibrate_secure_noise(q, rounds, 1e-5, target)
-    honest = sampling.honest_quantile(num_clients, q, dropout, 0)
-    plan = dpplan.DpPlan(clip=0.2, z=z, q=q, expected=q * num_clients, noise_seed=1, delta=1e-5,
-                          target=target, secure=True, share_std=z * 0.2 / math.sqrt(honest))
-    rng = np.random.default_rng(num_clients)           # test data: the rounds' survivor counts
+    plan = plan_for(num_clients, q, dropout, rounds, target)
+    books = ClientBooks(Ledger(None), {}, plan.mu2_budget)
+    rng = np.random.default_rng(num_clients)           # test data: who is sampled and who drops
     released = 0
-    for _ in range(rounds):
-        survivors = rng.binomial(num_clients, q * (1 - dropout))
-        zr = plan.round_noise(survivors)
-        if plan.accountant.epsilon(zr) > target:
-            break
-        plan.compose_round(zr)
+    for r in range(rounds):
+        sampled = np.flatnonzero(rng.random(num_clients) < q)
+        alive = [int(k) for k in sampled if rng.random() >= dropout and books.can_afford(int(k), plan.round_mu2)]
+        need = plan.min_survivors(len(sampled))
+        if len(alive) < need:
+            continue
+        survivors = need if thin else len(alive)
+        assert plan.round_noise(survivors, len(sampled)) >= plan.z * (1 - 1e-9)
+        books.spend(r, alive, plan.round_mu2, "0")
         released += 1
-    assert plan.accountant.epsilon() <= target
+    worst = max(books.spent.values())
+    assert worst <= plan.mu2_budget
+    assert pld.from_gaussian_mechanism(1 / math.sqrt(worst)).get_epsilon_for_delta(1e-5) <= target * 1.002
     assert released >= 0.9 * rounds                    # sized for the 5% quantile: most rounds run
 
 
-def test_colluders_and_the_client_itself_are_not_counted():
+def test_the_colluders_secure_aggregation_admits_are_counted_out_of_the_noise():
+    # one adversary, one set of numbers: --dp-colluders at least, and ceil(G m) of m sampled
     plan = dpplan.DpPlan(clip=0.5, z=1.0, q=0.1, expected=10, noise_seed=1, delta=1e-5, secure=True,
-                          share_std=0.25, colluders=2)
-    assert plan.honest_shares(10) == 7 and plan.honest_shares(2) == 0
-    assert plan.round_noise(10) == pytest.approx(0.25 * math.sqrt(7) / 0.5)
+                         share_std=0.25, colluders=2, corrupt_fraction=0.05)
+    assert plan.honest_shares(10, 10) == 7 and plan.honest_shares(2, 2) == 0
+    assert plan.honest_shares(100, 100) == 94                  # ceil(0.05 x 100) = 5 > 2
+    assert plan.round_noise(10, 10) == pytest.approx(0.25 * math.sqrt(7) / 0.5)
+    assert sampling.honest_quantile(100, 1.0, 0.0, 0, corrupt_fraction=0.05) == 100 - 1 - 5
     acc = privacy.SecureAccountant(1e-5, 0.1, 1.0)
     acc.compose(0.0)                                   # nobody else's noise in a round i joined
     assert acc.epsilon() == math.inf                   # with probability q = 0.1 > delta

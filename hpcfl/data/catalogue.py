@@ -32,6 +32,9 @@ class Spec:
     transposed: bool = False                      # EMNIST stores each image transposed
     label_offset: int = 0                         # EMNIST letters are labelled 1..26
     format: str = "idx"                           # idx | npz
+    # the normalisation under DP: constants fixed in advance, never the private training set's
+    # statistics; a public data set's published ones, else DP_NORM
+    dp_norm: tuple[float, float] | None = None
 
     @property
     def file_names(self) -> list[str]:
@@ -60,7 +63,7 @@ CATALOGUE = {s.name: s for s in [
                  "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
                  "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
                  "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"},
-         counts={"train": 60000, "test": 10000}),
+         counts={"train": 60000, "test": 10000}, dp_norm=(0.1307, 0.3081)),
     # Content hashes measured on Debian's dataset-fashion-mnist 0.0~git20200523 (upstream's files,
     # recompressed); the MD5s are the ones Zalando publishes for its .gz files.
     Spec("fashion-mnist", "Fashion-MNIST (Xiao et al. 2017)",
@@ -73,7 +76,7 @@ CATALOGUE = {s.name: s for s in [
                  "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
                  "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
                  "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"},
-         counts={"train": 60000, "test": 10000}),
+         counts={"train": 60000, "test": 10000}, dp_norm=(0.2860, 0.3530)),
     Spec("kmnist", "Kuzushiji-MNIST (Clanuwat et al. 2018)",
          urls=("https://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
          md5_gz={"train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
@@ -101,6 +104,12 @@ def get(name: str) -> Spec:
 
 MNIST_SPEC = CATALOGUE["mnist"]
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel statistics after /255 (measured in tests)
+DP_NORM = (0.5, 0.5)        # under DP, a data set without published constants: [0, 1] -> [-1, 1]
+
+
+def dp_normalisation(name: str) -> tuple[float, float]:
+    """(mean, std) of a DP run's input normalisation: fixed in advance, not measured on the data."""
+    return CATALOGUE[name].dp_norm or DP_NORM
 SPLITS = MNIST_SPEC.files
 FILES = MNIST_SPEC.file_names
 SHA256 = MNIST_SPEC.sha256

@@ -208,9 +208,11 @@ class GatheredCollector(PlainCollector):
 
 class CentralDpCollector(PlainCollector):
     """Central DP: clip on the clients, noise on the (trusted) server, from the CSPRNG keyed by
-    (the secret noise seed, the round): a resumed run draws the same noise. The Reduce carries
-    [sum clip(d_k) | count | clipped | loss | seen | rejected non-finite]; non-finite updates
-    are rejected like any other (their clipped delta would be NaN)."""
+    (the secret noise seed, the attempt, the round). The Reduce carries [sum clip(d_k) | count |
+    clipped | loss | seen | rejected non-finite]; non-finite updates are rejected and count as
+    zero. Every round releases (sum + noise) / qN, also when Poisson sampling drew nobody or
+    every update was rejected: the accountant composes a Gaussian release each round, so the
+    round must be one (an un-noised "model unchanged" would tell that nobody counted)."""
 
     def __init__(self, ctx: FedContext, plan: DpPlan):
         super().__init__(ctx, None)
@@ -233,26 +235,16 @@ class CentralDpCollector(PlainCollector):
         total = self._reduce()
         if total is None:
             return None, RoundResult()
-        n = self.ctx.n
-        result = RoundResult(loss_sum=total[n + 2], seen=total[n + 3], dp_noise=self.plan.z, clipped=int(total[n + 1]),
-                             rejected=rejected, nonfinite=int(total[n + 4]),
-                             bytes_to_server=min(self.ctx.n_groups, clients) * self.sendbuf.nbytes)
-        if clients == 0:                         # Poisson sampling drew nobody: the model stays
-            result.skipped = "no client was sampled"
+        n, plan = self.ctx.n, self.plan
+        result = RoundResult(dp_noise=plan.z, rejected=rejected)
+        why = plan.over_budget(plan.z)             # the round is withheld if it would overshoot
+        if why is not None:
+            result.budget_stop = f"round {server_round}: {why}"
             return None, result
-        if total[n] == 0 and rejected:
-            result.skipped = "every update was rejected"
-            return None, result
-        plan = self.plan
-        if plan.target is not None:                # the round is withheld if it would overshoot
-            eps = plan.epsilon_after(plan.z)
-            if eps > plan.target * (1 + 1e-9):
-                result.budget_stop = (f"round {server_round} would take epsilon to {eps:.4g}, past "
-                                      f"--dp-epsilon {plan.target:g}")
-                return None, result
         from ..privacy import noise
 
-        key = noise.derive_key(plan.noise_seed, "central", server_round)
+        plan.reserve(server_round, 1, writer=True)  # in the ledger before it is released (rank 0)
+        key = noise.derive_key(plan.noise_seed, "central", *plan.noise_ids, server_round)
         gaussian = noise.standard_normal(key, 0, n) * (plan.z * plan.clip)
         # the fixed denominator q N (not the count): the average's sensitivity stays S / (q N)
         return (self.global_w + (total[:n] + gaussian) / plan.expected).astype(np.float32), result

@@ -64,7 +64,7 @@ class RoundResult:
     secagg_clipped: int = 0       # coordinates the secure range cut (without DP)
     server_attack: dict | None = None         # --server-attack: what the simulated server got
     dp_noise: float | None = None             # the noise multiplier the round is accounted with
-    dp_honest_shares: int | None = None
+    dp_mu2: float | None = None               # secure DP: the largest spend in the clients' own ledgers
     clipped: int | None = None    # DP: updates the L2 clip shortened
     scaffold: tuple[np.ndarray, int] | None = None   # rank 0: (sum of delta c_i, count)
     norm: float = math.nan        # the global model's L2 norm after the server step

@@ -111,11 +111,16 @@ def dropouts(clients: ArrayLike, rate: float, server_round: int, seed: int) -> s
     return set(clients[rng.random(len(clients)) < rate].tolist())
 
 
-def poisson_clients(num_clients: int, rate: float, server_round: int, seed: int) -> np.ndarray:
+def poisson_clients(num_clients: int, rate: float, server_round: int, seed: int,
+                    attempt: int | None = None) -> np.ndarray:
     """DP-FedAvg's sampling: each client joins the round independently with probability `rate`
-    (McMahan et al. 2018), seeded by (seed, round); a round may have no client at all."""
-    rng = np.random.default_rng([seed, server_round, 0xC12])
-    return np.flatnonzero(rng.random(num_clients) < rate)
+    (McMahan et al. 2018), drawn from the CSPRNG under a key from the secret seed (and the
+    attempt of a resumed run; None: reproduced from --dp-noise-seed); a round may have no
+    client at all."""
+    from ..privacy import noise
+
+    key = noise.derive_key(seed, "clients", *(() if attempt is None else (attempt,)))
+    return np.flatnonzero(noise.bernoulli(key, server_round, num_clients, rate))
 
 
 def stragglers(clients: ArrayLike, rate: float, server_round: int, seed: int) -> dict[int, float]:

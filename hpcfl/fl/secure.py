@@ -4,12 +4,14 @@ al. 2020), run over the client groups' leaders.
 
 Each client's contribution is quantised to uint32 words (fixed point), masked, and relayed
 through rank 0 with Gatherv/Scatterv, as a real server would relay it: signed keys, encrypted
-shares, masked inputs, consistency signatures, unmask responses. Without DP a contribution is
+shares, masked inputs, consistency signatures, unmask responses. Each client acts on its own: one
+client's abort never silences another's messages. Without DP a contribution is
 n_k * clip(w_k - w, +-R) with its weight n_k (R large enough not to cut real updates:
-secagg_range); with DP it is clip_L2(w_k - w, S) plus the client's share of the noise
-(DpPlan.share_std, sized so that a low quantile of the honest survivors gives the planned z),
-from the CSPRNG (noise.py), so that the server never sees an un-noised sum; a round that would
-take epsilon past the budget is withheld before unmasking.
+secagg_range); with DP it is clip_L2(w_k - w, S) plus the client's share of the noise, from the
+CSPRNG (noise.py), so that the server never sees an un-noised sum. Under DP the clients keep the
+privacy books (ledger.ClientBooks): a share is sized for the fewest honest survivors a client
+accepts, a client refuses any view with fewer, and it joins a round only while its own ledger
+stays within --dp-epsilon; the records carry no counts (only the noised model leaves).
 
 Also here: the settings' checks and the per-round protocol parameters (round_plan), which the
 configuration's validation shares.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import secrets as _secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,12 +32,14 @@ from .context import ClientUpdate, FedContext, RoundResult
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..privacy.ledger import ClientBooks
     from ..privacy.plan import DpPlan
     from ..runtime.testing import Hooks
 
 TAIL = 6        # words after the model: weight, weight x steps, samples seen, loss sum (fixed point),
-                # diverged, clipped (coordinates cut by the range; with DP: whether the L2 clip bit)
+                # diverged, clipped (coordinates cut by the range); all zero under DP
 STAGES = ("keys", "shares", "masking", "unmasking")
+PRIVATE_SKIP = "too few clients were left to unmask the round's sum securely"
 
 
 class _Status:
@@ -64,6 +68,20 @@ def _status_of(exc: secagg.SecAggError) -> int:
     return _Status.VIOLATION if isinstance(exc, secagg.SecAggViolation) else _server_status(exc)
 
 
+def _each(step: Callable[[int], Any], clients: Iterable[int]) -> tuple[dict[int, Any], tuple[int, str] | None]:
+    """step(k) for each client on its own: the messages of those that answered, and the gravest
+    error of those that did not (a violation outranks an error)."""
+    out, error = {}, None
+    for k in clients:
+        try:
+            out[k] = step(k)
+        except secagg.SecAggError as exc:
+            code = _status_of(exc)
+            if error is None or code > error[0]:
+                error = (code, str(exc))
+    return out, error
+
+
 class SecureCollector:
     """Secure aggregation over the group leaders; rank 0 is the server and a leader too. Each
     client always trains on the same group (FedContext.home), whose leader holds its long-term
@@ -84,13 +102,13 @@ class SecureCollector:
                 self.directory.update(part)
         self.attack = cfg.server_attack
         self.words = self.n if plan is not None else 2 * self.n     # uint32 words of the model part
-        self.reproducible = plan is not None and cfg.dp_noise_seed is not None
         self.gaussian: Any = None
+        self.books: ClientBooks | None = None          # DP: this leader's clients' own ledgers
         self.stages = dict.fromkeys(STAGES, 0.0)
         self.traffic_up = self.traffic_down = 0
         self.target: int | None = None                  # --server-attack: its target, on rank 0
-        self.oracle: dict[int, np.ndarray] = {}         # the colluders' inputs
-        self.recovered: np.ndarray | None = None        # what the attacker reconstructed
+        self.colluders: list[int] = []                  # ... and the clients colluding with it
+        self.attack_record: dict[str, Any] | None = None
 
     # ---- a round's inputs
     def begin(self, server_round: int, global_w: np.ndarray, sampled: Sequence[int], dropped: set[int],
@@ -100,15 +118,21 @@ class SecureCollector:
         m = len(self.sampled)
         self.params: secagg_graph.RoundParams | None = None
         self.skip: str | None = None
+        self.refused = False                                # one of this leader's clients kept out for its budget
+        self.any_refused = False                            # ... of any leader's (rank 0, after the round)
+        if self.plan is not None and self.books is None and self.ctx.leader:
+            self.books = self._open_books()
         if m < 2:
             self.skip = f"{m} client(s) sampled: secure aggregation needs 2 or more"
         else:
-            k, t, corrupt = round_plan(self.cfg, m)
+            k, t, corrupt, absent = round_plan(self.cfg, m)
             try:
+                at_least = self.plan.min_survivors(m) if self.plan is not None else 0
                 self.params = secagg_graph.RoundParams.make(server_round, self.sampled, self.words + TAIL, k=k,
-                                                      threshold=t, corrupt=corrupt)
+                                                            threshold=t, corrupt=corrupt, max_absent=absent,
+                                                            at_least=at_least)
             except ValueError as exc:
-                self.skip = f"{m} clients sampled: {exc}"
+                self.skip = PRIVATE_SKIP if self.plan is not None else f"{m} clients sampled: {exc}"
         # The sum of m contributions must not wrap mod 2^32 (FixedPoint raises if it could).
         self.model_fp: fixedpoint.FixedPoint | fixedpoint.WideFixedPoint
         if self.plan is None:     # two limbs: the plain model's float32 bits (WideFixedPoint)
@@ -120,6 +144,13 @@ class SecureCollector:
         self.loss_fp = fixedpoint.FixedPoint(loss_bound, max(m, 1))
         self.inputs: dict[int, np.ndarray] = {}
 
+    def _open_books(self) -> ClientBooks:
+        from ..privacy.ledger import ClientBooks
+
+        assert self.plan is not None and self.ctx.home is not None
+        return ClientBooks.open(self.cfg.checkpoint_dir, self.ctx.leaders.rank, self.ctx.home[self.ctx.leaders.rank],
+                                self.plan.mu2_budget)
+
     def noise_share(self, k: int) -> np.ndarray:
         """Client k's share of the round's noise, N(0, share_std^2) per coordinate, from the
         CSPRNG: keyed by (the noise seed, k, the round) with --dp-noise-seed (reproducible),
@@ -129,7 +160,7 @@ class SecureCollector:
         assert self.plan is not None
         if self.gaussian is None:
             self.gaussian = noise.Gaussian()
-        key = (noise.derive_key(self.plan.noise_seed, "share", k, self.server_round) if self.reproducible
+        key = (noise.derive_key(self.plan.noise_seed, "share", k, self.server_round) if self.plan.seeded
                else _secrets.token_bytes(noise.KEY_BYTES))
         out = self.gaussian.standard_normal(key, 0, np.empty(self.n, np.float64))
         out *= self.plan.share_std
@@ -140,8 +171,6 @@ class SecureCollector:
         x = np.zeros(w + TAIL, np.uint32)
         delta = u.params.astype(np.float64) - self.global_w
         finite = bool(np.isfinite(delta).all() and math.isfinite(u.loss_sum))
-        if not finite:
-            x[w + 4] = 1          # diverged: a zero update; the server learns only how many did
         if self.plan is None:
             assert isinstance(self.model_fp, fixedpoint.WideFixedPoint)
             if finite:
@@ -151,39 +180,37 @@ class SecureCollector:
                 delta *= weight
                 self.model_fp.encode(delta, out=x[:w])
                 x[w:w + 2] = (u.num_examples, u.num_examples * u.steps)
+                x[w + 2] = u.seen
+                x[w + 3] = self.loss_fp.encode(np.array([u.loss_sum]))[0]
                 x[w + 5] = over
             else:
                 x[:w] = self.model_fp.encode(np.zeros(n))     # zero in the offset encoding
+                x[w + 4] = 1      # diverged: a zero update; the server learns only how many did
         else:
             # every client adds its noise share, a diverged one to a zero update (zero-out: the
-            # accounting counts every survivor's share)
-            clipped, norm = mechanisms.clip_l2(delta, self.plan.clip) if finite else (np.zeros(n), 0.0)
+            # accounting counts every survivor's share); the tail stays zero: no count, no loss
+            clipped, _ = mechanisms.clip_l2(delta, self.plan.clip) if finite else (np.zeros(n), 0.0)
             x[:n] = self.model_fp.encode(clipped + self.noise_share(u.client))
-            x[w:w + 2] = (1, u.steps) if finite else (0, 0)
-            x[w + 5] = int(finite and norm > self.plan.clip)
-        if finite:
-            x[w + 2] = u.seen
-            x[w + 3] = self.loss_fp.encode(np.array([u.loss_sum]))[0]
         self.inputs[u.client] = x
 
     # ---- the protocol's message flow, through rank 0
-    def _up(self, payload: dict[int, bytes], error: tuple[int, str] | None = None) -> dict[int, bytes] | None:
-        """Leaders -> server: each leader's {client: message}; on rank 0, all of them merged,
-        or raises the first leader's error (then every leader learns it in the next _down)."""
-        blob = bytes([error[0]]) + error[1].encode() if error else b"\x00" + secagg.encode_map(payload)
+    def _up(self, payload: dict[int, bytes], error: tuple[int, str] | None
+            ) -> tuple[dict[int, bytes], list[tuple[int, str]]] | None:
+        """Leaders -> server: each leader's {client: message} and its gravest error; on rank 0 all
+        the messages merged and the errors, gravest first."""
+        head = bytes([error[0]]) + error[1].encode() if error else b""
+        blob = len(head).to_bytes(4, "little") + head + secagg.encode_map(payload)
         parts = self.ctx.leaders.gather_bytes(blob)
         if parts is None:
             return None
         merged, errors = {}, []
         for part in parts:
-            if part[:1] != b"\x00":
-                errors.append((part[0], part[1:].decode()))
-            else:
-                merged.update(secagg.decode_map(part[1:]))
+            size = int.from_bytes(part[:4], "little")
+            if size:
+                errors.append((part[4], part[5:4 + size].decode()))
+            merged.update(secagg.decode_map(part[4 + size:]))
         self.traffic_up += sum(len(p) for p in parts)
-        for code, text in sorted(errors, key=lambda e: -e[0]):   # a violation outranks an error
-            raise _Raised(code, text)
-        return merged
+        return merged, sorted(errors, key=lambda e: -e[0])
 
     def _down(self, replies: dict[int, bytes] | None, status: tuple[int, str] = (0, "")) -> dict[int, bytes]:
         """Server -> leaders: each leader gets the replies for its own clients, or the status
@@ -207,40 +234,43 @@ class SecureCollector:
         return secagg.decode_map(got[1:])
 
     def _exchange(self, server_step: Callable[[dict[int, bytes]], dict[int, bytes]],
-                  client_step: Callable[[], dict[int, bytes]]) -> dict[int, bytes]:
-        """One exchange: clients -> server (server_step turns the merged messages into replies),
-        server -> clients. A failure anywhere reaches every leader, then is raised."""
-        error = None
-        try:
-            payload = client_step()
-        except secagg.SecAggError as exc:
-            payload, error = {}, (_status_of(exc), str(exc))
+                  client_step: Callable[[int], bytes], clients: Iterable[int]) -> dict[int, bytes]:
+        """One exchange: each client -> server (server_step turns the merged messages into
+        replies), server -> clients. The honest server ends the round on any client's error;
+        the simulated malicious one goes on with what it was sent (run.note keeps the first
+        abort). A failure anywhere reaches every leader, then is raised."""
+        payload, error = _each(client_step, clients)
         status, replies = (0, ""), None
-        try:
-            merged = self._up(payload, error)
-            if merged is not None:
+        up = self._up(payload, error)
+        if up is not None:
+            merged, errors = up
+            try:
+                if errors:
+                    self._run.note(errors)
+                    if self._run.evil is None:
+                        raise _Raised(*errors[0])
                 replies = server_step(merged)
-        except _Raised as exc:
-            status = (exc.code, exc.text)
-        except secagg.SecAggError as exc:
-            status = (_server_status(exc), str(exc))
+            except _Raised as exc:
+                status = (exc.code, exc.text)
+            except secagg.SecAggError as exc:
+                status = (_server_status(exc), str(exc))
         return self._down(replies, status)
 
     def _protocol(self, my_clients: list[int]) -> dict[str, Any]:
         """Run the five stages (keys, shares, masking, consistency, unmasking); on rank 0 return
         the unmasked sum of the survivors' inputs ("total") and their count ("survivors")."""
         assert self.params is not None
-        run = _ProtocolRun(self, my_clients)
+        run = self._run = _ProtocolRun(self, my_clients)
         clock = time.perf_counter
         t = clock()
-        lists = run.keys()
-        self.stages["keys"], t = clock() - t, clock()
-        routed = run.shares(lists)
-        self.stages["shares"], t = clock() - t, clock()
-        requests = run.masking(routed)
-        self.stages["masking"], t = clock() - t, clock()
-        sigs = run.consistency(requests)
         try:
+            lists = run.keys()
+            self.stages["keys"], t = clock() - t, clock()
+            routed = run.shares(lists)
+            self.stages["shares"], t = clock() - t, clock()
+            requests = run.masking(routed)
+            self.stages["masking"], t = clock() - t, clock()
+            sigs = run.consistency(requests)
             run.unmasking(sigs)
         finally:
             self.stages["unmasking"] = clock() - t
@@ -255,28 +285,45 @@ class SecureCollector:
         # wall seconds of each stage on rank 0 (key agreement, share generation and encryption,
         # mask expansion and upload, unmasking): each includes the other leaders' work
         self.stages = dict.fromkeys(STAGES, 0.0)
+        self.attack_record = None
         if self.attack:
             self._prepare_attack()
         outcome = self._run_protocol()
+        spent = self._spent()
         if ctx.comm.rank != 0:
             return None, RoundResult()
         assert outcome is not None
         result = RoundResult(secagg_seconds=time.perf_counter() - t0, bytes_to_server=self.traffic_up,
                              bytes_from_server=self.traffic_down, secagg_stages=dict(self.stages),
-                             loss_sum=0.0, seen=0)
+                             loss_sum=0.0, seen=0, dp_mu2=spent)
         if self.attack:
-            self._record_attack(outcome, result)
+            result.server_attack = self.attack_record
+            outcome.pop("violation", None)
+            outcome.setdefault("skip", "the simulated malicious server builds no model")
         for key in ("violation", "error"):       # every rank raises it, once the Federation has broadcast it
             if key in outcome:
                 result.error = f"secure aggregation failed: {outcome[key]}; no model was built from it"
                 return None, result
-        if "budget" in outcome:
-            result.budget_stop = outcome["budget"]
-            return None, result
         if "skip" in outcome:
-            result.skipped = outcome["skip"]
+            if self.any_refused and not self.attack:     # skipped for want of clients with budget left
+                result.budget_stop = ("the clients' own privacy budgets (--dp-epsilon) are spent: too few "
+                                      "of them can join a round")
+            result.skipped = PRIVATE_SKIP if self.plan is not None and not self.attack else outcome["skip"]
             return None, result
         return self._unmasked_model(outcome["total"], outcome["survivors"], result)
+
+    def _spent(self) -> float | None:
+        """DP: the largest spend in any client's own ledger (every leader's books), on rank 0;
+        also whether any sampled client stayed out for its budget this round."""
+        if self.plan is None:
+            return None
+        mu2, refused = 0.0, 0
+        if self.ctx.leader:
+            assert self.books is not None
+            mu2 = self.ctx.leaders.allreduce(self.books.max_spent(), "max")
+            refused = self.ctx.leaders.allreduce(int(self.refused), "max")
+        self.any_refused = bool(refused)
+        return mu2
 
     def _run_protocol(self) -> dict[str, Any] | None:
         """The protocol on the leaders; on rank 0 its outcome: the unmasked sum, or why not."""
@@ -289,18 +336,18 @@ class SecureCollector:
             out = self._protocol(list(self.owned_by[ctx.leaders.rank]))
             return out if ctx.comm.rank == 0 else None
         except _Raised as exc:
-            return {_Status.KEYS[exc.code]: exc.text}
+            return {_Status.KEYS[exc.code]: exc.text} if ctx.comm.rank == 0 else None
 
     def _unmasked_model(self, total: np.ndarray, survivors: int,
                         result: RoundResult) -> tuple[np.ndarray | None, RoundResult]:
         """The new average model from the unmasked sum of `survivors` inputs."""
         w = self.words
-        diverged = int(total[w + 4])
-        result.loss_sum = float(self.loss_fp.decode(total[w + 3:w + 4], survivors)[0])
-        result.seen, result.nonfinite = int(total[w + 2]), diverged
-        result.rejected = [("?", "its training diverged")] * diverged
         summed = self.model_fp.decode(total[:w], survivors)
         if self.plan is None:
+            diverged = int(total[w + 4])
+            result.loss_sum = float(self.loss_fp.decode(total[w + 3:w + 4], survivors)[0])
+            result.seen, result.nonfinite = int(total[w + 2]), diverged
+            result.rejected = [("?", "its training diverged")] * diverged
             result.secagg_clipped = int(total[w + 5])
             weight = int(total[w])
             if weight == 0:
@@ -310,46 +357,21 @@ class SecureCollector:
             if self.cfg.straggler_rate > 0:
                 mean *= int(total[w + 1]) / weight                 # FedNova's tau_eff
             return (self.global_w + mean).astype(np.float32), result
-        result.clipped = int(total[w + 5])
-        result.dp_noise = self.plan.round_noise(survivors)
-        result.dp_honest_shares = self.plan.honest_shares(survivors)
-        # the noise was released with the sum: the round counts even if every client diverged
+        # the noise was released with the sum; every accepted view carries at least the planned z
+        result.dp_noise = self.plan.z
         return (self.global_w + summed / self.plan.expected).astype(np.float32), result
-
-    def withhold(self, survivors: int) -> str | None:
-        """Why the round's sum must not be released (it would take epsilon past the target), or None."""
-        plan = self.plan
-        if plan is None or plan.target is None:
-            return None
-        z = plan.round_noise(survivors)
-        eps = plan.epsilon_after(z)
-        if eps > plan.target * (1 + 1e-9):
-            return (f"round {self.server_round} would take epsilon to {eps:.4g}, past --dp-epsilon "
-                    f"{plan.target:g} ({survivors} survivors: {plan.honest_shares(survivors)} honest noise "
-                    f"shares besides a client's own, z = {z:.3g})")
-        return None
 
     # ---- --server-attack: the simulated malicious server
     def _prepare_attack(self) -> None:
         """The target (the smallest sampled client of rank 0's group, so that the simulation's
-        oracle, its true input, is on rank 0) and the colluders' inputs."""
-        self.target, self.oracle, self.recovered = None, {}, None
+        oracle, its true input, is on rank 0) and its colluders: as many of rank 0's other
+        sampled clients as the corrupt share the protocol withstands, never the target."""
+        self.target, self.colluders = None, []
         mine = [int(c) for c in self.sampled if c in self.owned_by[0] and c not in self.dropped]
-        if self.ctx.comm.rank == 0 and mine:
-            self.target = int(mine[0])
-            self.oracle = {c: self.inputs[c] for c in mine[1:] if c in self.inputs}
-
-    def _record_attack(self, outcome: dict[str, Any], result: RoundResult) -> None:
-        from ..privacy import server_attacks
-
-        x_true = self.inputs.get(self.target) if self.target is not None else None
-        result.server_attack = {
-            "name": self.attack, "target": self.target,
-            "detected": "violation" in outcome, "detected_by": outcome.get("violation"),
-            "learned_individual": bool(x_true is not None and
-                                       server_attacks.learned_individual(self.recovered, x_true))}
-        outcome.pop("violation", None)
-        outcome.setdefault("skip", "the simulated malicious server builds no model")
+        if self.ctx.comm.rank == 0 and mine and self.params is not None:
+            self.target = mine[0]
+            _, _, corrupt, _ = round_plan(self.cfg, len(self.sampled))
+            self.colluders = mine[1:1 + corrupt]
 
 
 class _ProtocolRun:
@@ -366,13 +388,23 @@ class _ProtocolRun:
         self.p: secagg_graph.RoundParams = p
         self.clients = {k: secagg.Client(k, p, c.identities[k], c.directory) for k in my_clients}
         self.server = secagg.Server(p, c.directory) if c.ctx.comm.rank == 0 else None
-        self.evil = None
+        self.evil: server_attacks.MaliciousServer | None = None
         if self.server is not None and c.attack:
             # a target nobody is (-1) when rank 0 trains no sampled client this round
             target = c.target if c.target is not None else -1
-            self.evil = server_attacks.MaliciousServer(c.attack, self.server, target, c.oracle)
+            self.evil = server_attacks.MaliciousServer(c.attack, self.server, target,
+                                                       {k: c.inputs[k] for k in c.colluders if k in c.inputs})
+            self.evil.colluder_clients = {k: self.clients[k] for k in c.colluders if k in self.clients}
         self.out: dict[str, Any] = {}
         self.alive: list[int] = []
+        self.requests: dict[int, bytes] = {}
+        self.ads = b""
+
+    def note(self, errors: list[tuple[int, str]]) -> None:
+        """Rank 0: the first client abort (a violation) is what detected the attack."""
+        for code, text in errors:
+            if code == _Status.VIOLATION:
+                self.out.setdefault("violation", text)
 
     @property
     def srv(self) -> secagg.Server:
@@ -384,42 +416,42 @@ class _ProtocolRun:
         evil = self.evil
 
         def collect(merged):
-            ads = self.srv.collect_keys(merged)
+            self.ads = ads = self.srv.collect_keys(merged)
             return {k: evil.advertisements_for(k, ads) if evil else ads for k in merged}
 
-        return self.c._exchange(collect, lambda: {k: cl.advertise_keys() for k, cl in self.clients.items()})
+        return self.c._exchange(collect, lambda k: self.clients[k].advertise_keys(), self.clients)
 
     def shares(self, lists: dict[int, bytes]) -> dict[int, bytes]:
-        from ..privacy import server_attacks
-
         c, evil = self.c, self.evil
 
         def route(merged):
-            honest, t = merged, c.target
-            if evil and c.attack == "key-swap" and t is not None and t in merged:
-                honest = {**merged, t: server_attacks.readdress(self.srv, t)}
-            routed = c.hooks.relay(c.server_round, self.srv.route_shares(honest))
+            routed = c.hooks.relay(c.server_round, self.srv.route_shares(evil.shares_up(merged) if evil else merged))
             return evil.route(merged, routed) if evil else routed
 
-        routed = c._exchange(route, lambda: {k: self.clients[k].share_keys(lists[k])
-                                             for k in self.clients if k in lists})
-        # dropouts: these clients go silent after the key exchange (simulated, seeded by the round)
+        routed = c._exchange(route, lambda k: self.clients[k].share_keys(lists[k]),
+                             [k for k in self.clients if k in lists])
+        # dropouts: these clients go silent after the key exchange (simulated, seeded by the round),
+        # and under DP so do those whose own budget cannot take the round
         self.alive = [k for k in self.clients if k not in c.dropped and k in routed]
+        if c.books is not None and c.plan is not None:
+            cost = c.plan.round_mu2
+            afford = [k for k in self.alive if c.books.can_afford(k, cost)]
+            c.refused = len(afford) < len(self.alive)
+            self.alive = afford
         return routed
 
     def masking(self, routed: dict[int, bytes]) -> dict[int, bytes]:
         """The masked vectors travel as one uint32 matrix per leader (Gatherv straight into the
-        server's stack), their client ids beside them; the other stages' messages are small."""
+        server's stack), their client ids beside them; the other stages' messages are small.
+        Under DP each client's spend is in its ledger before its masked input leaves."""
         c, p, leaders = self.c, self.p, self.c.ctx.leaders
-        error = None
-        try:
-            ids = np.array(self.alive, np.int64)
-            ys = np.empty((len(self.alive), p.n), np.uint32)
-            for row, k in enumerate(self.alive):
-                ys[row] = self.clients[k].masked_input(c.inputs[k], routed[k])
-        except secagg.SecAggError as exc:
-            ids, ys = np.zeros(0, np.int64), np.empty((0, p.n), np.uint32)
-            error = (_Status.VIOLATION if isinstance(exc, secagg.SecAggViolation) else _Status.ERROR, str(exc))
+        if c.books is not None and c.plan is not None:
+            c.books.spend(c.server_round, self.alive, c.plan.round_mu2, c.plan.noise_name)
+        masked, error = _each(lambda k: self.clients[k].masked_input(c.inputs[k], routed[k]), self.alive)
+        ids = np.array(sorted(masked), np.int64)
+        ys = np.empty((len(ids), p.n), np.uint32)
+        for row, k in enumerate(ids.tolist()):
+            ys[row] = masked[k]
         all_ids = leaders.gather(ids)
         stacked = leaders.gather_rows(ys)
         errors = leaders.gather(error)
@@ -427,7 +459,7 @@ class _ProtocolRun:
         if self.server is not None:                  # rank 0: the gathers' root
             assert all_ids is not None and stacked is not None and errors is not None
             try:
-                replies = self._unmask_request(all_ids, stacked, errors)
+                replies = self._unmask_request(all_ids, stacked, sorted((e for e in errors if e), key=lambda e: -e[0]))
             except _Raised as exc:
                 status = (exc.code, exc.text)
             except secagg.SecAggError as exc:
@@ -435,37 +467,37 @@ class _ProtocolRun:
         return c._down(replies, status)
 
     def _unmask_request(self, all_ids: list[np.ndarray], stacked: np.ndarray,
-                        errors: list[tuple[int, str] | None]) -> dict[int, bytes]:
+                        errors: list[tuple[int, str]]) -> dict[int, bytes]:
         """Rank 0: the stacked uploads' sum and the unmask request to the survivors, unless a
-        leader failed or releasing the round's sum would pass the privacy budget."""
+        leader failed (the honest server)."""
         c, evil = self.c, self.evil
-        for e in sorted((e for e in errors if e), key=lambda e: -e[0]):
-            raise _Raised(*e)
+        if errors:
+            self.note(errors)
+            if evil is None:
+                raise _Raised(*errors[0])
         order = np.concatenate(all_ids)
         uploads = dict(zip(order.tolist(), stacked))
         c.hooks.uploads(c.server_round, uploads)
-        if evil:
-            evil.masked_inputs(uploads)
         self.out["sum"] = np.add.reduce(stacked, axis=0, dtype=np.uint32)   # wraps: mod 2^32
         self.out["survivors"] = len(order)
-        replies = self.srv.unmask_request(uploads)
-        # the last moment a round can be withheld: nothing about its sum is out yet
-        why = c.withhold(len(order)) if c.plan is not None else None
-        if why:
-            raise _Raised(_Status.BUDGET, why)
-        return evil.requests(replies) if evil else replies
+        if evil:
+            evil.masked_inputs(uploads)
+            self.requests = evil.requests(uploads)
+        else:
+            self.requests = self.srv.unmask_request(uploads)
+        return self.requests
 
     def consistency(self, requests: dict[int, bytes]) -> dict[int, bytes]:
         evil = self.evil
 
         def signatures(merged):
             if evil:
-                return evil.signatures_for(merged)
+                return evil.signatures_for(merged, self.requests)
             blob = self.srv.collect_signatures(merged)
             return dict.fromkeys(merged, blob)
 
-        return self.c._exchange(signatures, lambda: {k: self.clients[k].consistency(requests[k])
-                                                     for k in self.alive if k in requests})
+        return self.c._exchange(signatures, lambda k: self.clients[k].consistency(requests[k]),
+                                [k for k in self.alive if k in requests])
 
     def unmasking(self, sigs: dict[int, bytes]) -> None:
         evil, out = self.evil, self.out
@@ -477,14 +509,39 @@ class _ProtocolRun:
             out["total"] = self.srv.aggregate(out["sum"], merged)
             return {}
 
-        self.c._exchange(aggregate, lambda: {k: self.clients[k].unmask(sigs[k]) for k in self.alive if k in sigs})
+        self.c._exchange(aggregate, lambda k: self.clients[k].unmask(sigs[k]), [k for k in self.alive if k in sigs])
 
     def close(self) -> None:
-        """Rank 0: the round's traffic, and the simulated attacker's attempt."""
+        """Rank 0: the round's traffic. With --server-attack (every leader): each honest client's
+        own record of the round goes to rank 0, where the leakage oracle computes what the
+        simulated server can learn from everything it was sent."""
+        c = self.c
         if self.server is not None:
-            self.c.traffic_up, self.c.traffic_down = self.server.bytes_to_server, self.server.bytes_from_server
-            if self.evil:
-                self.c.recovered = self.evil.recover(self.out.get("responses", {}))
+            c.traffic_up, c.traffic_down = self.server.bytes_to_server, self.server.bytes_from_server
+        if not c.attack:
+            return
+        colluders = set(c.colluders)
+        truths = c.ctx.leaders.gather([cl.disclose() for k, cl in self.clients.items() if k not in colluders])
+        if self.evil is not None and truths is not None:
+            c.attack_record = self._attack_record([t for part in truths for t in part])
+
+    def _attack_record(self, truths: list) -> dict[str, Any]:
+        from ..privacy import leakage, server_attacks
+
+        evil, c, p = self.evil, self.c, self.p
+        assert evil is not None
+        responses = self.out.get("responses", {})
+        leak = leakage.analyse({t.cid: t for t in truths},
+                               {k: server_attacks.decode_response(v) for k, v in responses.items()},
+                               evil.adversary(self.ads) if self.ads else leakage.Adversary(),
+                               p.threshold, p.min_survivors)
+        x_true = c.inputs.get(c.target) if c.target is not None else None
+        estimate = evil.recover(responses) if x_true is not None else None
+        return {"name": c.attack, "target": c.target, "colluders": len(c.colluders),
+                "detected": "violation" in self.out, "detected_by": self.out.get("violation"),
+                "learned_individual": c.target in leak.individuals, "learned_partial": leak.learned_partial,
+                "smallest_sum_learned": leak.smallest,
+                "words_recovered": server_attacks.words_recovered(estimate, x_true) if x_true is not None else 0}
 
 
 def secagg_range(cfg: Config, sizes: np.ndarray) -> float:
@@ -498,25 +555,45 @@ def secagg_range(cfg: Config, sizes: np.ndarray) -> float:
     return max(1.0, cfg.local_lr * steps)
 
 
-def round_plan(cfg: Config, m: int) -> tuple[int | None, int | None, int]:
-    """(K, t, corrupt) of a round of m clients: K from --secagg-neighbors when it meets Bell et
-    al.'s bound (secagg_graph.min_neighbors) at this m, else the bound's K, or the complete graph
-    (None); t from --secagg-threshold, else the smallest majority (complete graph) or
-    secagg_graph.sparse_threshold; corrupt = the colluders the consistency round withstands."""
+def round_plan(cfg: Config, m: int) -> tuple[int | None, int, int, int | None]:
+    """(K, t, corrupt, max_absent) of a round of m clients: K from --secagg-neighbors when it
+    meets Bell et al.'s bound (secagg_graph.min_neighbors) at this m, else the bound's K, or the
+    complete graph (None); t, the derived threshold (the smallest majority of the holders, raised
+    on sparse graphs by secagg_graph.sparse_threshold), or --secagg-threshold above it; corrupt,
+    the colluders the consistency round withstands; max_absent, the absent neighbours a survivor
+    may have (sparse graphs with colluders; secagg_graph.max_absent)."""
+    dropout, corrupt = secagg_bounds(cfg)
+    k = neighbours(cfg, m)
+    holders = secagg_graph.holders_per_client(k, m)
+    t = derived_threshold(cfg, m, k)
+    if cfg.secagg_threshold is not None:
+        t = max(t, min(cfg.secagg_threshold, holders))
+    absent = None
+    if k is not None and corrupt > 0:
+        absent = secagg_graph.max_absent(holders - 1, m, dropout)
+    return k, t, math.ceil(corrupt * m - 1e-12), absent
+
+
+def neighbours(cfg: Config, m: int) -> int | None:
+    """K of a round of m clients (None: the complete graph)."""
     dropout, corrupt = secagg_bounds(cfg)
     bound = secagg_graph.min_neighbors(m, dropout, corrupt)
     k = cfg.secagg_neighbors
     if bound is None or k is None and m <= 2 * bound:   # small rounds: complete is as cheap
-        k = None
-    elif k is None or k < bound:
-        k = bound
+        return None
+    if k is None or k < bound:
+        return bound
+    return k
+
+
+def derived_threshold(cfg: Config, m: int, k: int | None) -> int:
+    """The threshold the round's graph needs: the smallest majority of a client's holders, raised
+    on a sparse graph until the corrupt among them reach it with probability <= 2^-40 / m."""
+    _, corrupt = secagg_bounds(cfg)
     holders = secagg_graph.holders_per_client(k, m)
-    t = cfg.secagg_threshold
-    if t is None and k is not None:
-        t = secagg_graph.sparse_threshold(holders, m, corrupt)
-    if t is not None:
-        t = min(t, holders)
-    return k, t, math.ceil(corrupt * m)
+    if k is None:
+        return secagg_graph.default_threshold(holders)
+    return secagg_graph.sparse_threshold(holders, m, corrupt)
 
 
 def secagg_bounds(cfg: Config) -> tuple[float, float]:
@@ -543,10 +620,20 @@ def check_settings(cfg: Config, per_round: float) -> None:
         raise UsageError(f"--secagg-neighbors {k} is below Bell et al.'s bound for {m} clients per round: "
                          f"the survivors' graph must stay connected, except with probability 2^-{secagg_graph.SIGMA}, "
                          f"when up to {dropout:g} of them drop out (--secagg-max-dropout) and {corrupt:g} "
-                         f"collude (--secagg-corrupt-fraction); that needs {need}, or leave the option out")
-    k, _, _ = round_plan(cfg, m)
+                         f"collude (--secagg-corrupt-fraction), and colluders must not bridge clients a "
+                         f"malicious server names absent; that needs {need}, or leave the option out")
+    k = neighbours(cfg, m)
     holders = secagg_graph.holders_per_client(k, m)
-    if cfg.secagg_threshold is not None and not 2 <= cfg.secagg_threshold <= holders:
-        raise UsageError(f"--secagg-threshold {cfg.secagg_threshold} must be between 2 and the "
-                         f"{holders} share holders of each client (the client and its "
-                         f"{'neighbours' if k is not None else 'fellow sampled clients'})")
+    t = cfg.secagg_threshold
+    if t is not None:
+        need_t = derived_threshold(cfg, m, k)
+        if t < need_t:
+            raise UsageError(f"--secagg-threshold {t} is below the {need_t} that {m} clients per round need "
+                             f"(the smallest majority of each client's {holders} share holders"
+                             f"{', raised so that colluders stay below it' if k is not None else ''}): with "
+                             f"fewer, a server and a few colluders could rebuild a client's secrets; leave "
+                             f"the option out, or raise it")
+        if t > holders:
+            others = "neighbours" if k is not None else "fellow sampled clients"
+            raise UsageError(f"--secagg-threshold {t} must be at most the {holders} share holders of each "
+                             f"client (the client and its {others})")

@@ -204,6 +204,19 @@ def check_compatible(ckpt: Checkpoint, cfg, data_id: str | None = None) -> None:
     ckpt.changed = changed
 
 
+def changed_for_release(ckpt: Checkpoint | None, ranks: int) -> list[str]:
+    """The settings of a resumed run that differ from its checkpoint's in a way that changes
+    what the training releases (the WARN settings, and the rank count: P ranks give one
+    process's model only up to rounding): [] for a fresh run."""
+    if ckpt is None:
+        return []
+    changed = list(ckpt.changed)
+    saved = int(ckpt.meta.get("ranks", ranks))
+    if saved != ranks:
+        changed.append(f"the rank count {saved} -> {ranks}")
+    return changed
+
+
 # ---------------------------------------------------------------- collective entry points
 
 def save_on_root(comm, cfg, meta: dict, arrays) -> Path:
@@ -230,6 +243,11 @@ def restore(comm, cfg, data_id: str | None = None) -> Checkpoint | None:
                 raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} already holds checkpoints "
                                  f"({existing[-1].name}); pass --resume to continue from them, "
                                  "or use an empty folder")
+            ledgers = sorted(Path(cfg.checkpoint_dir).glob("dp-ledger*.jsonl"))
+            if ledgers:
+                raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir} holds the privacy ledger of an earlier "
+                                 f"run ({ledgers[0].name}: what it released of the same data); pass --resume "
+                                 "to continue that run and its budget, or use an empty folder")
             return None
         found = load_latest(cfg.checkpoint_dir, cfg, data_id)
         if found is None:

@@ -320,6 +320,29 @@ def _epsilon_from_delta(delta_of: Callable[[float], float], delta: float, hi: fl
     return hi
 
 
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """Epsilon at delta of mu-Gaussian DP (Dong, Roth and Su 2019): the Gaussian mechanism's
+    exact profile at mu = sensitivity / noise std."""
+    _check_delta(delta)
+    if mu <= 0:
+        return 0.0
+    return _epsilon_from_delta(lambda e: float(gaussian_delta(e, np.array([mu]))[0]), delta)
+
+
+def gdp_mu(epsilon: float, delta: float) -> float:
+    """The largest mu whose mu-GDP guarantee is (epsilon, delta)-DP (gdp_epsilon's inverse)."""
+    _check_delta(delta)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    lo, hi = 0.0, 1.0
+    while float(gaussian_delta(epsilon, np.array([hi]))[0]) <= delta:
+        lo, hi = hi, hi * 2
+    for _ in range(100):                      # delta rises with mu: bisect to float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(gaussian_delta(epsilon, np.array([mid]))[0]) <= delta else (lo, mid)
+    return lo
+
+
 def public_participation_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     """Epsilon after `rounds` rounds at the same z, each joined with probability q:
     delta(eps) = sum_k Binomial(k; rounds, q) delta_G(eps; sqrt(k) / z)."""
@@ -350,6 +373,26 @@ def calibrate_secure_noise(q: float, rounds: int, delta: float, target_epsilon: 
         else:
             lo = mid
     return hi
+
+
+PARTICIPATION_QUANTILE = 0.95   # secure: the noise lets a client join this quantile of its rounds
+
+
+def planned_participation(q: float, rounds: int, quantile: float = PARTICIPATION_QUANTILE) -> int:
+    """How many rounds a client's budget is planned for under secure aggregation: the `quantile`
+    of Binomial(rounds, q), the rounds Poisson sampling gives it (all of them when q = 1)."""
+    from scipy.stats import binom
+
+    return max(1, int(binom.ppf(quantile, rounds, q)))
+
+
+def calibrate_filter_noise(q: float, rounds: int, delta: float, target_epsilon: float) -> float:
+    """The per-round z under secure aggregation, where each client keeps its own Gaussian-DP
+    ledger (ClientsAccountant): a client that joins planned_participation(q, rounds) rounds, at
+    1 / z^2 each, ends exactly at the mu of target_epsilon; one sampled more often stops
+    joining before it passes the target."""
+    mu = gdp_mu(target_epsilon, delta)
+    return math.sqrt(planned_participation(q, rounds)) / mu * (1 + 1e-9)    # k rounds fit, no rounding over
 
 
 class SecureAccountant:
@@ -406,11 +449,44 @@ class SecureAccountant:
             self.compose(z)
 
 
+class ClientsAccountant:
+    """What the server reports under secure aggregation, where the clients keep the books: the
+    largest spend among the clients' own ledgers (mu^2 of Gaussian DP, composed over the rounds
+    each joined), as epsilon. Each client's ledger is a Gaussian-DP privacy filter: the mu_r^2
+    of the rounds it joins add up, and it stops joining before the sum passes the mu of its
+    budget (fully adaptive composition for Gaussian DP, Smith and Thakurta 2022), whatever
+    rounds, survivor counts or sampling the server chooses."""
+
+    def __init__(self, delta: float):
+        _check_delta(delta)
+        self.delta, self.max_mu2 = delta, 0.0
+
+    def update(self, max_mu2: float) -> None:
+        self.max_mu2 = max(self.max_mu2, float(max_mu2))
+
+    def step(self, z: float) -> None:
+        raise TypeError("under secure aggregation the clients compose their own rounds (update())")
+
+    def epsilon(self) -> float:
+        return gdp_epsilon(math.sqrt(self.max_mu2), self.delta) if self.max_mu2 < math.inf else math.inf
+
+    def epsilon_after(self, z: float) -> float:
+        return gdp_epsilon(math.sqrt(self.max_mu2 + 1 / z ** 2), self.delta) if z > 0 else math.inf
+
+    def state(self) -> dict:
+        return {"clients_max_mu2": self.max_mu2}
+
+    def load_state(self, state: dict) -> None:
+        self.max_mu2 = float(state.get("clients_max_mu2", 0.0))
+
+
 # the accountants, by what they account: "rdp" (DP-SGD, central DP-FedAvg: the Poisson-sampled
-# Gaussian), "secure" (DP-FedAvg under secure aggregation: the true per-round pair)
+# Gaussian), "secure" (DP-FedAvg under secure aggregation with honest sampling: the true
+# per-round pair, the calibration's), "clients" (the clients' own ledgers under secure aggregation)
 ACCOUNTANTS: dict[str, Callable[[float, float, float], AccountantProtocol]] = {
                "rdp": lambda delta, q, z_plan: Accountant(delta, q),
-               "secure": lambda delta, q, z_plan: SecureAccountant(delta, q, z_plan)}
+               "secure": lambda delta, q, z_plan: SecureAccountant(delta, q, z_plan),
+               "clients": lambda delta, q, z_plan: ClientsAccountant(delta)}
 
 
 def create_accountant(name: str, delta: float, q: float, z_plan: float) -> AccountantProtocol:

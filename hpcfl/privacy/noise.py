@@ -221,6 +221,23 @@ class Gaussian:
 _shared = Gaussian()
 
 
+def uniform_words(key: bytes, stream: int, count: int) -> np.ndarray:
+    """`count` uniform 64-bit words of (key, stream): the keystream itself (a new array)."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"noise keys are {KEY_BYTES} bytes, got {len(key)}")
+    return _shared._words(key, stream, 0, count).copy()
+
+
+def bernoulli(key: bytes, stream: int, n: int, p: float) -> np.ndarray:
+    """n independent Bernoulli(p) draws of (key, stream) from the CSPRNG, as a bool array: word
+    i < floor(p 2^64), so each is 1 with probability within 2^-64 below p (never above)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"a probability must be in [0, 1], got {p!r}")
+    if p >= 1:
+        return np.ones(n, bool)
+    return uniform_words(key, stream, n) < np.uint64(int(p * 2**64))
+
+
 def standard_normal(key: bytes, stream: int, n: int, dtype=np.float64) -> np.ndarray:
     """n standard normals of (key, stream), a new array."""
     return _shared.standard_normal(key, stream, np.empty(n, dtype))

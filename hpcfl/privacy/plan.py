@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from .accountant import SECURE_QUANTILE, Accountant, AccountantProtocol, create_accountant
+from .ledger import Ledger
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -19,7 +21,12 @@ class DpPlan:
     """The differential privacy of one run: the clip S (sensitivity), the noise multiplier z,
     the sampling rate q (clients per round in fl, samples per step in dp), the expected number
     sampled (the fixed denominator q N), the secret seed of the noise and of the sampling, and
-    the running accountant."""
+    the running accountant.
+
+    Every release is written to the run's ledger (ledger.py) before it happens, and a resumed
+    run composes the ledger (every attempt's releases), not the checkpoint's copy. Each attempt
+    of a resumed run keys its noise and sampling afresh (`attempt`), unless the run reproduces
+    one from --dp-noise-seed (`attempt` None: a redone release is then the same release)."""
     clip: float
     z: float
     q: float
@@ -27,31 +34,76 @@ class DpPlan:
     noise_seed: int
     delta: float
     target: float | None = None        # --dp-epsilon: no round may take epsilon past it
-    secure: bool = False               # DP-FedAvg under secure aggregation (SecureAccountant)
+    secure: bool = False               # DP-FedAvg under secure aggregation (the clients' own ledgers)
     share_std: float = 0.0             # secure: each client's noise share, per coordinate
-    colluders: int = 0                 # secure: clients whose shares do not count (--dp-colluders)
+    colluders: int = 0                 # secure: clients whose shares do not count (--dp-colluders), at least
+    corrupt_fraction: float = 0.0      # secure: ... and this share of a round's clients (--secagg-corrupt-fraction)
+    accept_honest: int = 0             # secure: honest shares besides a client's own a released round needs
     pca: int = 0                       # DP-SGD: --dp-pca K (0: off)
     pca_noise: float = 0.0             # its release's noise multiplier
+    seeded: bool = False               # --dp-noise-seed: a reproducible run (kept in its checkpoints)
+    attempt: int | None = 0            # the attempt of a resumed run (its noise's key); None: seeded
     accountant: AccountantProtocol = field(init=False, repr=False)
+    ledger: Ledger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.ledger = Ledger(None)
         self.accountant = self._new_accountant()
-        if self.pca:                   # released once, before training, from every image
-            assert isinstance(self.accountant, Accountant)
-            self.accountant.compose(1.0, self.pca_noise, 1)
 
     def _new_accountant(self) -> AccountantProtocol:
-        return create_accountant("secure" if self.secure else "rdp", self.delta, self.q, self.z)
+        acc = create_accountant("clients" if self.secure else "rdp", self.delta, self.q, self.z)
+        if self.pca:                   # released once, before training, from every image
+            assert isinstance(acc, Accountant)
+            acc.compose(1.0, self.pca_noise, 1)
+        return acc
 
-    def honest_shares(self, survivors: int) -> int:
+    @property
+    def noise_ids(self) -> tuple[int, ...]:
+        """What keys an attempt's noise and sampling besides the seed: its number (none when
+        seeded)."""
+        return () if self.attempt is None else (self.attempt,)
+
+    @property
+    def noise_name(self) -> str:
+        return "seeded" if self.attempt is None else str(self.attempt)
+
+    # ---- secure aggregation: what a round's survivors give, as every client computes it
+    def corrupt(self, sampled: int) -> int:
+        """Colluders assumed among a round's `sampled` clients."""
+        from .sampling import corrupt_count
+
+        return corrupt_count(sampled, self.colluders, self.corrupt_fraction)
+
+    def min_survivors(self, sampled: int) -> int:
+        """The fewest survivors whose honest shares make up the planned noise: clients refuse a
+        view with fewer (what the shares are sized for, which the server cannot undercut)."""
+        return self.accept_honest + 1 + self.corrupt(sampled)
+
+    def honest_shares(self, survivors: int, sampled: int | None = None) -> int:
         """The noise shares of a round of `survivors` that protect a client: not its own, not
         the colluders'."""
-        return max(0, survivors - 1 - self.colluders)
+        return max(0, survivors - 1 - self.corrupt(survivors if sampled is None else sampled))
 
-    def round_noise(self, survivors: int) -> float:
-        """The noise multiplier a secure round of `survivors` is accounted with."""
-        return self.share_std * math.sqrt(self.honest_shares(survivors)) / self.clip
+    def round_noise(self, survivors: int, sampled: int | None = None) -> float:
+        """The noise multiplier a secure round of `survivors` carries for each client."""
+        return self.share_std * math.sqrt(self.honest_shares(survivors, sampled)) / self.clip
 
+    @property
+    def round_mu2(self) -> float:
+        """What one round a client joins costs it in Gaussian DP (mu^2): 1 / z^2 at the fewest
+        honest shares it accepts, z = share_std sqrt(accept_honest) / S = the planned z."""
+        return 1.0 / self.z ** 2 if self.z > 0 else math.inf
+
+    @property
+    def mu2_budget(self) -> float | None:
+        """A client's whole budget in mu^2 (the mu of --dp-epsilon at delta), None without one."""
+        if self.target is None:
+            return None
+        from .accountant import gdp_mu
+
+        return gdp_mu(self.target, self.delta) ** 2
+
+    # ---- the run's accountant (DP-SGD, central DP-FedAvg)
     def compose_round(self, z: float) -> None:
         """One more DP-SGD step or DP-FedAvg round at noise multiplier z."""
         self.accountant.step(z)
@@ -61,17 +113,95 @@ class DpPlan:
         is released."""
         return self.accountant.epsilon_after(z)
 
+    def over_budget(self, z: float) -> str | None:
+        """Why one more step or round at z must not be released (past --dp-epsilon), or None."""
+        if self.target is None:
+            return None
+        eps = self.epsilon_after(z)
+        return None if eps <= self.target * (1 + 1e-9) else \
+            f"one more would take epsilon to {eps:.4g}, past --dp-epsilon {self.target:g}"
+
+    def reserve(self, unit: int, count: int, writer: bool) -> None:
+        """Writes units unit..unit+count-1 (steps or rounds) to the ledger before they are
+        released (rank 0 writes; every rank composes them as they happen)."""
+        if writer and count > 0:
+            self.ledger.append({"release": "rdp", "unit": int(unit), "count": int(count), "q": self.q,
+                                "z": self.z, "noise": self.noise_name, "attempt": self.attempt})
+
+    def settle(self, unit: int, count: int, writer: bool) -> None:
+        """Of the reservation at `unit`, only `count` units were released (a stop inside it)."""
+        if writer:
+            self.ledger.append({"settle": int(unit), "count": int(count), "attempt": self.attempt})
+
+    def open_ledger(self, comm: Comm, directory: str | None, seeded: bool) -> None:
+        """The ledger of --checkpoint-dir (memory without one): starts this attempt (its number
+        keys the noise, unless seeded) and rebuilds the accountant from every earlier release.
+        Collective: rank 0 reads and writes, every rank gets the same."""
+        from . import ledger as ledger_mod
+
+        def begin():
+            book = Ledger(Path(directory) / ledger_mod.FILE if directory else None)
+            return book.start(), ledger_mod.rdp_events(book.entries())
+
+        attempt, events = comm.agree(begin)
+        if comm.rank == 0:
+            self.ledger = Ledger(Path(directory) / ledger_mod.FILE if directory else None)
+        self.attempt = None if seeded else int(attempt)
+        if not self.secure and events:       # (a checkpoint from before ledgers keeps its own events)
+            self.accountant = self._new_accountant()
+            for q, z, count in events:
+                assert isinstance(self.accountant, Accountant)
+                self.accountant.compose(q, z, count)
+
+    def start_attempt(self, comm: Comm, directory: str | None, changed: list[str], remaining: int) -> str | None:
+        """A run's privacy as it (re)starts: with --dp-noise-seed a resumed run redoes its
+        releases exactly, so no setting that would change one may differ (the same noise on
+        other data would cancel out); then the ledger (open_ledger) and, where needed, a
+        recalibrated z for the `remaining` units. Returns what to tell the user, or None."""
+        if self.seeded and changed:
+            raise UsageError(f"a run reproduced from --dp-noise-seed redoes the releases since its checkpoint "
+                             f"with the same noise, so they must be the same releases, and this resume changes "
+                             f"{changed[0]}: resume with the checkpoint's settings (or start a run without "
+                             f"--dp-noise-seed: fresh noise for every attempt, every release composed)",
+                             collective=True)
+        self.open_ledger(comm, directory, self.seeded)
+        return self.recalibrate(remaining)
+
+    def recalibrate(self, remaining: int) -> str | None:
+        """After a resume: if the releases left at this z would pass --dp-epsilon (the run was
+        lengthened, or releases were lost in a crash and are composed now), z for the `remaining`
+        units with the ledger's releases as the prior. Returns what it did, or None."""
+        if self.target is None or remaining <= 0 or self.secure:
+            return None
+        assert isinstance(self.accountant, Accountant)
+        spent = [(q, z, c) for (q, z), c in self.accountant.events.items()]
+        from . import accountant
+
+        if accountant.epsilon([*spent, (self.q, self.z, remaining)], self.delta) <= self.target * (1 + 1e-9):
+            return None
+        old = self.z
+        try:
+            self.z = accountant.calibrate_noise(self.q, remaining, self.delta, self.target, prior=spent)
+        except ValueError:
+            return (f"the releases so far spend epsilon {self.accountant.epsilon():.4g} of --dp-epsilon "
+                    f"{self.target:g}: no noise lets {remaining} more fit")
+        return (f"z recalibrated from {old:.4g} to {self.z:.4g} so that the {remaining} left end at "
+                f"epsilon <= {self.target:g} (the releases so far spend {self.accountant.epsilon():.4g})")
+
     def summary(self) -> dict:
         """What a run reports of its privacy at the end (Result.extra)."""
         return {"dp_epsilon": self.accountant.epsilon(), "dp_noise": self.z, "dp_delta": self.delta}
 
     def state(self) -> dict:
         """What a checkpoint keeps: the seed (whoever holds a checkpoint can remove the noise:
-        README) and the privacy spent so far."""
-        return {"noise_seed": self.noise_seed, "z": self.z, **self.accountant.state()}
+        README), the noise in use and the privacy spent up to it (the ledger, not this, is what
+        a resumed run composes)."""
+        return {"noise_seed": self.noise_seed, "z": self.z, "seeded": self.seeded, **self.accountant.state()}
 
     def load_state(self, state: dict) -> None:
         self.noise_seed = int(state["noise_seed"])
+        self.seeded = bool(state.get("seeded", False))     # (a checkpoint from before: fresh noise)
+        self.z = float(state.get("z", self.z))
         self.accountant = self._new_accountant()
         self.accountant.load_state(state)
 
@@ -96,7 +226,7 @@ def calibrate(cfg: Config, n_train: int) -> tuple[float, float]:
     target = float(cfg.dp_epsilon or 0.0)
     try:
         if cfg.mode == "fl" and cfg.secure_agg:
-            return 0.0, accountant.calibrate_secure_noise(q, steps, cfg.dp_delta, target)
+            return 0.0, accountant.calibrate_filter_noise(q, steps, cfg.dp_delta, target)
         sigma = 0.0
         if pca_directions(cfg):
             sigma = cfg.dp_pca_noise or accountant.pca_noise_for(target, cfg.dp_delta)
@@ -123,26 +253,30 @@ def create_plan(cfg: Config, comm: Comm, n_train: int) -> DpPlan | None:
     else:
         pca_noise, z = comm.agree(lambda: calibrate(cfg, n_train))
     clip = float(cfg.dp_clip or 0.0)
-    share_std = _share_std(cfg, q, z * clip) if secure else 0.0
+    honest = _accepted_honest(cfg, q) if secure else 0
     # 256 bits from the OS (the noise's AES keys derive from it), unless given to reproduce a run
     seed = cfg.dp_noise_seed if cfg.dp_noise_seed is not None else comm.bcast(
         secrets.randbits(256) if comm.rank == 0 else None)
     return DpPlan(clip=clip, z=z, q=q, expected=expected, noise_seed=seed, delta=cfg.dp_delta,
-                  target=cfg.dp_epsilon, secure=secure, share_std=share_std, colluders=cfg.dp_colluders,
-                  pca=pca_directions(cfg), pca_noise=pca_noise)
+                  target=cfg.dp_epsilon, secure=secure, share_std=z * clip / honest ** 0.5 if secure else 0.0,
+                  colluders=cfg.dp_colluders, corrupt_fraction=cfg.secagg_corrupt_fraction if secure else 0.0,
+                  accept_honest=honest, pca=pca_directions(cfg), pca_noise=pca_noise,
+                  seeded=cfg.dp_noise_seed is not None)
 
 
-def _share_std(cfg: Config, q: float, total_std: float) -> float:
-    """Each client's noise share under secure aggregation, sized so that a low quantile of the
-    honest survivors still adds up to the planned noise."""
+def _accepted_honest(cfg: Config, q: float) -> int:
+    """Under secure aggregation: the honest noise shares besides its own that a client requires
+    of a round before its input is unmasked, the 5% quantile of what rounds bring (rounds with
+    fewer are not released). Each client's share is sized so that this many make up the planned
+    noise: the worst case a client accepts, which a server naming fewer survivors cannot undercut."""
     from .sampling import honest_quantile
 
-    honest = honest_quantile(cfg.num_clients, q, cfg.dropout_rate, cfg.dp_colluders)
+    honest = honest_quantile(cfg.num_clients, q, cfg.dropout_rate, cfg.dp_colluders,
+                             corrupt_fraction=cfg.secagg_corrupt_fraction)
     if honest < 1:
-        raise UsageError(f"DP with --secure-agg: in {100 * SECURE_QUANTILE:g}% of rounds at most "
-                         f"{honest + 1 + cfg.dp_colluders} of the {cfg.num_clients} clients survive "
-                         f"(--client-fraction {q:g}, --dropout-rate {cfg.dropout_rate:g}), which leaves no "
-                         f"honest noise share besides a client's own once --dp-colluders "
-                         f"{cfg.dp_colluders} are counted out: raise --client-fraction or --num-clients",
-                         collective=True)
-    return total_std / (honest ** 0.5)
+        raise UsageError(f"DP with --secure-agg: in {100 * SECURE_QUANTILE:g}% of rounds no honest noise "
+                         f"share besides a client's own survives (--num-clients {cfg.num_clients}, "
+                         f"--client-fraction {q:g}, --dropout-rate {cfg.dropout_rate:g}, with --dp-colluders "
+                         f"{cfg.dp_colluders} and --secagg-corrupt-fraction {cfg.secagg_corrupt_fraction:g} "
+                         f"counted out): raise --client-fraction or --num-clients", collective=True)
+    return honest

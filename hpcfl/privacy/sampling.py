@@ -10,21 +10,20 @@ import numpy as np
 from .accountant import SECURE_QUANTILE, _check_count
 
 
-def poisson_sample(n: int, q: float, seed: int, step: int) -> np.ndarray:
+def poisson_sample(n: int, q: float, seed: int, step: int, attempt: int | None = None) -> np.ndarray:
     """The sorted int64 indices of one Poisson batch: each of the n samples joins independently
-    with probability q. A pure function of (n, q, seed, step), so every rank draws the same batch
-    without communicating.
-    Drawn as K ~ Binomial(n, q), then a uniform K-subset: the same distribution as n independent
-    Bernoulli(q) draws, since under those the size is Binomial(n, q) and every subset of a given
-    size has the same probability q^K (1-q)^(n-K). It costs O(K) instead of O(n) for small q."""
+    with probability q, drawn from the CSPRNG (noise.bernoulli: AES-256-CTR under a key derived
+    from the secret seed, so that nobody without the seed can predict or reconstruct a batch from
+    others). A pure function of (n, q, seed, step, attempt), so every rank draws the same batch
+    without communicating; `attempt` (None: a run reproduced from --dp-noise-seed) keys each
+    attempt of a resumed run afresh."""
+    from . import noise
+
     n = _check_count("n", n, 0)
     if not 0 <= q <= 1:
         raise ValueError(f"sampling rate q must be in [0, 1], got {q!r}")
-    rng = np.random.default_rng([seed, step, 0x9015])
-    k = rng.binomial(n, q)
-    idx = rng.choice(n, size=k, replace=False, shuffle=False).astype(np.int64)
-    idx.sort()
-    return idx
+    key = noise.derive_key(seed, "batch", *(() if attempt is None else (attempt,)))
+    return np.flatnonzero(noise.bernoulli(key, step, n, q)).astype(np.int64)
 
 
 def _kl_bernoulli(a: float, q: float) -> float:
@@ -60,12 +59,31 @@ def poisson_capacity(n: int, q: float, p_exceed: float = 1e-12) -> int:
     return hi
 
 
+def corrupt_count(sampled: int, colluders: int, corrupt_fraction: float) -> int:
+    """The colluding clients a round of `sampled` clients is assumed to hold: --dp-colluders C at
+    least, and the share G that secure aggregation withstands (one adversary, one set of
+    numbers): max(C, ceil(G m))."""
+    return max(int(colluders), math.ceil(corrupt_fraction * sampled - 1e-12))
+
+
 def honest_quantile(num_clients: int, q: float, dropout: float, colluders: int,
-                    quantile: float = SECURE_QUANTILE) -> int:
-    """A low quantile of the honest noise shares a client can count on in a round: the
-    survivors (Binomial(num_clients, q (1 - dropout)) under Poisson sampling and independent
-    dropouts) less itself and the colluders."""
+                    quantile: float = SECURE_QUANTILE, corrupt_fraction: float = 0.0) -> int:
+    """A low quantile of the honest noise shares besides its own that a client can count on in a
+    round: H = S - 1 - corrupt_count(M), with M ~ Binomial(num_clients, q) sampled under Poisson
+    sampling and S ~ Binomial(M, 1 - dropout) surviving; the largest h with P(H < h) <= quantile."""
     from scipy.stats import binom
 
-    survivors = int(binom.ppf(quantile, num_clients, q * (1 - dropout)))
-    return survivors - 1 - colluders
+    lo, hi = int(binom.ppf(1e-12, num_clients, q)), int(binom.isf(1e-12, num_clients, q))
+    ms = np.arange(lo, hi + 1)
+    pm = binom.pmf(ms, num_clients, q)
+    need = np.array([corrupt_count(int(m), colluders, corrupt_fraction) + 1 for m in ms])
+
+    def below(h: int) -> float:                   # P(H < h) = P(S < h + need(M))
+        return float(pm @ binom.cdf(h + need - 1, ms, 1 - dropout))
+
+    h = int(binom.ppf(quantile, num_clients, q * (1 - dropout)))     # above the answer: walk down
+    while h > -1 - colluders and below(h) > quantile:
+        h -= 1
+    while below(h + 1) <= quantile:
+        h += 1
+    return h

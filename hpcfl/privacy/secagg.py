@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import HpcflError
 from ..parallel import wire
+from . import leakage
 from .secagg_graph import RoundParams, check_threshold, holders, is_connected
 
 PRIME = 2**521 - 1                 # Mersenne prime > 2^256: any 32-byte secret is a field element
@@ -346,6 +347,7 @@ class Client:
         b_sh = shamir_split(int.from_bytes(self._b, "big"), xs, p.threshold)
         s_sh = shamir_split(int.from_bytes(self._s_sk.private_bytes_raw(), "big"), xs, p.threshold)
         self._own = (b_sh[me + 1], s_sh[me + 1])
+        self._made = {x: (b_sh[x], s_sh[x]) for x in xs}       # for disclose() only
         out = {}
         self._c_shared = {j: self._c_sk.exchange(X25519PublicKey.from_public_bytes(self._c_pk[j])) for j in nbrs}
         for j in nbrs:
@@ -374,12 +376,16 @@ class Client:
         y = x.copy()
         g = Prg(p.n)
         g.add(y, self._b)
+        self._pair_keys = {}
         for j in sorted(held):                     # the senders are exactly N(i) & U2
-            g.add(y, pair_key(self._s_sk, self._s_pk[j], p.server_round, me, j), _sign(me, j))
+            self._pair_keys[j] = key = pair_key(self._s_sk, self._s_pk[j], p.server_round, me, j)
+            g.add(y, key, _sign(me, j))
         return y
 
     def consistency(self, request: bytes) -> bytes:
-        """Checks the unmask request (U3, D) and signs it: the consistency round."""
+        """Checks the unmask request (U3, D) and signs it: the consistency round. Its own
+        neighbours in U2 = U3 + D must be exactly those it masked with (Bonawitz et al. 2017:
+        U3 inside the client's own U2), so the signed view fixes every honest survivor's masks."""
         self._advance(3, "consistency")
         p, me = self.params, self.cid
         survivors, dropped = decode_unmask_request(request)
@@ -393,39 +399,93 @@ class Client:
         for j in sorted(set(self._held)):
             if j not in survivors and j not in dropped:
                 self._refuse(f"client {j} is neither survivor nor dropped in the unmask request")
+        self._check_routing(survivors, dropped)
         if len(survivors) < p.min_survivors:
             self._refuse(f"{len(survivors)} survivors, fewer than the {p.min_survivors} whose sum "
                          f"may be revealed")
         if not is_connected(self._graph, survivors):
             self._refuse("the survivors' graph is disconnected: unmasking would reveal the sum of "
                          "each part")
+        if p.max_absent is not None:
+            for j in sorted(survivors):
+                absent = len(set(self._graph[j]) - survivors)
+                if absent > p.max_absent:
+                    self._refuse(f"survivor {j} has {absent} absent neighbours, more than the "
+                                 f"{p.max_absent} a round accepts: colluders could bridge the gap")
         self._request, self._survivors, self._dropped = request, survivors, dropped
         return self._identity.sign(_consistency_message(p.server_round, self._transcript, request))
 
+    def _check_routing(self, survivors: set[int], dropped: set[int]) -> None:
+        """Its neighbours named in U2 = U3 + D are exactly those whose shares it was routed and
+        whose masks it added: a survivor it did not mask with would leave its input open once
+        the others it masked with are named dropped (route-then-drop)."""
+        named = set(self._graph[self.cid]) & (survivors | dropped)
+        if named != set(self._held):
+            j = min(named - set(self._held))
+            self._refuse(f"the unmask request names client {j} {'a survivor' if j in survivors else 'dropped'}, "
+                         f"a neighbour whose shares it was never routed and whose mask it did not add "
+                         f"(route-then-drop)")
+
+    def _must_have_signed(self) -> set[int]:
+        """The survivors whose self-mask shares it would send: each must have signed the view."""
+        return (set(self._held) | {self.cid}) & self._survivors
+
     def unmask(self, signatures: bytes) -> bytes:
-        """With min_survivors valid signatures of survivors on its own view: for each client j
-        whose share it holds, j's b-share if j survived, its s-share if j dropped."""
+        """With the consistency signatures of its own view: for each client j whose share it
+        holds, j's b-share if j survived, its s-share if j dropped. It reveals a survivor's
+        self-mask share only if that survivor signed the same view (a survivor that refused the
+        view, such as the target of route-then-drop, keeps its self mask), and it needs
+        min_survivors valid signatures in all (two disjoint views cannot both have them)."""
         self._advance(4, "unmask")
         p, me = self.params, self.cid
         sigs = decode_map(signatures)
         message = _consistency_message(p.server_round, self._transcript, self._request)
-        valid = 0                      # min_survivors valid ones are the proof: the rest go unread
-        for j in sorted(sigs):
-            if valid >= p.min_survivors:
+        if not set(sigs) <= self._survivors:
+            j = min(set(sigs) - self._survivors)
+            self._refuse(f"client {j}'s consistency signature is not a survivor's signature of its "
+                         f"view: the views disagree")
+        signed = {me}
+        owners = self._must_have_signed()
+        for j in sorted(owners - signed):
+            if j not in sigs or not verify(self._directory.get(j), sigs[j], message):
+                self._refuse(f"survivor {j} did not sign this view (the views disagree, or it refused "
+                             f"the view): its self mask stays hidden")
+            signed.add(j)
+        for j in sorted(set(sigs) - signed):        # min_survivors valid ones are the proof: the rest go unread
+            if len(signed) >= p.min_survivors:
                 break
-            if j not in self._survivors or not verify(self._directory.get(j), sigs[j], message):
+            if not verify(self._directory.get(j), sigs[j], message):
                 self._refuse(f"client {j}'s consistency signature is not a survivor's signature of its "
                              f"view: the views disagree")
-            valid += 1
-        if valid < p.min_survivors:
-            self._refuse(f"{valid} consistency signatures of its view, {p.min_survivors} needed: the "
+            signed.add(j)
+        if len(signed) < p.min_survivors:
+            self._refuse(f"{len(signed)} consistency signatures of its view, {p.min_survivors} needed: the "
                          f"views disagree")
         out = {}
         for j in sorted(set(self._held) | {me}):
             b, s = self._own if j == me else self._decrypt(j)
             kind, share = (KIND_B, b) if j in self._survivors else (KIND_S, s)
             out[j] = bytes([kind]) + _share_to_bytes(share)
+        self._answered = True
         return encode_map(out)
+
+    def disclose(self) -> leakage.Truth:
+        """What this client did in the round, secrets included, for the leakage oracle of a
+        simulation (a real client never discloses it)."""
+        truth = leakage.Truth(self.cid, _raw_public(self._s_sk) if self._stage > 0 else b"")
+        if self._stage > 1 and hasattr(self, "_made"):
+            truth.shares = dict(self._made)
+            truth.partner_c_pk = dict(self._c_pk)
+            truth.partner_s_pk = dict(self._s_pk)
+            truth.self_key = self._b
+        if hasattr(self, "_pair_keys"):
+            truth.uploaded = True
+            truth.pair_keys = dict(self._pair_keys)
+            truth.signs = {j: _sign(self.cid, j) for j in self._pair_keys}
+        if hasattr(self, "_survivors"):
+            truth.signed = frozenset(self._survivors)
+        truth.answered = getattr(self, "_answered", False)
+        return truth
 
     def _decrypt(self, sender: int) -> tuple[int, int]:
         return decrypt_shares(self._c_sk, self._c_pk[sender], self._held[sender], self.params.server_round,

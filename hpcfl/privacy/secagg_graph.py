@@ -1,11 +1,13 @@
 """Who shares secrets with whom in a round of secure aggregation, with no cryptography: the
 Shamir threshold, Bell et al. 2020's bounds on the neighbour count K of SecAgg+ (so that the
 survivors' graph stays connected and each secret keeps t holders, except with probability
-2^-SIGMA, when a share D of the clients drops out and a share G colludes), the neighbour graph
-(a shuffled ring keyed by the round's transcript, fixed only once every key is committed) and
-the round's parameters (RoundParams) every process knows before the round."""
+2^-SIGMA, when a share D of the clients drops out and a share G colludes; and so that a server
+that names clients absent at will cannot cut the honest survivors apart through colluders), the
+neighbour graph (a shuffled ring keyed by the round's transcript, fixed only once every key is
+committed) and the round's parameters (RoundParams) every process knows before the round."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 SIGMA = 40                         # statistical security parameter: failure probability <= 2^-40
+LIVENESS_SIGMA = 20                # an honest round aborts for too many absent neighbours <= 2^-20
 
 
 def check_threshold(t: int, n_holders: int) -> int:
@@ -34,26 +37,51 @@ def holders_per_client(k: int | None, m: int) -> int:
     return k + 1 + (k % 2 and m % 2)
 
 
+@functools.lru_cache(maxsize=256)
 def min_neighbors(m: int, max_dropout: float, corrupt: float, sigma: int = SIGMA) -> int | None:
-    """The smallest K for which the survivors' graph of a round of m clients stays connected
-    once the dropped and the corrupt clients (each independently, with probability at most
-    max_dropout and corrupt) are removed, except with probability 2^-sigma (Bell et al. 2020's
-    requirement, bounded for this graph). The graph is the circulant with offsets 1..h, h = K/2,
-    over a random ring: survivors next to each other on the ring are joined unless h consecutive
-    clients between them are gone, so it splits only if two such gaps occur, and two gaps hold two
-    disjoint windows of h removed clients: P(split) <= C(m, 2) p^(2h), p = max_dropout + corrupt.
-    None: only the complete graph qualifies (the bound's K is m - 1 or more)."""
+    """The smallest even K for which a round of m clients is both live and private on the graph
+    H(K, m) (the circulant with offsets 1..h, h = K/2, over a random ring), or None when only the
+    complete graph qualifies (the bound's K is m - 1 or more). Clients drop out independently with
+    probability at most max_dropout; each client colludes with probability `corrupt`.
+    - Live: the survivors' graph stays connected once the dropped and the corrupt clients are
+      removed, except with probability 2^-sigma. Survivors next to each other on the ring are
+      joined unless h consecutive clients between them are gone, so it splits only if two such
+      gaps occur, and two gaps hold two disjoint windows of h removed clients:
+      P(split) <= C(m, 2) p^(2h), p = max_dropout + corrupt.
+    - Private against a server that names any clients absent (dropped, or never sent shares):
+      every client refuses a view in which some survivor has more than max_absent(K) absent
+      neighbours. To cut the honest survivors apart the server needs two gaps of h clients that
+      are absent or colluding; next to each gap an honest survivor sees its h neighbours on that
+      side absent except the colluders among them, so each gap's first h clients hold at least
+      h - max_absent colluders (a gap of absent clients alone is refused outright):
+      P(two disjoint such windows) <= C(m, 2) P(Binomial(h, corrupt) >= h - max_absent)^2."""
     p = max_dropout + corrupt
-    if m < 3:
+    if m < 3 or p >= 1:
         return None
-    if p <= 0:
-        half = 1
-    elif p >= 1:
-        return None
-    else:
-        half = math.ceil((sigma * math.log(2) + math.log(math.comb(m, 2))) / (-2 * math.log(p)))
-    k = 2 * half
-    return k if k < m - 1 else None
+    for half in range(1, (m - 1) // 2 + 1):
+        k = 2 * half
+        if k >= m - 1:
+            return None
+        if p > 0 and math.comb(m, 2) * p ** k > 2.0 ** -sigma:
+            continue
+        if corrupt > 0:
+            need = half - max_absent(k, m, max_dropout)       # colluders one window must hold
+            if need <= 0 or math.comb(m, 2) * _binom_sf(need, half, corrupt) ** 2 > 2.0 ** -sigma:
+                continue
+        return k
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def max_absent(degree: int, m: int, max_dropout: float, sigma: int = LIVENESS_SIGMA) -> int:
+    """How many of a survivor's `degree` neighbours a client accepts as absent (Bell et al.'s
+    bound on the dropouts a client tolerates): the smallest A such that, with every client
+    dropping out independently with probability max_dropout, some one of the m clients has more
+    than A absent neighbours with probability at most 2^-sigma (an honest round then aborts)."""
+    a = math.floor(degree * max_dropout)
+    while a < degree and m * _binom_sf(a + 1, degree, max_dropout) > 2.0 ** -sigma:
+        a += 1
+    return a
 
 
 def _binom_sf(t: int, n: int, p: float) -> float:
@@ -121,8 +149,9 @@ def is_connected(graph: Mapping[int, Sequence[int]], nodes: Iterable[int]) -> bo
 class RoundParams:
     """What every process knows before a round: server_round, the sampled clients U, the
     neighbour count k (None: complete graph), the Shamir threshold t, the vector length n
-    (uint32 words) and min_survivors (module docstring). The graph itself is fixed only after
-    stage 0, from the transcript (graph())."""
+    (uint32 words), min_survivors (module docstring) and max_absent, how many absent neighbours
+    any survivor may have in a view a client accepts (None: no bound; min_neighbors). The graph
+    itself is fixed only after stage 0, from the transcript (graph())."""
 
     server_round: int
     clients: tuple[int, ...]
@@ -130,6 +159,7 @@ class RoundParams:
     threshold: int
     n: int
     min_survivors: int
+    max_absent: int | None = None
 
     def __post_init__(self):
         if list(self.clients) != sorted(set(self.clients)):
@@ -142,18 +172,25 @@ class RoundParams:
                              f"and the {len(self.clients)} sampled clients")
         if self.n < 1:
             raise ValueError(f"vector length n={self.n} must be positive")
+        if self.max_absent is not None and self.max_absent < 0:
+            raise ValueError(f"max_absent={self.max_absent} must be >= 0")
 
     @classmethod
     def make(cls, server_round: int, clients: Iterable[int], n: int, k: int | None = None,
-             threshold: int | None = None, corrupt: int = 0) -> RoundParams:
+             threshold: int | None = None, corrupt: int = 0, max_absent: int | None = None,
+             at_least: int = 0) -> RoundParams:
         """threshold defaults to the smallest majority of the holders; `corrupt` is how many
-        colluding clients the consistency round must withstand."""
+        colluding clients the consistency round must withstand; `at_least` raises min_survivors
+        further (DP: the survivors whose noise shares make up the planned noise). ValueError when
+        the round cannot reach them."""
         clients = tuple(sorted({int(c) for c in clients}))
         m = len(clients)
         if threshold is None:
             threshold = default_threshold(holders_per_client(k, m))
         need = max(int(threshold), min((m + int(corrupt)) // 2 + 1, m))
-        return cls(int(server_round), clients, k, int(threshold), int(n), need)
+        if at_least > m:
+            raise ValueError(f"{m} clients cannot bring the {at_least} survivors a round needs")
+        return cls(int(server_round), clients, k, int(threshold), int(n), max(need, int(at_least)), max_absent)
 
     def graph(self, members: Iterable[int], transcript: bytes) -> dict[int, tuple[int, ...]]:
         return neighbor_graph(members, self.k, transcript)

@@ -77,6 +77,7 @@ class DataParallel:
             self.rep.pre_reduce.append(self.noise)
         self.step, self.loss_sum = 0, 0.0     # the position, and the loss summed in its epoch so far
         self.stop: str | None = None
+        self.budget_stop: str | None = None   # DP-SGD: the next step would pass --dp-epsilon
         self.best = 0.0
         self.projection: np.ndarray | None = None
         self.reporter: Reporter | None = None
@@ -113,14 +114,30 @@ class DataParallel:
         last = min(spe, first + self.total_steps - self.step)
         reporter.start_progress(last - first, f"epoch {epoch + 1}")
         t0 = time.perf_counter()
-        samples = self._steps(epoch, perm, first, last)
-        if self.step < epoch * spe + last:
+        samples = self._private_steps(epoch, perm, first, last) if self.plan is not None else \
+            self._steps(epoch, perm, first, last)
+        done = self.step - epoch * spe
+        if done < last and self.budget_stop is None:
             return None                                # stopped mid-epoch: the resumed run ends it
         backend.synchronize()
         seconds = time.perf_counter() - t0
-        rec = self._record(epoch, last, samples, seconds)
+        rec = self._record(epoch, max(done - first, 1), samples, seconds)
+        if self.budget_stop is not None:
+            rec["budget_stop"] = self.budget_stop
+            reporter.warn(f"training stops after step {self.step}: {self.budget_stop}")
         self.loss_sum = 0.0
         return rec
+
+    def _private_steps(self, epoch: int, perm: Any, first: int, last: int) -> int:
+        """DP-SGD's steps first..last-1: written to the ledger before they are taken (one line
+        for the lot, settled if fewer are taken), each checked against --dp-epsilon first."""
+        plan, writer, start = self.plan, self.comm.rank == 0, self.step
+        assert plan is not None
+        plan.reserve(start, last - first, writer)
+        samples = self._steps(epoch, perm, first, last)
+        if self.step - start < last - first:
+            plan.settle(start, self.step - start, writer)
+        return samples
 
     def _steps(self, epoch: int, perm: Any, first: int, last: int) -> int:
         """Steps first..last-1 of the epoch; the samples they saw. Stops early on a stop signal."""
@@ -133,8 +150,11 @@ class DataParallel:
                 batch, denominator = perm[s * B:(s + 1) * B], None
             else:   # a Poisson batch from the secret seed; the mean over the expected size B
                 assert self.noise is not None
+                self.budget_stop = plan.over_budget(plan.z)    # the hard cap: a step past it is not taken
+                if self.budget_stop is not None:
+                    break
                 batch = backend.to_device(sampling.poisson_sample(self.data.n_train, plan.q, plan.noise_seed,
-                                                                  self.step))
+                                                                  self.step, plan.attempt))
                 denominator, self.noise.step = float(B), self.step
                 plan.compose_round(plan.z)
             samples += len(batch)
@@ -153,29 +173,32 @@ class DataParallel:
         return samples
 
     def _record(self, epoch: int, steps: int, samples: int, seconds: float) -> dict:
-        """The epoch's record: the replicas checked, the test set scored, the rates."""
+        """The epoch's record: the replicas checked, the test set scored, the rates. Under DP-SGD
+        it carries no training loss, no sample count or rate and no clipping count: the Poisson
+        batches are secret, and only the noised model is released."""
         comm, rep, plan = self.comm, self.rep, self.plan
         watchdog.progress(f"dp evaluation after epoch {epoch + 1}")
         rep.check_replicas(comm)
         acc, test_loss = rep.evaluate(comm, self.data.test_x, self.data.test_y)
         self.best = max(self.best, acc)
-        flops = rep.layout.flops_per_sample()
         rec = {"mode": "dp", "epoch": epoch + 1, "step": self.step, "ranks": comm.size,
-               "train_loss": self.loss_sum / steps, "test_loss": test_loss, "test_accuracy": acc,
-               "epoch_seconds": seconds, "samples_per_second": samples / seconds,
-               "gflops_per_rank": flops * samples / seconds / comm.size / 1e9}
-        if plan is not None:
-            clipped = comm.allreduce(rep.model.clipped)
+               "test_loss": test_loss, "test_accuracy": acc, "epoch_seconds": seconds}
+        if plan is None:
+            flops = rep.layout.flops_per_sample()
+            rec.update(train_loss=self.loss_sum / steps, samples_per_second=samples / seconds,
+                       gflops_per_rank=flops * samples / seconds / comm.size / 1e9)
+        else:
             rep.model.clipped = 0
-            rec.update(dp_epsilon=plan.accountant.epsilon(), dp_noise=plan.z, dp_delta=plan.delta,
-                       dp_clipped_fraction=clipped / max(samples, 1))
+            rec.update(dp_epsilon=plan.accountant.epsilon(), dp_noise=plan.z, dp_delta=plan.delta)
         return rec
 
     def line(self, rec: dict) -> str:
+        if self.plan is not None:                  # DP-SGD: no loss, no rates (they tell the batches)
+            return (f"epoch {rec['epoch']:3d}  test acc {100 * rec['test_accuracy']:6.2f}%  "
+                    f"{rec['epoch_seconds']:6.2f} s  eps {rec['dp_epsilon']:.3g}")
         return (f"epoch {rec['epoch']:3d}  loss {rec['train_loss']:.4f}  test acc {100 * rec['test_accuracy']:6.2f}%  "
                 f"{rec['epoch_seconds']:6.2f} s  {rec['samples_per_second']:9.0f} samples/s  "
-                f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank"
-                + (f"  eps {rec['dp_epsilon']:.3g}" if self.plan is not None else ""))
+                f"{rec['gflops_per_rank']:5.1f} GFLOP/s/rank")
 
     def is_last(self, unit: int) -> bool:
         return self.step >= self.total_steps
@@ -232,6 +255,13 @@ class DataParallel:
             raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir}: {ckpt.path.name} is at step "
                              f"{ckpt.step}, past this run's last step {self.total_steps} (--max-steps / "
                              "--epochs): raise them to go on, or use another folder", collective=True)
+        if self.plan is not None:
+            if ckpt is not None and "dp" in ckpt.meta:
+                self.plan.load_state(ckpt.meta["dp"])     # the secret seed, the noise in use
+            said = self.plan.start_attempt(comm, cfg.checkpoint_dir, checkpoint.changed_for_release(ckpt, comm.size),
+                                           self.total_steps - (ckpt.step if ckpt else 0))
+            if said:
+                reporter.warn(f"resuming under --dp-epsilon: {said}")
         reporter.begin(ckpt.step if ckpt else (0 if cfg.resume else None))
         warning = ckpt.warning() if ckpt is not None else None
         if warning:
@@ -241,8 +271,6 @@ class DataParallel:
                 reporter.info(f"no checkpoint in {cfg.checkpoint_dir} yet: starting from scratch")
             return 0, 0.0
         self.rep.load_state(ckpt.arrays)
-        if self.plan is not None and "dp" in ckpt.meta:
-            self.plan.load_state(ckpt.meta["dp"])
         ranks = ckpt.meta["ranks"]
         reporter.info(f"resuming from {ckpt.path} at step {ckpt.step} (epoch {ckpt.meta['epoch'] + 1}, "
                       f"saved by {ranks} rank{'s' if ranks != 1 else ''})")

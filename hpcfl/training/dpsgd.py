@@ -37,25 +37,27 @@ class GaussianNoise:
         blocks = math.ceil(n / NOISE_BLOCK)
         lo, hi = shard_range(blocks, rank, size)
         self.ranges = [(b, b * NOISE_BLOCK, min(n, (b + 1) * NOISE_BLOCK)) for b in range(lo, hi)]
-        self.plan, self.std, self.backend = plan, np.float32(plan.z * plan.clip), backend
+        self.plan, self.backend = plan, backend
         self.buf = np.empty(NOISE_BLOCK, np.float32)
         self.step = 0
         self.gaussian = noise.Gaussian()
-        self._keyed: tuple[int | None, bytes] = (None, b"")
+        self._keyed: tuple[Any, bytes] = (None, b"")
 
     def _key(self) -> bytes:
         from ..privacy import noise
 
-        seed = self.plan.noise_seed                 # read now: a resumed run takes the checkpoint's
-        if self._keyed[0] != seed:
-            self._keyed = (seed, noise.derive_key(seed, "dpsgd"))
+        # read now: a resumed run takes the checkpoint's seed, and keys its own attempt
+        which = (self.plan.noise_seed, self.plan.noise_ids)
+        if self._keyed[0] != which:
+            self._keyed = (which, noise.derive_key(self.plan.noise_seed, "dpsgd", *self.plan.noise_ids))
         return self._keyed[1]
 
     def __call__(self, gradbuf: Any) -> None:
         key = self._key()
+        std = np.float32(self.plan.z * self.plan.clip)    # z may be recalibrated on resume
         for b, a, e in self.ranges:
             noise = self.gaussian.standard_normal(key, self.step * NOISE_BLOCK + b, self.buf[:e - a])
-            noise *= self.std
+            noise *= std
             gradbuf[a:e] += self.backend.to_device(noise)
 
 

@@ -231,7 +231,7 @@ class Federation:
         cfg = self.cfg
         if self.plan is not None:
             sampled = partition.poisson_clients(cfg.num_clients, cfg.client_fraction, server_round,
-                                                self.plan.noise_seed)
+                                                self.plan.noise_seed, self.plan.attempt)
         else:
             sampled = partition.sample_clients(cfg.num_clients, cfg.client_fraction, server_round, cfg.seed)
         dropped = partition.dropouts(sampled, cfg.dropout_rate, server_round, cfg.seed)
@@ -309,12 +309,12 @@ class Federation:
         """Warnings (rejected updates, a skipped round) and the checks that stop every rank."""
         by_reason: dict[str, list] = {}
         for k, why in result.rejected:
-            # under DP which clients were sampled is secret (the amplification by sampling needs it)
-            by_reason.setdefault(why, []).append("?" if self.plan is not None else str(k))
+            by_reason.setdefault(why, []).append(str(k))
+        if self.plan is not None:                  # DP: neither which nor how many (the sample is secret)
+            by_reason.clear()
         for why, ks in by_reason.items():          # once per round and reason, naming the clients
-            if set(ks) == {"?"}:                   # secure aggregation or DP: how many, never which
-                hides = "secure aggregation" if self.cfg.secure_agg else "differential privacy"
-                who = f"{len(ks)} client{'s' if len(ks) > 1 else ''} ({hides} hides which) "
+            if set(ks) == {"?"}:                   # secure aggregation: how many, never which
+                who = f"{len(ks)} client{'s' if len(ks) > 1 else ''} (secure aggregation hides which) "
                 who += "are" if len(ks) > 1 else "is"
             else:
                 who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
@@ -348,17 +348,20 @@ class Federation:
                                 f"{server_round}; {server}", collective=True)
 
     def record(self, server_round: int, plan: RoundPlan, result: RoundResult, seconds: float) -> dict:
-        """The round's metrics record (without accuracy); under DP the round is accounted here."""
-        rec = {"mode": "fl", "round": server_round, "ranks": self.comm.size, "clients": len(plan.sampled),
-               "dropped": len(plan.dropped), "rejected": len(result.rejected),
-               "stragglers": len(plan.stragglers), "skipped": result.skipped or None,
-               "train_loss": result.train_loss, "test_accuracy": None, "round_seconds": seconds,
-               "samples_per_second": result.seen / seconds,
-               "bytes_to_server": int(result.bytes_to_server),
-               "bytes_from_server": int(result.bytes_from_server)}
-        for key in ("gather_seconds", "aggregate_seconds", "aggregate_memory_bytes"):
-            if getattr(result, key) is not None:
-                rec[key] = getattr(result, key)
+        """The round's metrics record (without accuracy); under DP the round is accounted here,
+        and the record carries no count of the secret sample (clients, dropouts, rejections,
+        samples, bytes: each would tell how many were drawn) and no training loss (only the
+        noised model is released)."""
+        rec: dict[str, Any] = {"mode": "fl", "round": server_round, "ranks": self.comm.size,
+                               "skipped": result.skipped or None, "test_accuracy": None, "round_seconds": seconds}
+        if self.plan is None:
+            rec.update(clients=len(plan.sampled), dropped=len(plan.dropped), rejected=len(result.rejected),
+                       stragglers=len(plan.stragglers), train_loss=result.train_loss,
+                       samples_per_second=result.seen / seconds, bytes_to_server=int(result.bytes_to_server),
+                       bytes_from_server=int(result.bytes_from_server))
+            for key in ("gather_seconds", "aggregate_seconds", "aggregate_memory_bytes"):
+                if getattr(result, key) is not None:
+                    rec[key] = getattr(result, key)
         if self.cfg.secure_agg:
             rec["secagg_seconds"] = result.secagg_seconds
             rec["secagg_stages"] = result.secagg_stages
@@ -376,18 +379,12 @@ class Federation:
         """Compose the round into the accountant and add its privacy fields to the record."""
         plan = self.plan
         assert plan is not None
-        z: float | None
-        if plan.secure:             # only a released sum costs privacy
-            z = result.dp_noise
-            if z is not None:
-                plan.compose_round(z)
-                rec["dp_honest_shares"] = result.dp_honest_shares
-        else:                       # central: every planned round counts, skipped or not
-            z = plan.z
-            if not result.budget_stop:
-                plan.compose_round(z)
-        rec.update(dp_epsilon=plan.accountant.epsilon(), dp_noise=z, dp_delta=self.cfg.dp_delta,
-                   dp_clipped=result.clipped)
+        if plan.secure:             # the clients' own ledgers: the largest spend among them
+            if result.dp_mu2 is not None:
+                plan.accountant.update(result.dp_mu2)    # type: ignore[attr-defined]
+        elif not result.budget_stop:    # central: every round releases (noise alone when nobody counts)
+            plan.compose_round(plan.z)
+        rec.update(dp_epsilon=plan.accountant.epsilon(), dp_noise=plan.z, dp_delta=self.cfg.dp_delta)
 
     def poisoned(self, k: int, w_k: np.ndarray, server_round: int) -> np.ndarray:
         """What malicious client k sends instead of its honest model (attacks.py)."""
@@ -412,6 +409,14 @@ class Federation:
         self.last_round = self.start_round
         return range(self.start_round + 1, self.cfg.rounds + 1)
 
+    def _start_privacy(self, reporter: Reporter, changed: list[str]) -> None:
+        """The privacy ledger, this attempt's noise keys and, on a lengthened resume, z (plan.py)."""
+        if self.plan is None:
+            return
+        said = self.plan.start_attempt(self.comm, self.cfg.checkpoint_dir, changed, self.cfg.rounds - self.start_round)
+        if said:
+            reporter.warn(f"resuming under --dp-epsilon: {said}")
+
     def run_unit(self, unit: int) -> dict | None:
         rec = self.round(unit)
         if rec is None:
@@ -430,10 +435,12 @@ class Federation:
 
     def line(self, rec: dict) -> str:
         acc_txt = f"test acc {100 * rec['test_accuracy']:6.2f}%" if rec["test_accuracy"] is not None else ""
+        if "dp_epsilon" in rec:                    # DP: no loss, no bytes (they tell the sample)
+            return (f"round {rec['round']:4d}  {acc_txt}  {rec['round_seconds']:6.3f} s  "
+                    f"eps {rec['dp_epsilon']:.3g}")
         loss_txt = f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "   n/a"
-        eps_txt = f"  eps {rec['dp_epsilon']:.3g}" if "dp_epsilon" in rec else ""
         return (f"round {rec['round']:4d}  loss {loss_txt}  {acc_txt}  {rec['round_seconds']:6.3f} s  "
-                f"{rec['bytes_to_server'] / 1e6:.1f} MB to server{eps_txt}")
+                f"{rec['bytes_to_server'] / 1e6:.1f} MB to server")
 
     def is_last(self, unit: int) -> bool:
         return unit >= self.cfg.rounds
@@ -500,6 +507,14 @@ class Federation:
             raise UsageError(f"--checkpoint-dir {self.cfg.checkpoint_dir}: {ckpt.path.name} is after "
                              f"round {ckpt.step}, past this run's --rounds {self.cfg.rounds}: raise "
                              "--rounds to go on, or use another folder", collective=True)
+        changed = checkpoint.changed_for_release(ckpt, self.comm.size)
+        done = 0
+        if ckpt is not None:
+            if self.plan is not None and "dp" in ckpt.meta:
+                self.plan.load_state(ckpt.meta["dp"])     # the same secret noise seed
+            done = int(ckpt.meta["round"])
+        self.start_round = done
+        self._start_privacy(reporter, changed)            # may refuse: before the metrics file opens
         reporter.begin(ckpt.step if ckpt else (0 if self.cfg.resume else None), key="round")
         warning = ckpt.warning() if ckpt is not None else None
         if warning:
@@ -507,14 +522,12 @@ class Federation:
         if ckpt is None:
             return 0, 0.0
         self.global_w[...] = ckpt.arrays["params"]
-        if self.plan is not None and "dp" in ckpt.meta:
-            self.plan.load_state(ckpt.meta["dp"])     # the same secret noise seed, the budget spent
         if self.scaffold is not None:
             self.scaffold.restore(ckpt.arrays)
         if self.server is not None:
             self.server.load_state({k[7:]: v for k, v in ckpt.arrays.items() if k.startswith("server.")})
         reporter.info(f"resuming from {ckpt.path} after round {ckpt.meta['round']}")
-        return int(ckpt.meta["round"]), float(ckpt.meta["best_accuracy"])
+        return done, float(ckpt.meta["best_accuracy"])
 
     def free(self) -> None:
         """The communicators and the reducer (the stop notice is closed before, collectively);

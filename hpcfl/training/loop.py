@@ -82,10 +82,10 @@ def run(trainer: Trainer, cfg: Config, comm: Comm, reporter: Reporter) -> Summar
         if rec is None:                              # a stop signal: the unit was abandoned
             break
         history.append(rec)
-        if rec.get("budget_stop"):                   # withheld before release: nothing to record
-            break
         if comm.bcast(reporter.record(rec, trainer.line(rec))):
             break                                    # a callback on rank 0 raised StopTraining
+        if rec.get("budget_stop"):                   # the next release would pass --dp-epsilon
+            break
         if cfg.target_accuracy is not None and trainer.best >= cfg.target_accuracy:
             reporter.info(f"reached the target accuracy {100 * cfg.target_accuracy:.2f}% in "
                           f"{trainer.unit} {unit}")

@@ -179,6 +179,11 @@ def test_a_tampered_ciphertext_fails_authentication_naming_the_clients(comm, mni
 
 # ------------------------------------------------------------------ client-level DP
 
+def sampled(n, q, server_round, seed):
+    """The clients a seeded DP run samples, drawn here from the seed as every rank draws them."""
+    return partition.poisson_clients(n, q, server_round, seed, None)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("secure", [False, True])
 def test_the_dp_noise_has_the_stated_standard_deviation(comm, mnist, secure, monkeypatch):
@@ -197,13 +202,14 @@ def test_the_dp_noise_has_the_stated_standard_deviation(comm, mnist, secure, mon
     init = fl.Federation(Config(mode="fl", **BASE), Comm.self_(), subset(mnist, 2000),
                          backends.get("numba")).global_w
     step = out.params.astype(np.float64) - init
-    m = out.history[0]["clients"]
+    m = len(sampled(N, q, 1, 3))
     plan = dpplan.create_plan(Config(mode="fl", quiet=True, **{**BASE, **kw}), Comm.self_(), 2000)
     # central: N(0, z^2 S^2) once; secure: m shares of N(0, share_std^2) each, share_std sized for
-    # the 5% quantile of the honest survivors: z S / sqrt(honest_quantile)
+    # the fewest honest shares a client accepts (5% quantile, with the admitted colluders counted out)
     if secure:
-        assert plan.share_std == pytest.approx(z * S / np.sqrt(sampling.honest_quantile(N, q, 0.0, 0)))
-        assert out.history[0]["rejected"] == 1      # counted, never named
+        honest = sampling.honest_quantile(N, q, 0.0, 0, corrupt_fraction=0.05)
+        assert plan.share_std == pytest.approx(z * S / np.sqrt(honest)) and plan.accept_honest == honest
+        assert "rejected" not in out.history[0] and "clients" not in out.history[0]   # no counts under DP
     want = (plan.share_std * np.sqrt(m) if secure else z * S) / (q * N)
     assert abs(step.mean()) < 5 * want / np.sqrt(step.size)
     assert step.std() == pytest.approx(want, rel=0.01)   # 235,146 coordinates: ~0.15% standard error
@@ -233,31 +239,36 @@ def epsilon_by_enumeration(zs, q, delta):
     return hi
 
 
+def gdp_epsilon_by_pld(mu2, delta):
+    """A client's epsilon computed independently: its rounds' Gaussian mechanisms composed as one
+    (mu^2 adds up), dp-accounting's PLD of a Gaussian with std 1 / mu (pessimistic in its grid)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    gaussian = pld.from_gaussian_mechanism(1 / np.sqrt(mu2), value_discretization_interval=1e-4)
+    return gaussian.get_epsilon_for_delta(delta)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("secure", [False, True])
 def test_dp_epsilon_is_what_dp_accounting_computes_directly(comm, mnist, secure, monkeypatch):
     import dp_accounting
 
     if secure:
-        drop_the_first(monkeypatch, 1)             # a dropout: that round counts fewer noise shares
+        drop_the_first(monkeypatch, 1)             # a dropout: it never masks, so it spends nothing
     out = run(comm, subset(mnist, 2000), rounds=3, dp_noise=1.3, secure_agg=secure, dp_noise_seed=1)
     accountant = dp_accounting.rdp.RdpAccountant(privacy.ORDERS)
-    zs = []
+    joined: dict[int, int] = {}
     for rec in out.history:
-        z = rec["dp_noise"]
+        assert rec["dp_noise"] == 1.3
         if secure:
-            survivors = rec["clients"] - rec["dropped"]
-            assert rec["dp_honest_shares"] == survivors - 1
-            zs.append(z)       # the planned z at the quantile, scaled by the shares that really came
-            assert z == pytest.approx(1.3 * np.sqrt((survivors - 1) / sampling.honest_quantile(20, 0.5, 0.0, 0)))
+            # each client's own ledger: 1 / z^2 for every round it masked in; the record the largest
+            for k in sampled(20, 0.5, rec["round"], 1)[1:]:
+                joined[int(k)] = joined.get(int(k), 0) + 1
+            exact = gdp_epsilon_by_pld(max(joined.values()) / 1.3 ** 2, 1e-5)
+            assert exact * (1 - 2e-3) <= rec["dp_epsilon"] <= exact * (1 + 1e-6)
         else:
-            assert z == 1.3
-            accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(z)))
+            accountant.compose(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.3)))
             assert rec["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    if secure and comm.rank == 0:
-        # never below the exact value (dp-accounting's PLD is pessimistic: within its 1e-3 grid)
-        exact = epsilon_by_enumeration(zs, 0.5, 1e-5)
-        assert exact * (1 - 2e-3) <= out.history[-1]["dp_epsilon"] <= exact * 1.02
 
 
 @pytest.mark.mpi
@@ -276,29 +287,32 @@ def test_central_dp_p_ranks_give_the_single_process_model(comm, mnist):
 
 
 @pytest.mark.mpi
-def test_a_round_that_would_pass_the_budget_is_withheld_and_training_stops(comm, mnist, monkeypatch):
-    # the plan believes in 3x the honest shares a round really has (the noise is sized too small),
-    # so real rounds cost more than planned: the one that would pass --dp-epsilon is never unmasked
-    real = sampling.honest_quantile
-    monkeypatch.setattr(sampling, "honest_quantile", lambda *a, **k: 3 * real(*a, **k))
+def test_clients_stop_joining_at_their_own_budget_and_no_record_passes_it(comm, mnist, monkeypatch):
+    # the noise is planned for 2 rounds per client (the calibration believes in fewer
+    # participations than Poisson sampling at q = 0.5 gives): the clients' own ledgers stop them
+    # at their budget, rounds run out of clients, and training stops; no record passes the target
+    monkeypatch.setattr(privacy, "planned_participation", lambda q, rounds, quantile=0.95: 2)
     out = run(comm, subset(mnist, 2000), rounds=8, dp_epsilon=6.0, secure_agg=True, dp_noise_seed=2)
     recs = out.history
-    assert "budget_stop" in recs[-1] and "past --dp-epsilon 6" in recs[-1]["budget_stop"]
-    assert 1 <= len(recs) - 1 < 8 and all(r["dp_epsilon"] <= 6.0 for r in recs)
-    assert out.extra["dp_epsilon"] <= 6.0 and recs[-1]["dp_epsilon"] == recs[-2]["dp_epsilon"]   # nothing released
+    assert "budget_stop" in recs[-1] and "own privacy budgets" in recs[-1]["budget_stop"]
+    assert len(recs) < 8 and all(r["dp_epsilon"] <= 6.0 for r in recs)
+    assert out.extra["dp_epsilon"] <= 6.0
+    # independently: a client joins until a third round would pass mu(6); the largest ledger then
+    mu2 = privacy.gdp_mu(6.0, 1e-5) ** 2
+    assert recs[-1]["dp_epsilon"] == pytest.approx(gdp_epsilon_by_pld(mu2, 1e-5), rel=2e-3)
 
 
 @pytest.mark.mpi
-def test_finding_8_under_central_dp_a_rejected_client_is_counted_never_named(comm, mnist, monkeypatch, capfd):
+def test_finding_8_under_central_dp_a_rejected_client_is_neither_counted_nor_named(comm, mnist, monkeypatch, capfd):
     add = collect.CentralDpCollector.add
 
     def diverge_first(self, update):
         add(self, dataclasses.replace(update, loss_sum=float("nan")) if update.client == 3 else update)
     monkeypatch.setattr(collect.CentralDpCollector, "add", diverge_first)
-    monkeypatch.setattr(partition, "poisson_clients", lambda n, rate, r, seed: np.arange(0, 20, 2) + (r % 2 == 0) * 1)
+    monkeypatch.setattr(partition, "poisson_clients",
+                        lambda n, rate, r, seed, attempt=None: np.arange(0, 20, 2) + (r % 2 == 0) * 1)
     out = run(comm, subset(mnist, 2000), rounds=2, dp_noise=1.0, dp_noise_seed=4)
-    assert [r["rejected"] for r in out.history] == [0, 1]     # client 3 is sampled in round 2 only
+    assert not any({"rejected", "clients", "dropped"} & set(r) for r in out.history)
     err = capfd.readouterr().err
     if comm.rank == 0:
-        assert "rejected" in err and "(differential privacy hides which)" in err
-        assert "client 3" not in err
+        assert "client 3" not in err and "rejected" not in err
