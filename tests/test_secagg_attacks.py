@@ -209,23 +209,11 @@ def test_min_neighbors_holds_against_colluders_bridging_a_named_gap():
 
 # ------------------------------------------------------------------------- the fuzzing server
 
-def fuzz_params(seed):
-    """A round the fuzzer plays: complete graphs with up to the admitted colluders, or sparse
-    graphs (any K) without them, where the guarantee holds whatever the server does."""
-    rng = np.random.default_rng([seed, 7])          # test randomness
-    if rng.random() < 0.6:
-        m = int(rng.integers(3, 11))
-        corrupt = int(rng.integers(0, max(1, m // 4) + 1))
-        return RoundParams.make(seed, range(m), 4, corrupt=corrupt), corrupt
-    m = int(rng.integers(8, 15))
-    return RoundParams.make(seed, range(m), 4, k=int(rng.choice([2, 4, 6]))), 0
-
-
 @pytest.mark.parametrize("block", range(8))
 def test_the_fuzzing_server_learns_nothing_beyond_an_accepted_sum(block):
     # 2,000 rounds in all (250 per block); the fuzz benchmark plays 100,000
     for seed in range(250 * block, 250 * (block + 1)):
-        params, corrupt = fuzz_params(seed)
+        params, corrupt = server_attacks.fuzz_round(seed)
         out = server_attacks.fuzz(params, seed, corrupt)
         assert out["leak"].ok, (seed, out["leak"].functions, out["leak"].allowed, out["choices"].notes)
 
@@ -234,7 +222,7 @@ def test_the_fuzzing_server_finds_the_leaks_of_58aac60s_client():
     # positive control: the same fuzzer against the audited client finds rounds that leak
     leaks = 0
     for seed in range(400):
-        params, corrupt = fuzz_params(seed)
+        params, corrupt = server_attacks.fuzz_round(seed)
         leaks += not server_attacks.fuzz(params, seed, corrupt, client_cls=Client58aac60)["leak"].ok
     assert leaks >= 1
 

@@ -570,6 +570,19 @@ def run(params: secagg_graph.RoundParams, xs: Mapping[int, np.ndarray], name: st
             "recovered": learned_individual(estimate, xs[target]), "words": words_recovered(estimate, xs[target])}
 
 
+def fuzz_round(seed: int) -> tuple[secagg_graph.RoundParams, int]:
+    """The round the fuzzer plays for `seed`, and the colluders it may hold: complete graphs of
+    3-10 clients with up to the colluders the consistency round withstands, or sparse graphs of
+    8-14 clients (any K) without colluders; where the guarantee holds whatever the server does."""
+    rng = np.random.default_rng([seed, 7])              # test randomness, not secrets
+    if rng.random() < 0.6:
+        m = int(rng.integers(3, 11))
+        corrupt = int(rng.integers(0, max(1, m // 4) + 1))
+        return secagg_graph.RoundParams.make(seed, range(m), 4, corrupt=corrupt), corrupt
+    m = int(rng.integers(8, 15))
+    return secagg_graph.RoundParams.make(seed, range(m), 4, k=int(rng.choice([2, 4, 6]))), 0
+
+
 def fuzz(params: secagg_graph.RoundParams, seed: int, corrupt: int = 0, client_cls=secagg.Client,
          n: int = 4) -> dict[str, Any]:
     """One round against a FuzzServer seeded by `seed`, with up to `corrupt` random colluders."""
