@@ -153,3 +153,20 @@ def test_debians_fashion_mnist_trains_end_to_end_and_evaluates_to_the_same_accur
     assert result["dataset"] == "fashion-mnist" and result["accuracy"] == last["test_accuracy"]
     assert_clean_failure(run_hpcfl(2, "--dataset", "mnist", "--data-dir", FASHION, "--max-steps", 1), 1,
                          "does not match the published MNIST SHA-256")
+
+
+def test_finding_7_under_dp_the_input_normalisation_is_fixed_not_measured(tmp_path):
+    # the training set's mean and std are statistics of the private data: a DP run normalises with
+    # constants fixed in advance (a public set's published ones; here, a set of one's own, 0.5/0.5)
+    synthetic(tmp_path / "toy", datasets.MNIST_FILES, n=(1200, 300))
+    common = ["--dataset", "idx", "--data-dir", tmp_path / "toy", "--hidden", "16", "--epochs", 1,
+              "--batch-size", 256, "--quiet"]
+    env = {"HPCFL_CACHE_DIR": str(tmp_path / "cache")}
+    for name, extra in (("plain", []), ("dp", ["--dp-sgd", "--dp-noise", 1.0])):
+        proc = run_hpcfl(2, *common, *extra, "--out", tmp_path / name, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    plain, dp = (json.loads(np.load(tmp_path / d / "model.npz")["meta"].tobytes()) for d in ("plain", "dp"))
+    assert (dp["mean"], dp["std"]) == datasets.DP_NORM == (0.5, 0.5)
+    x = np.frombuffer(gzip.decompress((tmp_path / "toy" / "train-images-idx3-ubyte.gz").read_bytes())[16:], np.uint8)
+    assert plain["mean"] == pytest.approx(x.mean() / 255, abs=1e-4) != 0.5          # measured without DP
+    assert datasets.dp_normalisation("mnist") == (0.1307, 0.3081)                     # MNIST's published ones

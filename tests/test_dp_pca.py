@@ -38,23 +38,37 @@ def test_without_noise_the_directions_are_the_svd_of_the_unit_norm_rows():
     assert np.array_equal(p, mechanisms.dp_pca(x.reshape(300, 4, 4), 5, 0.0, KEY))   # images or rows
 
 
-def test_the_noise_is_symmetric_with_the_asked_scale_and_keyed():
-    # no data: the released matrix is the noise itself; its eigenvectors as a whole must then
-    # reconstruct a symmetric matrix whose upper entries have std sigma
-    d, sigma = 120, 3.0
-    zero = np.zeros((4, d))
-    full = mechanisms.dp_pca(zero, d, sigma, KEY).astype(float)
-    assert np.allclose(full.T @ full, np.eye(d), atol=1e-4)
-    draws = sigma * noise.standard_normal(KEY, 0, d * (d + 1) // 2)
+def noised_gram_directions(x, k, sigma, key):
+    """The release computed independently: the Gram matrix of the unit-norm rows plus the
+    mirrored N(0, sigma^2) upper triangle drawn from the key's stream, and NumPy's eigh."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    units = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    d = x.shape[1]
     e = np.zeros((d, d))
-    e[np.triu_indices(d)] = draws
-    e = np.triu(e) + np.triu(e, 1).T
-    values, vectors = np.linalg.eigh(e)
-    top = vectors[:, np.argsort(values)[::-1][:10]]
-    assert subspace_gap(mechanisms.dp_pca(zero, 10, sigma, KEY).astype(float), top) < 1e-4
-    assert draws.std() == pytest.approx(sigma, rel=0.03)
-    other = mechanisms.dp_pca(zero, 10, sigma, noise.derive_key(6, "dp-pca"))
-    assert subspace_gap(other.astype(float), top) > 0.5        # another seed, another release
+    e[np.triu_indices(d)] = sigma * noise.standard_normal(key, 0, d * (d + 1) // 2)
+    values, vectors = np.linalg.eigh(units.T @ units + np.triu(e) + np.triu(e, 1).T)
+    return vectors[:, np.argsort(values)[::-1][:k]]
+
+
+def test_the_release_is_the_gram_matrix_plus_noise_at_the_asked_scale():
+    # a planted spectrum: rows near 6 directions with weights 60, 45, 40, 30, 25, 20 (their Gram
+    # eigenvalues), noise sigma 4 of the same order; the release must be the top eigenvectors of
+    # exactly Gram + noise(sigma). The same key at sigma / 100 or 100 sigma gives another subspace,
+    # so a wrong scale cannot pass
+    rng = np.random.default_rng(1)                 # test data
+    d, k, sigma = 40, 6, 4.0
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0][:, :k]
+    weights = np.array([60, 45, 40, 30, 25, 20])
+    rows = np.repeat(basis.T, weights, axis=0) + 0.05 * rng.standard_normal((weights.sum(), d))
+    x = np.clip(np.abs(rows) * 255, 0, 255).astype(np.uint8)
+    got = mechanisms.dp_pca(x, k, sigma, KEY).astype(float)
+    assert subspace_gap(got, noised_gram_directions(x, k, sigma, KEY)) < 1e-5
+    for wrong in (sigma / 100, sigma * 100):
+        assert subspace_gap(got, noised_gram_directions(x, k, wrong, KEY)) > 0.1
+    other = mechanisms.dp_pca(x, k, sigma, noise.derive_key(6, "dp-pca")).astype(float)
+    assert subspace_gap(other, got) > 0.1         # another key, another release
+    assert np.allclose(got.T @ got, np.eye(k), atol=1e-5)
 
 
 def test_the_budget_share_and_the_composed_epsilon_against_dp_accounting():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -177,6 +178,32 @@ def test_poisson_sample_is_a_pure_function_of_its_arguments():
     assert not np.array_equal(a, sampling.poisson_sample(60000, Q_MNIST, seed=2, step=5))
     assert len(sampling.poisson_sample(10, 0.0, 0, 0)) == 0
     np.testing.assert_array_equal(sampling.poisson_sample(10, 1.0, 0, 0), np.arange(10))
+
+
+def test_finding_8_poisson_batches_and_client_samples_come_from_the_csprng():
+    # independently: the AES-256-CTR keystream of the HKDF key (cryptography called directly),
+    # its 64-bit words below floor(q 2^64); not a PCG64 seeded from the secret
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from hpcfl.fl import partition
+
+    def keystream_bernoulli(seed, purpose, ids, stream, n, q):
+        info = b"hpcfl-noise/" + purpose + b"".join(struct.pack("<q", i) for i in ids)
+        key = HKDF(algorithm=SHA256(), length=32, salt=None, info=info).derive(seed.to_bytes(32, "little"))
+        enc = Cipher(algorithms.AES(key), modes.CTR(struct.pack(">QQ", stream, 0))).encryptor()
+        words = np.frombuffer(enc.update(bytes(8 * n)), np.uint64)
+        return np.flatnonzero(words < np.uint64(int(q * 2**64)))
+
+    seed = 2**200 + 12345
+    got = sampling.poisson_sample(60000, Q_MNIST, seed, step=9, attempt=2)
+    np.testing.assert_array_equal(got, keystream_bernoulli(seed, b"batch", [2], 9, 60000, Q_MNIST))
+    np.testing.assert_array_equal(sampling.poisson_sample(60000, Q_MNIST, seed, step=9),     # seeded: no attempt
+                                  keystream_bernoulli(seed, b"batch", [], 9, 60000, Q_MNIST))
+    assert not np.array_equal(got, sampling.poisson_sample(60000, Q_MNIST, seed, step=9, attempt=3))
+    np.testing.assert_array_equal(partition.poisson_clients(6000, 0.05, 4, seed, 1),
+                                  keystream_bernoulli(seed, b"clients", [1], 4, 6000, 0.05))
 
 
 def test_poisson_batch_size_is_binomial():

@@ -3,6 +3,7 @@ end, their metrics, and every setting that cannot work (one message, exit 2, eve
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,123 @@ def test_route_drop_at_100_clients_a_round_learns_no_partial_sum(tmp_path, corru
     (rec,) = records(tmp_path / "m.jsonl")
     got = rec["server_attack"]
     assert got["detected"] and not got["learned_individual"] and not got["learned_partial"]
+
+
+# --------------------------------------------------------- issue 30: budgets that hold on resume
+def test_finding_3_dp_sgd_resumed_for_more_epochs_stays_within_the_budget(tmp_path):
+    # --dp-epsilon 1 for 1 epoch, resumed with --epochs 2: 58aac60 ended at epsilon 1.18. The
+    # resumed run recalibrates z for the steps left, with the first attempt's as the prior
+    ck = tmp_path / "ck"
+    small = ["--dp-sgd", "--dp-epsilon", 1, "--dp-pca", 0, "--hidden", 16, "--batch-size", 8192]
+    base = [*small, "--checkpoint-dir", ck, "--metrics", tmp_path / "m.jsonl"]
+    proc = run_hpcfl(2, *base, "--epochs", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(2, *base, "--epochs", 2, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    # the first epoch spent the budget: more than 4x the noise would be needed, so training
+    # stops at the cap, with the model so far (exit 0), and says which
+    assert "z stays, and training stops where the budget ends" in out and "training stops after step 7" in out
+    recs = records(tmp_path / "m.jsonl")
+    assert len(recs) == 2 and all(r["dp_epsilon"] <= 1.0 for r in recs) and "budget_stop" in recs[-1]
+    # a resume with room left recalibrates instead: stopped after 1 of 2 planned epochs,
+    # resumed for 3
+    ck2 = tmp_path / "ck2"
+    two = [*small, "--checkpoint-dir", ck2, "--metrics", tmp_path / "n.jsonl"]
+    proc = run_hpcfl(2, *two, "--epochs", 2, env={"HPCFL_FAULT": "term:1:7"})
+    assert_clean_failure(proc, 75, "after step 7")
+    proc = run_hpcfl(2, *two, "--epochs", 3, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "z recalibrated from" in proc.stdout + proc.stderr
+    recs = records(tmp_path / "n.jsonl")
+    assert recs[-1]["epoch"] == 3 and all(r["dp_epsilon"] <= 1.0 for r in recs) and recs[-1]["dp_epsilon"] > 0.99
+
+
+DPSGD_FRESH = ["--dp-sgd", "--dp-noise", 1.0, "--epochs", 2, "--batch-size", 4096, "--lr", 2.0, "--quiet",
+               "--checkpoint-every", 1, "--keep-checkpoints", 2]
+
+
+def direct_epsilon(steps, q=4096 / 60000, z=1.0):
+    import dp_accounting
+
+    from hpcfl.privacy import accountant
+
+    acc = dp_accounting.rdp.RdpAccountant(accountant.ORDERS)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+    return acc.get_epsilon(1e-5)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_finding_4_a_redone_epoch_draws_fresh_noise_and_both_releases_are_composed(tmp_path, seeded):
+    # a crash after epoch 2 was released but before its checkpoint: epoch 2's checkpoint is lost,
+    # and the resumed run redoes epoch 2. Without a seed it draws fresh noise (the two releases
+    # share no draw: their difference would be noise-free), and the ledger composes both; with
+    # --dp-noise-seed the redone epoch is the same release, bitwise, and counts once
+    seed = ["--dp-noise-seed", 5] if seeded else []
+    ck = tmp_path / "ck"
+    proc = run_hpcfl(2, *DPSGD_FRESH, *seed, "--checkpoint-dir", ck, "--out", tmp_path / "first")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = sorted(ck.glob("ckpt-*.npz"))[-1]
+    last.unlink()                                   # lost in the crash
+    proc = run_hpcfl(2, *DPSGD_FRESH, *seed, "--checkpoint-dir", ck, "--resume", "--out", tmp_path / "again",
+                     "--metrics", tmp_path / "m.jsonl", "--overwrite")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = (np.load(tmp_path / d / "model.npz")["params"] for d in ("first", "again"))
+    steps = 60000 // 4096
+    eps = records(tmp_path / "m.jsonl")[-1]["dp_epsilon"]
+    if seeded:
+        assert np.array_equal(a, b) and eps == pytest.approx(direct_epsilon(2 * steps), rel=1e-9)
+    else:
+        assert not np.array_equal(a, b) and eps == pytest.approx(direct_epsilon(3 * steps), rel=1e-9)
+    ledger = [json.loads(line) for line in (ck / "dp-ledger.jsonl").read_text().splitlines()]
+    assert [e["start"] for e in ledger if "start" in e] == [0, 1]
+
+
+def test_finding_4_a_seeded_resume_refuses_settings_that_change_its_releases(tmp_path):
+    ck = tmp_path / "ck"
+    proc = run_hpcfl(2, *DPSGD, "--checkpoint-dir", ck, env={"HPCFL_FAULT": "term:1:150"})
+    assert_clean_failure(proc, 75, "after step 150")
+    before = sorted(p.name for p in ck.iterdir())
+    proc = run_hpcfl(2, *[a if a != 0.5 else 0.25 for a in DPSGD], "--checkpoint-dir", ck, "--resume")
+    assert_clean_failure(proc, 2, "reproduced from --dp-noise-seed", "--lr 0.5 -> 0.25")
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+
+def test_finding_5_central_dp_releases_noise_when_nobody_counts(monkeypatch):
+    # Poisson sampling draws nobody in round 1: the round still releases (0 + noise) / qN, as the
+    # accountant composes it; 58aac60 kept the model unchanged (an un-noised "nobody counted")
+    import hpcfl
+    from hpcfl.fl import partition
+
+    real = partition.poisson_clients
+    monkeypatch.setattr(partition, "poisson_clients",
+                        lambda n, rate, r, seed, attempt=None: real(n, rate, r, seed, attempt)[:0] if r == 1 else
+                        real(n, rate, r, seed, attempt))
+    cfg = dict(mode="fl", num_clients=20, client_fraction=0.5, rounds=1, hidden=(16,), dp_clip=0.5, dp_noise=2.0,
+               dp_noise_seed=3, server_opt="fedavg", server_lr=1.0, quiet=True)
+    out = hpcfl.train(hpcfl.Config(**cfg))
+    init = hpcfl.train(hpcfl.Config(**{**cfg, "rounds": 1, "dp_noise": 0.0, "dp_noise_seed": 3}))
+    step = out.model.params.astype(np.float64) - init.model.params
+    assert step.std() == pytest.approx(2.0 * 0.5 / (0.5 * 20), rel=0.05)    # z S / (q N), 10,506 draws
+    assert out.history[0]["dp_epsilon"] > 0 and out.history[0]["skipped"] is None
+
+
+def test_finding_8_under_secure_dp_no_message_names_a_client_or_counts_them(monkeypatch, capfd):
+    # round 2 loses most of its clients after the key exchange: 58aac60 said "client 17 has 14
+    # of its 21 share holders left"; under DP the message tells neither who nor how many
+    import hpcfl
+    from hpcfl.fl import partition
+
+    def dropouts(clients, rate, server_round, seed):
+        return set(np.asarray(clients)[:-3].tolist()) if server_round == 2 else set()
+
+    monkeypatch.setattr(partition, "dropouts", dropouts)
+    out = hpcfl.train(hpcfl.Config(mode="fl", secure_agg=True, dp_noise=1.0, dp_clip=0.2, num_clients=20,
+                                   client_fraction=0.5, rounds=3, hidden=(16,), dp_noise_seed=1))
+    assert out.history[1]["skipped"] and out.history[0]["skipped"] is None
+    err = capfd.readouterr()
+    text = err.out + err.err
+    assert "round 2 skipped" in text
+    rounds = "\n".join(line for line in text.splitlines() if re.search(r"round +\d", line))   # not the banner
+    assert not re.search(r"client \d", rounds), rounds
+    assert not re.search(r"\d+ (of|clients|survivors|share)", rounds), rounds

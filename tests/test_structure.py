@@ -4,6 +4,7 @@ of the parts they name (a new rule is one entry, never a second list to keep in 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,48 @@ def test_each_registered_part_is_built_from_the_settings_that_name_it():
         assert kind == ("gathered" if name in gathered else "plain")
     assert collectors.kind(Config(mode="fl", secure_agg=True), None) == "secure"
     assert set(collectors.COLLECTORS) == {"plain", "gathered", "central-dp", "secure"}
+
+
+def test_the_protocol_tables_code_lines_lie_in_the_functions_they_name():
+    # benchmarks/PRIVACY.md maps each step of the protocol to `path:line` (Function): kept true
+    # when code moves
+    import re
+
+    text = (PACKAGE.parent / "benchmarks" / "PRIVACY.md").read_text()
+    table = text.split("## Secure aggregation: the protocol, step by step", 1)[1].split("\n## ", 1)[0]
+    refs = re.findall(r"`(hpcfl/[\w/]+\.py):(\d+)` \(([\w.]+)\)", table)
+    assert len(refs) >= 20, refs
+    for path, line, name in refs:
+        tree = ast.parse((PACKAGE.parent / path).read_text())
+        spans = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        spans[f"{node.name}.{item.name}"] = (item.lineno, item.end_lineno)
+            elif isinstance(node, ast.FunctionDef):
+                spans.setdefault(node.name, (node.lineno, node.end_lineno))
+        assert name in spans, f"{path}: no function {name}"
+        lo, hi = spans[name]
+        assert lo <= int(line) <= hi, f"{path}:{line} is not in {name} (lines {lo}-{hi})"
+    defined = {m for p in (PACKAGE.parent / "tests").rglob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)", p.read_text(), re.M)}
+    named = set(re.findall(r"`(test_\w+)", table))
+    assert named and not named - defined, named - defined
+
+
+def test_every_listed_mutant_still_applies_to_the_code():
+    # benchmarks/mutants.py's mutants name the exact text they change: when code moves, this
+    # fails, rather than the mutation check silently testing nothing
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutants", PACKAGE.parent / "benchmarks" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    sys.modules["mutants"] = mutants              # (dataclasses look their module up)
+    spec.loader.exec_module(mutants)
+    assert len(mutants.MUTANTS) >= 9
+    assert [why for m in mutants.MUTANTS if (why := mutants.check_applicable(m))] == []
+    for m in mutants.MUTANTS:                 # the tests named exist
+        for node in m.tests:
+            path, name = node.split("::")
+            assert f"def {name}(" in (PACKAGE.parent / path).read_text(), node

@@ -302,7 +302,9 @@ class SecureCollector:
             outcome.setdefault("skip", "the simulated malicious server builds no model")
         for key in ("violation", "error"):       # every rank raises it, once the Federation has broadcast it
             if key in outcome:
-                result.error = f"secure aggregation failed: {outcome[key]}; no model was built from it"
+                why = "a client or the server stopped the protocol (under DP no message names a client)" \
+                    if self.plan is not None else outcome[key]
+                result.error = f"secure aggregation failed: {why}; no model was built from it"
                 return None, result
         if "skip" in outcome:
             if self.any_refused and not self.attack:     # skipped for want of clients with budget left

@@ -79,22 +79,26 @@ def read(path: Path | str) -> list[dict]:
     return out
 
 
-def rdp_events(entries: Iterable[dict]) -> list[tuple[float, float, int]]:
-    """The (q, z, count) events of the "rdp" releases: every unit of every attempt once, units
-    released again with the same noise ("seeded", same z) once only, and settled reservations at
-    what was released."""
+def released_units(entries: Iterable[dict]) -> dict[tuple[int, str, float], float]:
+    """{(unit, noise, z): q} of the "rdp" releases: every unit of every attempt, a unit released
+    again with the same noise ("seeded", same z) once, settled reservations at what was released."""
     entries = list(entries)
     settled = {(e["settle"], e.get("attempt")): e["count"] for e in entries if "settle" in e}
-    released: dict[tuple, tuple[float, float]] = {}
+    released: dict[tuple[int, str, float], float] = {}
     for e in entries:
         if e.get("release") != "rdp":
             continue
         count = settled.get((e["unit"], e.get("attempt")), e["count"])
         for u in range(e["unit"], e["unit"] + count):
-            released[(u, str(e["noise"]), float(e["z"]))] = (float(e["q"]), float(e["z"]))
+            released[(u, str(e["noise"]), float(e["z"]))] = float(e["q"])
+    return released
+
+
+def rdp_events(entries: Iterable[dict]) -> list[tuple[float, float, int]]:
+    """The (q, z, count) events of released_units."""
     totals: dict[tuple[float, float], int] = {}
-    for qz in released.values():
-        totals[qz] = totals.get(qz, 0) + 1
+    for (_, _, z), q in released_units(entries).items():
+        totals[(q, z)] = totals.get((q, z), 0) + 1
     return [(q, z, c) for (q, z), c in sorted(totals.items())]
 
 

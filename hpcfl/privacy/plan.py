@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from ..parallel.comm import Comm
 
 
+RECALIBRATE_AT_MOST = 4.0      # a resumed run's noise rises at most this much; past it, the hard cap stops it
+
+
 @dataclass
 class DpPlan:
     """The differential privacy of one run: the clip S (sensitivity), the noise multiplier z,
@@ -45,6 +48,7 @@ class DpPlan:
     attempt: int | None = 0            # the attempt of a resumed run (its noise's key); None: seeded
     accountant: AccountantProtocol = field(init=False, repr=False)
     ledger: Ledger = field(init=False, repr=False)
+    _from_ledger: set = field(init=False, repr=False, default_factory=set)   # (unit, noise, z) composed already
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(None)
@@ -104,8 +108,11 @@ class DpPlan:
         return gdp_mu(self.target, self.delta) ** 2
 
     # ---- the run's accountant (DP-SGD, central DP-FedAvg)
-    def compose_round(self, z: float) -> None:
-        """One more DP-SGD step or DP-FedAvg round at noise multiplier z."""
+    def compose_round(self, z: float, unit: int | None = None) -> None:
+        """One more DP-SGD step or DP-FedAvg round at noise multiplier z; a unit a seeded run
+        redoes with the same noise was composed from the ledger already (the same release)."""
+        if unit is not None and (unit, self.noise_name, float(z)) in self._from_ledger:
+            return
         self.accountant.step(z)
 
     def epsilon_after(self, z: float) -> float:
@@ -141,15 +148,17 @@ class DpPlan:
 
         def begin():
             book = Ledger(Path(directory) / ledger_mod.FILE if directory else None)
-            return book.start(), ledger_mod.rdp_events(book.entries())
+            return book.start(), book.entries()
 
-        attempt, events = comm.agree(begin)
+        attempt, entries = comm.agree(begin)
         if comm.rank == 0:
             self.ledger = Ledger(Path(directory) / ledger_mod.FILE if directory else None)
         self.attempt = None if seeded else int(attempt)
-        if not self.secure and events:       # (a checkpoint from before ledgers keeps its own events)
+        released = ledger_mod.released_units(entries)
+        if not self.secure and released:     # (a checkpoint from before ledgers keeps its own events)
+            self._from_ledger = set(released)
             self.accountant = self._new_accountant()
-            for q, z, count in events:
+            for q, z, count in ledger_mod.rdp_events(entries):
                 assert isinstance(self.accountant, Accountant)
                 self.accountant.compose(q, z, count)
 
@@ -169,24 +178,33 @@ class DpPlan:
 
     def recalibrate(self, remaining: int) -> str | None:
         """After a resume: if the releases left at this z would pass --dp-epsilon (the run was
-        lengthened, or releases were lost in a crash and are composed now), z for the `remaining`
-        units with the ledger's releases as the prior. Returns what it did, or None."""
+        lengthened, or releases made before a crash are composed now), a larger z for the
+        `remaining` units with the ledger's releases as the prior, up to RECALIBRATE_AT_MOST times
+        the noise; beyond that z stays and the hard cap stops training where the budget ends.
+        Returns what it did, or None."""
         if self.target is None or remaining <= 0 or self.secure:
             return None
         assert isinstance(self.accountant, Accountant)
         spent = [(q, z, c) for (q, z), c in self.accountant.events.items()]
+        target = self.target
         from . import accountant
 
-        if accountant.epsilon([*spent, (self.q, self.z, remaining)], self.delta) <= self.target * (1 + 1e-9):
+        def fits(z: float) -> bool:
+            return accountant.epsilon([*spent, (self.q, z, remaining)], self.delta) <= target
+
+        if fits(self.z):
             return None
-        old = self.z
-        try:
-            self.z = accountant.calibrate_noise(self.q, remaining, self.delta, self.target, prior=spent)
-        except ValueError:
-            return (f"the releases so far spend epsilon {self.accountant.epsilon():.4g} of --dp-epsilon "
-                    f"{self.target:g}: no noise lets {remaining} more fit")
-        return (f"z recalibrated from {old:.4g} to {self.z:.4g} so that the {remaining} left end at "
-                f"epsilon <= {self.target:g} (the releases so far spend {self.accountant.epsilon():.4g})")
+        so_far = f"the releases so far spend epsilon {self.accountant.epsilon():.4g} of --dp-epsilon {self.target:g}"
+        lo, hi = self.z, self.z * RECALIBRATE_AT_MOST
+        if not fits(hi):
+            return (f"{so_far}; the {remaining} left would need more than {RECALIBRATE_AT_MOST:g}x the noise "
+                    f"(z {self.z:.4g}): z stays, and training stops where the budget ends")
+        while hi > lo * 1.001:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        old, self.z = self.z, hi
+        return (f"z recalibrated from {old:.4g} to {self.z:.4g} so that the {remaining} left end within budget "
+                f"({so_far})")
 
     def summary(self) -> dict:
         """What a run reports of its privacy at the end (Result.extra)."""

@@ -27,12 +27,16 @@ One round, for the sampled clients U:
   2 masked_input     client i aborts unless it holds the shares of at least t - 1 neighbours;
                      y_i = x_i + PRG(b_i) + sum_{j in N(i) & U2} sign(i,j) PRG(s_ij)   mod 2^32
      unmask_request  server names the survivors U3 (sent y) and the dropped D = U2 - U3
-  3 consistency      client i aborts unless |U3| >= min_survivors and the graph induced on U3 is
-                     connected (a disconnected one would reveal each part's sum); it signs
-                     (round, transcript, U3, D)
+  3 consistency      client i aborts unless N(i) & (U3 + D) is exactly the set it masked with
+                     (the routing is bound to the view: Bonawitz et al.'s U3 inside its own U2),
+                     |U3| >= min_survivors, the graph induced on U3 is connected, and no survivor
+                     has more than max_absent neighbours outside U3 (sparse graphs: colluders
+                     cannot bridge a gap the server names); it signs (round, transcript, U3, D)
      signatures      server -> every survivor: the signatures it collected         U4
-  4 unmask           client i checks at least min_survivors valid signatures of U3 members on its
-                     own view, then sends b-shares of survivors, s-shares of the dropped, never both
+  4 unmask           client i needs min_survivors valid signatures of U3 members on its own view,
+                     and the signature of every survivor whose shares it holds; then it sends
+                     b-shares of survivors, s-shares of the dropped, never both. A survivor that
+                     refused the view (it did not sign) keeps its self mask: its input stays hidden
      aggregate       sum y - PRG(b_j) for j in U3 - the masks the survivors shared with D
 
 min_survivors = max(t, floor((|U| + corrupt) / 2) + 1): two disjoint views of U3 cannot both
@@ -54,9 +58,11 @@ Wire formats (all integers little-endian):
   unmask response   id map {owner: kind (1 byte: 1 = b-share, 2 = s-share) || share (66 bytes)}
 
 Not covered: a server that drops honest clients to steer which graph the hash gives (each try
-costs it real survivors, and every check above still holds for the graph it lands on); clients
-that deviate (a malicious client can send any input: robust aggregation cannot see it, see the
-README); traffic analysis (who talks when).
+costs it real survivors, and every check above still holds for the graph it lands on; on a
+sparse graph with colluders the 2^-40 bound is per graph tried); clients that deviate (a
+malicious client can send any input: robust aggregation cannot see it, see the README);
+traffic analysis (who talks when); a survivor that goes silent between masking and the
+consistency round makes the round fail (its self mask needs its signature).
 """
 from __future__ import annotations
 

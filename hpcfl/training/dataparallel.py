@@ -156,7 +156,7 @@ class DataParallel:
                 batch = backend.to_device(sampling.poisson_sample(self.data.n_train, plan.q, plan.noise_seed,
                                                                   self.step, plan.attempt))
                 denominator, self.noise.step = float(B), self.step
-                plan.compose_round(plan.z)
+                plan.compose_round(plan.z, self.step)
             samples += len(batch)
             loss = rep.step(comm, self.data.train_x, self.data.train_y, batch, lr,
                             stop=preempt.requested() is not None, denominator=denominator)

@@ -383,7 +383,7 @@ class Federation:
             if result.dp_mu2 is not None:
                 plan.accountant.update(result.dp_mu2)    # type: ignore[attr-defined]
         elif not result.budget_stop:    # central: every round releases (noise alone when nobody counts)
-            plan.compose_round(plan.z)
+            plan.compose_round(plan.z, rec["round"])
         rec.update(dp_epsilon=plan.accountant.epsilon(), dp_noise=plan.z, dp_delta=self.cfg.dp_delta)
 
     def poisoned(self, k: int, w_k: np.ndarray, server_round: int) -> np.ndarray:

@@ -113,9 +113,13 @@ def test_every_upload_looks_uniform_and_uncorrelated_with_the_update(comm, mnist
     if comm.rank == 0:
         assert set(record["uploads"]) == set(inputs)
         for k, y in record["uploads"].items():
-            counts = np.bincount(y >> 24, minlength=256)            # the top 8 bits of each word
-            chi2 = ((counts - len(y) / 256) ** 2 / (len(y) / 256)).sum()
-            assert stats.chi2.sf(chi2, 255) > 1e-6, (k, chi2)
+            for lane in range(4):                                   # every byte of every word
+                counts = np.bincount((y >> np.uint32(8 * lane)) & np.uint32(255), minlength=256)
+                chi2 = ((counts - len(y) / 256) ** 2 / (len(y) / 256)).sum()
+                assert stats.chi2.sf(chi2, 255) > 1e-6, (k, lane, chi2)
+            tail = y[-secure_collector.TAIL:]                        # the weight, steps, loss...: masked too
+            assert not np.array_equal(tail, inputs[k][-secure_collector.TAIL:])
+            assert len(set(tail.tolist())) == secure_collector.TAIL   # 6 words, all distinct: ~1 - 2^-28
             x = inputs[k][:-secure_collector.TAIL].view(np.int32).astype(np.float64)
             r = np.corrcoef(x, y[:-secure_collector.TAIL].astype(np.float64))[0, 1]
             assert abs(r) < 6 / np.sqrt(len(y)), (k, r)             # ~0 within 6 standard errors
