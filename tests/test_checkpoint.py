@@ -306,12 +306,15 @@ def seconds_from_fault_to_exit(n, fault, limit):
 
 @needs_mnist
 def test_a_killed_rank_ends_the_job_within_30_seconds():
+    # a liveness bound, not a speed claim: a job must end, never hang; 30 s is far above the
+    # ~1 s it takes and far below the stall watchdog's own limit, so only a hang fails it
     seconds, code, err = seconds_from_fault_to_exit(3, "kill:1:20", limit=60)
     assert code != 0 and seconds < 30, (seconds, err)
 
 
 @needs_mnist
 def test_an_exception_on_one_rank_ends_the_job_within_10_seconds():
+    # a liveness bound (the abort path, not a slow collective timeout): ~1 s measured
     seconds, code, err = seconds_from_fault_to_exit(3, "raise:2:20", limit=60)
     assert code != 0 and seconds < 10, (seconds, err)
     assert err.count("injected fault at step 20") == 1, err

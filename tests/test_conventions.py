@@ -56,7 +56,14 @@ def test_an_option_the_run_would_ignore_is_refused_naming_the_one_that_applies(a
     ("--mode", "fl", "--secure-agg", "--secagg-neighbors", 4, "--num-clients", 40),
 ])
 def test_options_that_apply_pass(args):
-    parse(*args)
+    cfg = parse(*args)
+    tokens = [str(a) for a in args]
+    for i, token in enumerate(tokens):                      # each given value is the one the run uses
+        if not token.startswith("--"):
+            continue
+        value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else True
+        got = getattr(cfg, token[2:].replace("-", "_"))
+        assert got is True if value is True else str(got) == value or got == type(got)(value), (token, value, got)
 
 
 def test_derived_defaults_do_not_count_as_given():

@@ -231,6 +231,25 @@ def test_reference_adam_first_step_moves_by_lr():
     np.testing.assert_allclose(p, [0.99, -0.99], rtol=1e-5)
 
 
+def test_reference_adam_over_five_steps_with_weight_decay_by_the_papers_formula():
+    # Kingma & Ba's Algorithm 1, with L2 weight decay added to the gradient (PyTorch's Adam),
+    # written out here in float64 from the paper: five steps, a gradient that changes sign
+    lr, b1, b2, eps, wd, scale = 0.01, 0.9, 0.999, 1e-8, 0.05, 0.5
+    grads = [np.array([3.0, -0.2, 0.0]), np.array([-1.0, 0.4, 1e-3]), np.array([0.5, 0.5, -2.0]),
+             np.array([2.0, -3.0, 0.1]), np.array([-0.1, 0.0, 0.7])]
+    p = np.array([1.0, -1.0, 0.25], np.float32)
+    m, v = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    want, mw, vw = p.astype(np.float64), np.zeros(3), np.zeros(3)
+    for t, g in enumerate(grads, 1):
+        ref.adam_update(p, g.astype(np.float32), m, v, lr, b1, b2, eps, wd, scale, t)
+        d = scale * g + wd * want
+        mw = b1 * mw + (1 - b1) * d
+        vw = b2 * vw + (1 - b2) * d * d
+        want = want - lr * (mw / (1 - b1**t)) / (np.sqrt(vw / (1 - b2**t)) + eps)
+    np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-7)
+    assert np.abs(want - (1.0 - 5 * 0.01)).min() > 1e-3           # not five sign steps: the test can tell
+
+
 def test_cosine_schedule():
     assert optim.learning_rate(0.1, "cosine", 0, 100) == pytest.approx(0.1)
     assert optim.learning_rate(0.1, "cosine", 50, 100) == pytest.approx(0.05)

@@ -63,9 +63,9 @@ def test_1_refused_runs_leave_metrics_and_checkpoints_as_they_were(tmp_path):
         (SHORT, ["--overwrite", "--hidden", "100000,100000"], 2, ["--hidden", "GiB"]),
         (["--quiet"], ["--resume", "--max-steps", 5], 2, ["at step 20", "past this run's last step 5"]),
     ]:
-        proc, seconds = timed(2, *base, *outputs, *args)
+        proc = run_hpcfl(2, *base, *outputs, *args)
         assert_clean_failure(proc, code, *words)
-        assert seconds < 60
+        assert "epoch " not in proc.stdout, args      # refused before any training, not after it
         assert snapshot(r) == before, args          # byte for byte, and no new file
 
 
@@ -82,7 +82,7 @@ def test_1_4_a_second_run_on_the_outputs_of_a_running_one_is_refused(tmp_path):
         written = (tmp_path / "m.jsonl").read_text()
         proc, seconds = timed(2, *SHORT, *outputs, "--resume")
         assert_clean_failure(proc, 2, "--checkpoint-dir", "in use by another run", "pid", "lock file")
-        assert seconds < 60
+        assert seconds < 60          # liveness: refused at once, not after waiting for the lock
         assert first.poll() is None                                    # still training
         assert (tmp_path / "m.jsonl").read_text().startswith(written)   # not truncated
     finally:
@@ -154,7 +154,7 @@ def rank1_with_broken_numba(nn, *args):
 def test_2_a_backend_missing_on_one_rank_is_one_message_naming_it(broken_numba):
     proc, seconds = rank1_with_broken_numba(broken_numba, "--backend", "numba", "--max-steps", 5)
     assert_clean_failure(proc, 2, "backend 'numba' is not usable", "broken numba", "on rank 1 of 2")
-    assert seconds < 60
+    assert seconds < 60          # liveness: every rank ends, none waits forever for rank 1
 
 
 def test_2_backend_auto_resolves_to_one_backend_for_the_whole_job(broken_numba):
@@ -173,7 +173,7 @@ def test_3_a_stopped_rank_ends_the_job_after_the_stall_timeout():
     assert proc.returncode != 0, out
     assert out.count("made no progress") == 1 and "--stall-timeout 5" in out, out
     assert "Traceback" not in out
-    assert seconds < 45                     # start-up, 30 steps, 5 s of stall and the abort
+    assert seconds < 45                     # liveness: start-up, 30 steps, 5 s of stall and the abort, no hang
 
 
 # ---------------------------------------------------------------- 4. launch check
@@ -227,9 +227,9 @@ def test_5_fl_resume_refuses_changed_data_settings(tmp_path):
     (["--metrics", "."], ["--metrics .", "is a folder"]),
 ])
 def test_6_values_that_cannot_work_are_usage_errors(args, words):
-    proc, seconds = timed(2, *args)
+    proc = run_hpcfl(2, *args)
     assert_clean_failure(proc, 2, *words)
-    assert seconds < 30
+    assert "epoch " not in proc.stdout                 # refused before any training
 
 
 def test_6_fedadam_trains_with_its_own_default_server_lr():
@@ -247,9 +247,15 @@ def test_6_a_diverging_server_names_the_server_learning_rate():
 
 
 def test_6_a_local_batch_larger_than_every_client_is_full_batch_and_cheap():
-    proc, seconds = timed(2, "--mode", "fl", "--local-batch-size", 100000000, "--rounds", 2, "--quiet")
+    # cheap in memory: the buffers hold the largest client, not the asked batch (no speed is
+    # asserted: that is for benchmarks)
+    from hpcfl.config import Config
+    from hpcfl.training import federated
+
+    proc = run_hpcfl(2, "--mode", "fl", "--local-batch-size", 100000000, "--rounds", 2, "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert seconds < 60
+    cfg = Config(mode="fl", local_batch_size=100000000, ranks_per_client=2)
+    assert federated.max_local_batch(cfg, np.array([600, 550, 610])) == 305
 
 
 def test_6_threads_above_the_cores_are_capped_with_a_warning():

@@ -87,9 +87,10 @@ PAPER_SPLIT = ["--mode", "fl", "--hidden", "200,200", "--num-clients", 100, "--c
 @needs_mnist
 def test_the_default_stays_finite_where_the_papers_rule_diverged():
     # every c_i used however old (the paper's rule, before the age limit the only one) makes the
-    # global model non-finite in round 113 ...
+    # global model non-finite within these 115 rounds (round 113 with this seed on this machine:
+    # the round is one seed's, so any round counts) ...
     proc = run_hpcfl(2, *PAPER_SPLIT, "--scaffold-max-age", 0, timeout=600)
-    assert_clean_failure(proc, 1, "the server update made the global model non-finite in round 113")
+    assert_clean_failure(proc, 1, "the server update made the global model non-finite in round ")
     # ... the default (c_i older than 5 rounds left out) trains past it
     proc = run_hpcfl(2, *PAPER_SPLIT, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -63,10 +63,8 @@ def _https_only(url: str) -> None:
                          "(or file: for a local mirror)")
 
 
-def _download(url: str, final: Path, md5: str, timeout: float, deadline: float,
-              limit: int = DOWNLOAD_LIMIT) -> None:
-    """Stream `url` into `final` atomically, refusing (and removing) it on an MD5 mismatch, past
-    `limit` bytes, past the monotonic `deadline`, or on a redirect away from HTTPS."""
+def https_redirects():
+    """A urllib redirect handler that refuses a redirect away from HTTPS (ValueError)."""
     import urllib.request  # here, not at the top: it costs every rank ~15 ms of start-up
 
     class HttpsRedirects(urllib.request.HTTPRedirectHandler):
@@ -74,8 +72,17 @@ def _download(url: str, final: Path, md5: str, timeout: float, deadline: float,
             _https_only(newurl)
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
+    return HttpsRedirects()
+
+
+def _download(url: str, final: Path, md5: str, timeout: float, deadline: float,
+              limit: int = DOWNLOAD_LIMIT) -> None:
+    """Stream `url` into `final` atomically, refusing (and removing) it on an MD5 mismatch, past
+    `limit` bytes, past the monotonic `deadline`, or on a redirect away from HTTPS."""
+    import urllib.request
+
     _https_only(url)
-    opener = urllib.request.build_opener(HttpsRedirects)
+    opener = urllib.request.build_opener(https_redirects())
 
     def write(out):
         h, size = hashlib.md5(), 0
