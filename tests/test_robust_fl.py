@@ -20,7 +20,9 @@ def final_accuracy(proc) -> float:
 
 
 def test_robust_aggregators_withstand_sign_flipping_that_breaks_the_mean():
-    attack = ["--attack", "signflip", "--malicious-fraction", 0.2, "--attack-scale", 10, "--rounds", 20]
+    # 8 rounds of a 784-64-10 MLP: the robust rules reach 91.9-94.6% (measured), the mean 8.9%
+    attack = ["--attack", "signflip", "--malicious-fraction", 0.2, "--attack-scale", 10, "--rounds", 8,
+              "--hidden", 64]
     own = {"mean": [], "median": [], "trimmed-mean": ["--trim-fraction", 0.2], "krum": ["--byzantine", 4]}
     runs = {agg: run_hpcfl(2, *ALL20, *attack, "--aggregator", agg, *extra, timeout=600)
             for agg, extra in own.items()}
