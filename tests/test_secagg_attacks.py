@@ -87,6 +87,7 @@ def test_honest_clients_detect_every_attack_and_the_oracle_finds_nothing_learned
     if name != "thin-survivors":                  # the one the protocol allows: a smaller, valid view
         assert out["detected"] and "aborts the round" in out["detected"]
     assert not out["learned_individual"] and not out["learned_partial"] and out["leak"].ok
+    assert not out["leak"].known_b & out["leak"].known_s    # never t shares of both of one client's secrets
     assert not out["recovered"] and out["words"] < 4    # the attack's own estimate: chance, 96 / 2^32
 
 
