@@ -86,6 +86,10 @@ def train(config: Config, *, comm: Any = None, callbacks: Sequence[Callable[[dic
     with preempt.handling(handle_signals):
         try:
             return guarded(world, lambda: _train(config, world, callbacks, report_result))
+        except HpcflError as exc:             # spoken to an API user: Config keywords, not flags
+            if config_mod.SPELLING.get() == "api":
+                exc.args = (config_mod.api_spelling(str(exc)), *exc.args[1:])
+            raise
         finally:
             log.reset()
 
@@ -115,8 +119,13 @@ def _train(config: Config, comm: Comm, callbacks: Sequence[Callable[[dict], None
 
     plan = create_plan(cfg, comm, data.n_train)
     if plan is not None:      # fixed constants, not the private training set's mean and std
+        from .privacy.plan import scale_warning
+
         mean, std = catalogue.dp_normalisation(cfg.dataset)
         data = dataclasses.replace(data, mean=mean, std=std)
+        warning = scale_warning(cfg)
+        if warning:
+            logger.warning(warning)
     with _locks(cfg, comm):
         if cfg.backend == "cupy":             # GPU-resident data: uploaded once (47 MB of uint8)
             data = dataclasses.replace(data, **{k: backend.upload_images(getattr(data, k))
@@ -126,8 +135,21 @@ def _train(config: Config, comm: Comm, callbacks: Sequence[Callable[[dict], None
     trained = Model(tuple(layout.sizes), summary.params, dataset=data.name,
                     image_shape=tuple(data.image_shape), num_classes=data.num_classes,
                     mean=data.mean, std=data.std, projection=summary.projection)
-    return Result(summary.test_accuracy, summary.history, trained, cfg, summary.best_accuracy,
+    return Result(summary.test_accuracy, summary.history, trained, _as_ran(cfg, plan), summary.best_accuracy,
                   dict(summary.extra))
+
+
+def _as_ran(cfg: Config, plan: DpPlan | None) -> Config:
+    """The settings as they ran: with --dp-epsilon, the noise it calibrated (and a resume's
+    recalibration) in dp_noise / dp_pca_noise, marked derived."""
+    if plan is None or cfg.dp_noise is not None:
+        return cfg
+    noise: dict[str, Any] = {"dp_noise": plan.z}
+    if plan.pca and cfg.dp_pca_noise is None:
+        noise["dp_pca_noise"] = plan.pca_noise
+    ran = dataclasses.replace(cfg, **noise)
+    object.__setattr__(ran, "_derived", tuple(cfg._derived) + tuple(noise))
+    return ran
 
 
 def _settle(cfg: Config, comm: Comm, report_result: bool) -> tuple[Config, testing.Hooks]:
@@ -160,8 +182,30 @@ def _threads(cfg: Config, comm: Comm) -> Config:
             logger.warning(f"--threads {cfg.threads} is more than the {cores} core"
                            f"{'s' if cores > 1 else ''} a rank may use here: using {cores}")
         cfg = cfg.replace(threads=cores)
+    _warn_oversubscribed(cfg.threads, comm)
     backends.set_threads(cfg.threads)
     return cfg
+
+
+def _warn_oversubscribed(threads: int, comm: Comm) -> None:
+    """One warning when a node runs more ranks x threads than it has cores: they take turns on
+    the cores, and the job is slower, not faster (4 ranks on 2 cores: 3x the time of 2)."""
+    node = comm.node_comm()
+    try:
+        try:
+            mine = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            mine = list(range(os.cpu_count() or 1))
+        cores = len(set().union(*node.allgather(mine)))
+        load = (node.size * threads, cores, host_name()) if node.rank == 0 else None
+    finally:
+        node.Free()
+    worst = max((x for x in comm.allgather(load) if x is not None), key=lambda x: x[0] / x[1])
+    if comm.rank == 0 and worst[0] > worst[1]:
+        per = f"{worst[0]} ranks" if threads == 1 else f"{worst[0] // threads} ranks x {threads} threads"
+        logger.warning(f"{per} on {worst[2]}, which has {worst[1]} core{'s' if worst[1] > 1 else ''} for them: "
+                       f"they share the cores, so the run takes longer, not less; use at most {worst[1]} "
+                       f"rank{'s' if worst[1] > 1 else ''} x threads per node (nproc)")
 
 
 def _machine(cfg: Config, comm: Comm) -> tuple[Config, Backend]:

@@ -99,7 +99,8 @@ COMMAND_HELP = {"train": "train a model (the default command)",
                 "evaluate": "test accuracy, per-class accuracy and confusion matrix of a saved model",
                 "predict": "the class of every image in a file",
                 "plot": "accuracy and loss curves of runs",
-                "export": "a saved model as ONNX, for ONNX Runtime and other serving stacks"}
+                "export": "a saved model as ONNX, for ONNX Runtime and other serving stacks",
+                "privacy": "the epsilon of given DP settings, or the noise of a target epsilon, without training"}
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -175,6 +176,31 @@ def train(comm, argv) -> int:
         return 0
     cfg = parse_config(argv)
     api.train(cfg, comm=comm, handle_signals=True, report_result=True)
+    return 0
+
+
+def privacy(comm, argv) -> int:
+    """`hpcfl privacy [training options]`: the DP settings' epsilon, or the noise for a target
+    epsilon, as the run would compute them (the data set's size from the catalogue, or the data)."""
+    from .data import catalogue as datasets
+    from .privacy import plan
+
+    if "-h" in argv or "--help" in argv:
+        return train(comm, argv)
+    cfg = parse_config(argv, world_size=comm.size)
+    if not config_mod.dp_on(cfg):
+        raise UsageError("hpcfl privacy needs DP settings: --dp-sgd (dp mode) or --dp-clip with --dp-noise or "
+                         "--dp-epsilon (fl mode)", collective=True)
+    counts = getattr(datasets.CATALOGUE.get(cfg.dataset), "counts", None)
+    if cfg.mode == "dp" and not counts:
+        from . import api
+
+        n_train = api.load_dataset(cfg.dataset, cfg.data_dir, comm=comm).n_train
+    else:
+        n_train = counts["train"] if counts else 0
+    lines = comm.agree(lambda: plan.report(cfg, n_train))
+    if comm.rank == 0:
+        print("\n".join(lines))
     return 0
 
 
@@ -347,7 +373,7 @@ def _model_exists(path: str) -> None:
 
 
 COMMANDS = {"train": train, "info": info, "fetch-data": fetch_data, "evaluate": evaluate,
-            "predict": predict, "plot": plot, "export": export}
+            "predict": predict, "plot": plot, "export": export, "privacy": privacy}
 
 
 def _command(argv):
@@ -381,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     preempt.install()
     from .parallel.comm import run_main
 
+    config_mod.SPELLING.set("cli")           # messages name --options, not Config keywords
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv or "--version" in argv:
         return _help(argv)

@@ -9,9 +9,11 @@ tests/test_config.py walks every field, so a new setting cannot go unclassified.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,8 +179,27 @@ def shown_default(name: str, default: Any) -> str:
     return "; ".join(parts)
 
 
+class UnknownSetting(UsageError, TypeError):
+    """Config(...) with a keyword that names no setting (also a TypeError, as Python's own is)."""
+
+
+class _Checked(type):
+    """Config(...) refuses an unknown keyword by name, suggesting the closest setting, where a
+    dataclass would raise a bare TypeError."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        unknown = [k for k in kwargs if k not in FIELDS]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], list(FIELDS), n=1, cutoff=0.6)
+            raise UnknownSetting(f"Config({unknown[0]}=...): no such setting"
+                                 + (f"; did you mean {close[0]}?" if close else "; see help(hpcfl.Config)"))
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(metaclass=_Checked):
     """A run's settings. A field whose default is None and that PLAIN_DEFAULTS or DP_DEFAULTS name
     is derived at construction (hidden, epochs, batch_size, lr, momentum, server_opt, server_lr
     always are: their types say what they hold once a Config exists)."""
@@ -513,12 +534,59 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# How messages name a setting: the command line's --local-lr, or the API's local_lr (the command
+# line sets "cli" for its process; hpcfl.train rewrites its errors into the API's spelling).
+SPELLING: contextvars.ContextVar[str] = contextvars.ContextVar("hpcfl_spelling", default="api")
+
+
+def api_spelling(message: str) -> str:
+    """A message's --option-name spelled as the Config keyword option_name (settings only)."""
+    def keyword(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        if name.startswith("no_") and name[3:] in FIELDS:
+            return f"{name[3:]}=False"
+        return name if name in FIELDS else m.group(0)
+
+    message = re.sub(r"argument --([a-z][a-z0-9-]*): ", lambda m: keyword(m) + ": ", message)
+    return re.sub(r"--([a-z][a-z0-9-]*)", keyword, message)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _wrong_type(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with value's type for the field (its annotation), or None."""
+    kind = str(f.type)
+    if "bool" in kind:
+        ok = isinstance(value, bool)
+        want = "True or False"
+    elif "tuple" in kind:
+        ok = isinstance(value, tuple)
+        want = "a tuple of layer sizes"
+    elif "int" in kind and "float" not in kind:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif "float" in kind:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif "str" in kind:
+        ok = isinstance(value, str)
+        want = "a string"
+    else:
+        return None
+    return None if ok else f"must be {want}, got {_type_name(value)} {value!r}"
+
+
 def check_fields(cfg: Config) -> None:
-    """Every field's own check and choices; raises UsageError naming the option."""
+    """Every field's own type, check and choices; raises UsageError naming the option."""
     for name, f in FIELDS.items():
         value, meta = getattr(cfg, name), f.metadata
         if value is None:
             continue
+        wrong = _wrong_type(f, value)
+        if wrong:
+            raise UsageError(f"argument {flag(name)}: {wrong}")
         if meta["choices"] and value not in meta["choices"]:
             raise UsageError(f"{flag(name)}: invalid choice {value!r} (choose from "
                              f"{', '.join(map(str, meta['choices']))})")

@@ -49,11 +49,17 @@ def test_train_returns_a_result_and_callbacks_can_stop_it(tmp_path):
     assert (p.argmax(axis=1) == result.model.predict(data.test_images[:7])).all()
 
 
-def test_errors_are_exceptions_not_exits():
-    with pytest.raises(hpcfl.UsageError, match="--lr"):
+def test_errors_are_exceptions_not_exits_and_speak_the_apis_spelling():
+    with pytest.raises(hpcfl.UsageError, match="^lr: must be positive"):
         hpcfl.train(hpcfl.Config(lr=-1.0))
-    with pytest.raises(hpcfl.UsageError, match="--dataset idx needs --data-dir"):
+    with pytest.raises(hpcfl.UsageError, match="dataset idx needs data_dir"):
         hpcfl.train(hpcfl.Config(dataset="idx"))
+    with pytest.raises(hpcfl.UsageError, match="^rounds: must be an integer, got str '3'"):
+        hpcfl.train(hpcfl.Config(rounds="3"))
+    with pytest.raises(TypeError, match=r"Config\(rouds=...\): no such setting; did you mean rounds\?"):
+        hpcfl.train(hpcfl.Config(rouds=3))
+    with pytest.raises(hpcfl.UsageError, match="use local_lr"):
+        hpcfl.train(hpcfl.Config(mode="fl", lr=0.3))
     with pytest.raises(hpcfl.DataError, match="missing"):
         hpcfl.load_dataset("mnist", "/nonexistent/folder", fetch=False)
     with pytest.raises(hpcfl.DataError, match="no such model file"):

@@ -220,6 +220,33 @@ def test_sigterm_to_mpirun_checkpoints_and_exits_75(tmp_path):
 
 
 @needs_mnist
+def test_ctrl_c_to_mpirun_checkpoints_exits_75_and_resumes_bitwise(tmp_path, uninterrupted):
+    """Ctrl-C (SIGINT to the launcher, which hands it to every rank) stops the run as SIGTERM
+    does: a checkpoint, exit 75 on every rank; the resumed run ends at the uninterrupted weights."""
+    if open_mpi():
+        pytest.skip("Open MPI's mpirun ends the job itself on SIGINT (like SIGTERM); MPICH hands it on")
+    cmd = [*mpirun_cmd(2), sys.executable, "-m", "hpcfl", *map(str, RUN), "--optimizer", "sgd", "--lr", "0.05",
+           "--checkpoint-dir", str(tmp_path / "ck"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HPCFL_TESTING": "1",
+                                 "HPCFL_FAULT": "mark:0:30"})
+    lines = []
+    for line in proc.stdout:                 # the fault hook announces step 30: the ranks are training
+        lines.append(line)
+        if "fault injection" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert proc.returncode == 75, out
+    assert out.count("hpcfl: error: stopped by SIGINT") == 1, out
+    proc = run_hpcfl(2, *RUN, "--optimizer", "sgd", "--lr", 0.05, "--checkpoint-dir", tmp_path / "ck", "--resume",
+                     "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert np.array_equal(weights(tmp_path / "out"), uninterrupted["sgd"])
+
+
+@needs_mnist
 def test_nan_keeps_the_last_good_checkpoint(tmp_path):
     proc = run_hpcfl(2, *RUN, "--epochs", 3, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", 1,
                      env={"HPCFL_FAULT": "nan:1:75"}, timeout=120)

@@ -29,7 +29,7 @@ def test_robust_aggregators_withstand_sign_flipping_that_breaks_the_mean():
     mean = runs.pop("mean")      # the mean breaks: it trains to chance, or diverges and stops
     if mean.returncode:        # either the clients' training or the server's step goes non-finite
         assert_clean_failure(mean, 1)
-        assert ("every client's training loss became non-finite" in mean.stderr
+        assert ("the training loss of most clients became non-finite" in mean.stderr
                 or "the server update made the global model non-finite" in mean.stderr), mean.stderr
     else:
         assert final_accuracy(mean) < 50

@@ -236,7 +236,7 @@ class CentralDpCollector(PlainCollector):
         if total is None:
             return None, RoundResult()
         n, plan = self.ctx.n, self.plan
-        result = RoundResult(dp_noise=plan.z, rejected=rejected)
+        result = RoundResult(dp_noise=plan.z, rejected=rejected, nonfinite=int(total[n + 4]))
         why = plan.over_budget(plan.z)             # the round is withheld if it would overshoot
         if why is not None:
             result.budget_stop = f"round {server_round}: {why}"

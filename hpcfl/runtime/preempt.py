@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM and SIGUSR1 only set a flag; the trainer acts on it at a step boundary.
+"""Preemption: SIGTERM and SIGUSR1 (and Ctrl-C's SIGINT under the command line) only set a flag;
+the trainer acts on it at a step boundary.
 
 Schedulers announce the end of a job with a signal: SIGTERM on scancel, preemption or the time
 limit (SIGKILL follows after a grace period), or the signal chosen with `sbatch --signal`
@@ -16,6 +17,7 @@ import signal
 from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERACTIVE = (signal.SIGINT,)     # Ctrl-C: the command line stops as on SIGTERM; a second one aborts
 
 _received: str | None = None
 _previous: dict = {}               # the handlers ours replaced
@@ -29,11 +31,13 @@ def requested() -> str | None:
 
 def _handler(signum, frame) -> None:
     global _received
+    if signum == signal.SIGINT and _received is not None:
+        raise KeyboardInterrupt          # a second Ctrl-C: the user means it
     _received = _received or signal.Signals(signum).name
 
 
-def _put_in() -> None:
-    for s in SIGNALS:
+def _put_in(signals=SIGNALS) -> None:
+    for s in signals:
         current = signal.getsignal(s)
         if current is not _handler:
             _previous[s] = current
@@ -43,7 +47,7 @@ def _put_in() -> None:
 def install() -> None:
     """Record SIGTERM/SIGUSR1 from now on, for the rest of the process (the command line)."""
     global _for_process
-    _put_in()
+    _put_in(SIGNALS + INTERACTIVE)
     _for_process = True
 
 

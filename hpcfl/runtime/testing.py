@@ -6,8 +6,9 @@ nothing (one integer comparison per step).
   (step 0), with the replica's pre_reduce hooks (where a NaN loss is injected). FaultInjection
   (HPCFL_TESTING=1 and HPCFL_FAULT="KIND:RANK:STEP") fires a fault there: KIND is raise (an
   exception), kill (SIGKILL to this process), nan (a NaN loss), term (SIGTERM, as a
-  scheduler would send: a deterministic preemption) or stop (SIGSTOP: a stalled rank), on world
-  rank RANK at step STEP. Both variables are needed: a HPCFL_FAULT left in a shell must not
+  scheduler would send: a deterministic preemption), stop (SIGSTOP: a stalled rank) or mark
+  (only the announcement: a test waits for it, then acts from outside), on world rank RANK at
+  step STEP. Both variables are needed: a HPCFL_FAULT left in a shell must not
   poison a real job, so without HPCFL_TESTING=1 it is ignored with a warning. A malformed value
   is a usage error.
 - uploads(server_round, {client: masked vector}): what the secure-aggregation server receives
@@ -30,7 +31,7 @@ import numpy as np
 
 from ..errors import UsageError
 
-KINDS = ("raise", "kill", "nan", "term", "stop")
+KINDS = ("raise", "kill", "nan", "term", "stop", "mark")
 
 
 class Hooks:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from ..privacy.plan import DpPlan
 
 logger = logging.getLogger(__name__)
+DIVERGED_ROUNDS = 3      # most clients non-finite this many rounds in a row: training is diverging
 
 
 @dataclass
@@ -194,14 +195,36 @@ class Federation:
         c = self.cfg
         per_round = (f"{c.client_fraction:g} x {c.num_clients} per round (Poisson)" if self.plan else
                      f"{partition.per_round(c.num_clients, c.client_fraction)} per round")
-        extra = "".join([", secure aggregation" if c.secure_agg else "",
-                         f", DP clip {self.plan.clip:g} z {self.plan.z:.4g}" if self.plan else ""])
         groups = self.ctx.n_groups
         return (f"fl: {self.comm.size} rank{'s' if self.comm.size > 1 else ''} in {groups} "
                 f"client group{'s' if groups > 1 else ''} of {c.ranks_per_client}, "
                 f"{c.num_clients} clients ({c.partition}), {per_round}, E={c.local_epochs} "
-                f"B={c.local_batch_size} lr={c.local_lr}, server {c.server_opt} lr={c.server_lr}{extra}, "
+                f"B={c.local_batch_size} lr={c.local_lr}; {self.algorithm()}; "
                 f"model {'-'.join(map(str, self.rep.layout.sizes))}")
+
+    def algorithm(self) -> str:
+        """What trains, as a comparison's logs must tell apart: the local rule, the server's
+        optimizer and rule, the stragglers' normalisation, privacy and the simulated attacks."""
+        c = self.cfg
+        local = "SCAFFOLD" if c.scaffold else f"FedProx mu={c.mu:g}" if c.mu > 0 else "FedAvg"
+        server = f"server {c.server_opt} lr={c.server_lr:.4g}"
+        if c.server_opt == "fedavgm":
+            server += f" momentum={c.server_momentum:g}"
+        parts = [local, server]
+        if c.aggregator != "mean":
+            parts.append(f"aggregator {c.aggregator}")
+        if c.straggler_rate > 0:
+            parts.append(f"FedNova for {c.straggler_rate:g} stragglers")
+        if c.secure_agg:
+            parts.append("secure aggregation")
+        if self.plan:
+            parts.append(f"client-level DP clip {self.plan.clip:g} z {self.plan.z:.4g}"
+                         + (" (each client's own ledger)" if self.plan.secure else ""))
+        if c.attack:
+            parts.append(f"attack {c.attack} by {c.malicious_fraction:g} of the clients")
+        if c.server_attack:
+            parts.append(f"simulated malicious server: {c.server_attack}")
+        return ", ".join(parts)
 
     # ---- one round: sample -> train -> aggregate -> broadcast -> record
     def round(self, server_round: int) -> dict | None:
@@ -219,7 +242,7 @@ class Federation:
                 self.scaffold.discard()
             return None
         result = self.broadcast(self.aggregate(server_round, len(plan.sampled)))
-        self._report(server_round, result)
+        self._report(server_round, result, len(plan.sampled))
         return self.record(server_round, plan, result, time.perf_counter() - t0)
 
     def sample(self, server_round: int) -> RoundPlan:
@@ -305,7 +328,7 @@ class Federation:
         self.comm.Bcast(self.global_w)
         return self.comm.bcast(result)
 
-    def _report(self, server_round: int, result: RoundResult) -> None:
+    def _report(self, server_round: int, result: RoundResult, sampled: int) -> None:
         """Warnings (rejected updates, a skipped round) and the checks that stop every rank."""
         by_reason: dict[str, list] = {}
         for k, why in result.rejected:
@@ -319,30 +342,33 @@ class Federation:
             else:
                 who = f"client {ks[0]} is" if len(ks) == 1 else f"{len(ks)} clients ({', '.join(ks)}) are"
             _warn(self.comm, f"round {server_round}: the update of {who} rejected: {why}")
-        self._check(server_round, result)
+        self._check(server_round, result, sampled)
         if result.server_ratio is not None:
             self.server_ratio = result.server_ratio
-        if result.skipped:
+        if result.skipped and not self.cfg.server_attack:     # (the attack's own line says why)
             _warn(self.comm, f"round {server_round} skipped, the global model is unchanged: {result.skipped}")
 
-    def _check(self, server_round: int, result: RoundResult) -> None:
+    def _check(self, server_round: int, result: RoundResult, sampled: int) -> None:
         """Stop every rank (they all see the same result) with the option that matters. A client
-        whose training diverged is only rejected; when every update of 3 rounds in a row was
-        rejected as non-finite, training itself is diverging."""
+        whose training diverged is only rejected; when most of a round's clients diverged three
+        rounds in a row, training itself is diverging (under DP this reveals that, and nothing
+        more: the README's "not private")."""
         cfg, norm = self.cfg, result.norm
         if result.error:
             raise TrainingError(f"round {server_round}: {result.error}", collective=True)
         server = f"try a smaller --server-lr (now {cfg.server_lr} with --server-opt {cfg.server_opt})"
-        all_diverged = result.skipped is not None and 0 < result.nonfinite == len(result.rejected)
-        self.diverged_rounds = self.diverged_rounds + 1 if all_diverged else 0
-        if self.diverged_rounds >= 3:
+        mostly = result.nonfinite > 0 and 2 * result.nonfinite > max(sampled, 1)
+        self.diverged_rounds = self.diverged_rounds + 1 if mostly else 0
+        if self.diverged_rounds >= DIVERGED_ROUNDS:
             if self.server_ratio > 20 or norm > 10 * self.init_norm:
                 blame = (f"{server}: the last server step moved the model {self.server_ratio:.0f}x as far "
                          f"as the clients did")
             else:
                 blame = f"try a smaller --local-lr (now {cfg.local_lr})"
-            raise TrainingError(f"every client's training loss became non-finite in rounds "
-                                f"{server_round - 2}-{server_round}; {blame}", collective=True)
+                if self.plan is not None:
+                    blame += f" or a smaller --dp-clip (now {cfg.dp_clip:g}) or --server-lr (now {cfg.server_lr:g})"
+            raise TrainingError(f"the training loss of most clients became non-finite in rounds "
+                                f"{server_round - DIVERGED_ROUNDS + 1}-{server_round}; {blame}", collective=True)
         if not math.isfinite(norm):
             raise TrainingError(f"the server update made the global model non-finite in round "
                                 f"{server_round}; {server}", collective=True)
@@ -435,12 +461,13 @@ class Federation:
 
     def line(self, rec: dict) -> str:
         acc_txt = f"test acc {100 * rec['test_accuracy']:6.2f}%" if rec["test_accuracy"] is not None else ""
+        attack = attack_line(rec["server_attack"], private=self.plan is not None) if rec.get("server_attack") else ""
         if "dp_epsilon" in rec:                    # DP: no loss, no bytes (they tell the sample)
             return (f"round {rec['round']:4d}  {acc_txt}  {rec['round_seconds']:6.3f} s  "
-                    f"eps {rec['dp_epsilon']:.3g}")
+                    f"eps {rec['dp_epsilon']:.3g}") + attack
         loss_txt = f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "   n/a"
         return (f"round {rec['round']:4d}  loss {loss_txt}  {acc_txt}  {rec['round_seconds']:6.3f} s  "
-                f"{rec['bytes_to_server'] / 1e6:.1f} MB to server")
+                f"{rec['bytes_to_server'] / 1e6:.1f} MB to server") + attack
 
     def is_last(self, unit: int) -> bool:
         return unit >= self.cfg.rounds
@@ -538,6 +565,28 @@ class Federation:
         self.client_comm.Free()
         self.leaders.Free()
         self.rep = None      # type: ignore[assignment]
+
+
+def attack_line(got: dict, private: bool) -> str:
+    """--server-attack: the round's outcome on a line of its own (under DP without client ids)."""
+    target = "a client" if private or got.get("target") is None else f"client {got['target']}"
+    colluders = got.get("colluders", 0)
+    head = f"\n  attack {got['name']} on {target}"
+    if colluders:
+        head += f" with {colluders} colluding client{'s' if colluders > 1 else ''}"
+    if got.get("detected"):
+        seen = got.get("detected_by") or ""
+        seen = seen.split(": ", 1)[-1] if private else seen
+        head += f": detected ({seen})"
+    else:
+        head += ": not detected (the protocol allows what it did)"
+    if got.get("learned_individual"):
+        learned = "the target's update"
+    elif got.get("learned_partial"):
+        learned = f"a partial sum of {got.get('smallest_sum_learned')} inputs"
+    else:
+        learned = "nothing but an accepted survivor set's sum" if got.get("smallest_sum_learned") else "nothing"
+    return f"{head}; learned: {learned}"
 
 
 def _warn(comm: Comm, message: str) -> None:
