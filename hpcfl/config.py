@@ -107,7 +107,7 @@ def option(default: Any, help: str, *, check: Callable[[Any], Any] | None = None
 # Config fills it in at construction (so config.json records what ran). --server-lr when not given:
 # what worked for each server optimizer (benchmarks/FEDAVG.md); FedAdam's adaptive steps diverge
 # at 1.0 (58% after round 1, NaN in round 2).
-DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.01}
 PLAIN_DEFAULTS = {"hidden": (256, 128), "batch_size": 128, "epochs": 12, "lr": 0.05, "momentum": 0.9,
                   "server_opt": "fedavg"}
 # With differential privacy asked for (--dp-sgd in dp mode; --dp-clip, --dp-noise or --dp-epsilon
@@ -160,7 +160,8 @@ def value_text(value: Any) -> str:
 def shown_default(name: str, default: Any) -> str:
     """The help's "(default: ...)" of a setting, spelling out the derived ones."""
     if name == "server_lr":
-        return (f"1.0 for fedavg and fedavgm, 0.01 for fedadam; with DP in fl mode fedavg(m) takes "
+        return (f"1.0 for fedavg and fedavgm, 0.01 for fedadam, fedyogi and fedadagrad; with DP in fl mode "
+                f"fedavg(m) takes "
                 f"min(1, clients per round / {DP_FULL_STEP_CLIENTS})")
     parts = [value_text(PLAIN_DEFAULTS.get(name, default))]
     if name in DP_DEFAULTS["dp"] or name in DP_SGD_BUDGETS[0][1]:
@@ -249,9 +250,11 @@ class Config(metaclass=_Checked):
                                      group="federated")
     server_momentum: float = option(0.9, "server momentum (fedavgm)", check=below_one,
                                     resume=FL_ONLY, group="federated")
-    server_beta1: float = option(0.9, "FedAdam beta1", check=below_one, resume=FL_ONLY, group="federated")
-    server_beta2: float = option(0.99, "FedAdam beta2", check=below_one, resume=FL_ONLY, group="federated")
-    server_eps: float = option(1e-3, "FedAdam tau (eps)", check=positive, resume=FL_ONLY, group="federated")
+    server_beta1: float = option(0.9, "FedAdam, FedYogi, FedAdagrad: beta1", check=below_one, resume=FL_ONLY,
+                                 group="federated")
+    server_beta2: float = option(0.99, "FedAdam, FedYogi: beta2", check=below_one, resume=FL_ONLY, group="federated")
+    server_eps: float = option(1e-3, "FedAdam, FedYogi, FedAdagrad: tau (eps)", check=positive, resume=FL_ONLY,
+                               group="federated")
     eval_every: int = option(1, "rounds between evaluations", check=positive, resume=IGNORE,
                              group="federated")
     # ---- privacy and security (fl: secure aggregation, client-level DP; dp: DP-SGD)
@@ -686,9 +689,11 @@ COUNTERPART = {"lr": "local_lr", "epochs": "rounds", "batch_size": "local_batch_
 ONLY_WITH = {
     "momentum": ("optimizer", ("sgd",), "Adam's moment decay is fixed (beta1 0.9, beta2 0.999)"),
     "server_momentum": ("server_opt", ("fedavgm",), "use --server-opt fedavgm"),
-    "server_beta1": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
-    "server_beta2": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
-    "server_eps": ("server_opt", ("fedadam",), "use --server-opt fedadam"),
+    "server_beta1": ("server_opt", ("fedadam", "fedyogi", "fedadagrad"),
+                     "use --server-opt fedadam, fedyogi or fedadagrad"),
+    "server_beta2": ("server_opt", ("fedadam", "fedyogi"), "use --server-opt fedadam or fedyogi"),
+    "server_eps": ("server_opt", ("fedadam", "fedyogi", "fedadagrad"),
+                   "use --server-opt fedadam, fedyogi or fedadagrad"),
     "trim_fraction": ("aggregator", ("trimmed-mean",), "use --aggregator trimmed-mean"),
     "byzantine": ("aggregator", ("krum", "multi-krum"), "use --aggregator krum or multi-krum"),
     "krum_m": ("aggregator", ("multi-krum",), "use --aggregator multi-krum"),

@@ -125,6 +125,25 @@ def test_fedavgm_by_hand():
     assert g[0] == pytest.approx(-1.5)
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_server_optimizers_follow_reddi_et_als_algorithm_2(name):
+    # Reddi et al. 2021, Algorithm 2, written out here over three rounds: m the same for all three,
+    # v by Adam's, Yogi's or Adagrad's rule (delta: global - average, the step subtracts)
+    cfg = Config(mode="fl", server_opt=name, server_lr=0.1, server_beta1=0.9, server_beta2=0.99, server_eps=1e-3)
+    opt = aggregate.create(cfg, 2)
+    w = np.array([1.0, -2.0], np.float32)
+    want, m, v = w.astype(np.float64), np.zeros(2), np.zeros(2)
+    for avg in ([0.5, -1.0], [0.2, -1.5], [0.4, -0.1]):
+        opt.step(w, np.array(avg, np.float32))
+        d = want - np.array(avg)
+        m = 0.9 * m + 0.1 * d
+        v = {"fedadam": 0.99 * v + 0.01 * d * d, "fedyogi": v - 0.01 * d * d * np.sign(v - d * d),
+             "fedadagrad": v + d * d}[name]
+        want = want - 0.1 * m / (np.sqrt(v) + 1e-3)
+    np.testing.assert_allclose(w, want, rtol=1e-5)
+    assert Config(mode="fl", server_opt=name).server_lr == 0.01
+
+
 def test_fedadam_by_hand():
     cfg = Config(server_opt="fedadam", server_lr=0.1, server_beta1=0.9, server_beta2=0.99, server_eps=1e-3)
     opt = aggregate.create(cfg, 1)

@@ -1,5 +1,6 @@
 """Server optimizers of federated learning, with no MPI: FedAvg (McMahan et al. 2017), FedAvgM
-(Hsu et al. 2019) and FedAdam (Reddi et al. 2021), and their registry.
+(Hsu et al. 2019), and FedAdam, FedYogi and FedAdagrad (Reddi et al. 2021, "Adaptive Federated
+Optimization", Algorithm 2), and their registry.
 
 All of them see the round as one pseudo-gradient: delta = global - weighted average of the
 client models. FedAvg with server_lr 1 simply takes the average.
@@ -99,16 +100,35 @@ class FedAdam(FedAvg):
         delta = global_w - average
         self.m *= np.float32(self.beta1)
         self.m += np.float32(1 - self.beta1) * delta
-        self.v *= np.float32(self.beta2)
-        self.v += np.float32(1 - self.beta2) * delta * delta
+        self._second_moment(delta * delta)
         global_w -= np.float32(self.server_lr) * self.m / (np.sqrt(self.v) + np.float32(self.eps))
+
+    def _second_moment(self, d2: np.ndarray) -> None:
+        """Adam: v <- beta2 v + (1 - beta2) delta^2."""
+        self.v *= np.float32(self.beta2)
+        self.v += np.float32(1 - self.beta2) * d2
 
     def state(self) -> dict[str, np.ndarray]:
         return {"m": self.m, "v": self.v}
 
 
+class FedYogi(FedAdam):
+    """Yogi's additive second moment: v <- v - (1 - beta2) delta^2 sign(v - delta^2)."""
+
+    def _second_moment(self, d2: np.ndarray) -> None:
+        self.v -= np.float32(1 - self.beta2) * d2 * np.sign(self.v - d2)
+
+
+class FedAdagrad(FedAdam):
+    """Adagrad's sum of squares: v <- v + delta^2 (beta2 unused)."""
+
+    def _second_moment(self, d2: np.ndarray) -> None:
+        self.v += d2
+
+
 # --server-opt's choices; a new server optimizer is one class here and one line in this table
-SERVER_OPTIMIZERS: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam}
+SERVER_OPTIMIZERS: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam,
+                                              "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 
 
 def create(cfg: Config, n: int) -> ServerOptimizer:
