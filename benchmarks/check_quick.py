@@ -40,6 +40,12 @@ def main() -> int:
             problems.append("RESULTS.md has no targets table")
         if text.replace("not measured here", "").count("not measured"):
             problems.append("RESULTS.md has targets that were not measured")
+        scaling = (out / "scaling.csv").read_text() if (out / "scaling.csv").is_file() else ""
+        for mode in ("dp", "fl"):                    # every section's rows, not only its file
+            if f",{mode}," not in scaling:
+                problems.append(f"scaling.csv has no {mode} rows")
+        if "skipped" in text:
+            problems.append("RESULTS.md says a part was skipped")
     for p in problems:
         print(f"check_quick: {p}", file=sys.stderr)
     print("check_quick: " + ("FAILED" if problems else "ok: every CSV, plot and RESULTS.md written"))

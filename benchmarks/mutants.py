@@ -96,7 +96,7 @@ MUTANTS = [
            ("tests/test_secure_dp.py::test_finding_2_no_client_passes_its_budget_whatever_the_survivor_counts",)),
     Mutant("noise-reused-across-attempts", "each attempt of a resumed run draws fresh noise",
            "hpcfl/privacy/plan.py", "return () if self.attempt is None else (self.attempt,)", "return ()",
-           ("tests/test_private_fl.py::test_finding_4_a_redone_epoch_draws_fresh_noise_and_both_releases_are_composed",)),
+           ("tests/test_secure_dp.py::test_each_attempt_draws_its_own_noise_and_batches_and_a_seeded_run_the_same",)),
     Mutant("dpsgd-no-hard-cap", "DP-SGD takes no step past --dp-epsilon",
            "hpcfl/training/dataparallel.py", "self.budget_stop = plan.over_budget(plan.z)", "self.budget_stop = None",
            ("tests/test_private_fl.py::test_finding_3_dp_sgd_resumed_for_more_epochs_stays_within_the_budget",)),

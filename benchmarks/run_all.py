@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report
-from common import BATCH, BENCH, ROOT, WorkerError, cores, machine_info, mpirun, run, run_worker, uptime, write_csv
+from common import BATCH, BENCH, WorkerError, cores, machine_info, mpirun, run, run_worker, uptime, write_csv
 from secagg_cost import FLOWER_PYTHON, flower_python_ok, flower_rounds
 
 PY = sys.executable
@@ -178,9 +178,6 @@ def sec_osu(ctx):
 def sec_scaling(ctx):
     """Strong (global batch 128) and weak (128 per rank) scaling of dp, and of fl, over 1..N ranks."""
     rows = []
-    have_fl = (ROOT / "hpcfl" / "fl.py").exists()
-    if not have_fl:
-        ctx.notes.append("hpcfl/training/federated.py does not exist yet: fl scaling was skipped.")
     for r in range(max(1, ctx.repeats // 2)):
         for ranks in ranks_list(ctx.max_ranks):
             for kind in ("strong", "weak"):
@@ -191,8 +188,6 @@ def sec_scaling(ctx):
                     rows.append({"round": r + 1, "mode": "dp", "kind": kind, "ranks": ranks, "global_batch": B,
                                  "seconds": rec["epoch_seconds"], "samples_per_second": rec["samples_per_second"],
                                  "oversubscribed": int(ranks > cores())})
-                if not have_fl:
-                    continue
                 # fl: 64 IID clients, E=1, B=10; strong: 16 (quick: 8) clients per round in all;
                 # weak: 4 (quick: 2) clients per rank and round
                 per_rank = 2 if ctx.quick else 4

@@ -11,12 +11,22 @@
 #                       with shell quoting rules (Python's shlex), never evaluated: a path with
 #                       spaces is HPCFL_ARGS="--data-dir '/my data'"
 #   HPCFL_MAX_REQUEUES  how many times a preempted job requeues itself (default 5; an integer)
-#   HPCFL_LAUNCHER      srun or mpirun (default: srun when there is one)
+#   HPCFL_LAUNCHER      srun or mpirun (default: srun inside a SLURM job, else mpirun)
 #   HPCFL_SRUN_MPI      srun's --mpi plugin (default pmi2: the mpich wheel speaks it, not pmix)
 #   HPCFL_JOBS_DIR      the jobs/ folder holding this file (read by the scripts before they source
 #                       it; default: found from the path of the submitted script)
+#   HPCFL_SITE          a file sourced first: modules, the venv (default: jobs/site.sh)
+#   HPCFL_NTASKS        ranks of a local dry run (`bash jobs/X.sbatch`, outside SLURM; default 2)
 
 EXIT_PREEMPTED=75   # hpcfl's exit code after it checkpointed on SIGTERM/SIGUSR1 (EX_TEMPFAIL)
+
+# The site's environment first (modules, the venv, HPCFL_* under --export=NONE): jobs/site.sh,
+# or the file HPCFL_SITE names.
+_site=${HPCFL_SITE:-$(dirname "${BASH_SOURCE[0]}")/site.sh}
+if [[ -f $_site ]]; then
+    # shellcheck source=/dev/null
+    source "$_site" || { echo "jobs/lib.sh: $_site failed" >&2; exit 2; }
+fi
 
 log() { echo "[$(date +%T) job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
 
@@ -31,7 +41,7 @@ integer() {
 PYTHON=${HPCFL_PYTHON:-python3}
 RUN_DIR=${HPCFL_RUN_DIR:-${HPCFL_RUNS:-${SLURM_SUBMIT_DIR:-$PWD}/runs}/${SLURM_JOB_ID:-local-$$}}
 THREADS=${SLURM_CPUS_PER_TASK:-1}   # BLAS/Numba threads per rank
-NTASKS=${SLURM_NTASKS:-2}           # ranks per launch; the scaling sweep changes it per step
+NTASKS=${SLURM_NTASKS:-${HPCFL_NTASKS:-2}}   # ranks per launch (outside SLURM: HPCFL_NTASKS, default 2)
 integer "$THREADS" SLURM_CPUS_PER_TASK
 integer "$NTASKS" SLURM_NTASKS
 integer "${HPCFL_MAX_REQUEUES:-5}" HPCFL_MAX_REQUEUES
@@ -57,7 +67,8 @@ mkdir -p "$RUN_DIR"
 # to the launcher, which passes it to every rank: they checkpoint and exit 75. Bash runs a trap
 # only between commands, hence the launch in the background and `wait`.
 hpcfl_run() {
-    local launcher=${HPCFL_LAUNCHER:-$(command -v srun >/dev/null && echo srun || echo mpirun)}
+    # srun inside a SLURM job, mpirun outside one (`bash jobs/X.sbatch`: a local dry run)
+    local launcher=${HPCFL_LAUNCHER:-$([[ -n ${SLURM_JOB_ID:-} ]] && command -v srun >/dev/null && echo srun || echo mpirun)}
     local cmd pid rc sig
     if [[ $launcher == srun ]]; then
         # --kill-on-bad-exit: otherwise a rank that dies leaves the others blocked in a

@@ -86,3 +86,26 @@ def test_running_from_the_folder_above_a_clone_names_the_folder_that_shadows_it(
                           text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"the folder {tmp_path / 'hpcfl'} shadows the installed hpcfl package" in proc.stderr
+
+
+@needs_mnist
+def test_a_batch_script_runs_locally_as_a_dry_run_and_sets_its_site_up_from_a_bare_environment(tmp_path):
+    # `bash jobs/dp-cpu.sbatch` outside SLURM: mpirun on this machine. With a site that submits
+    # with --export=NONE the job starts bare: the site file (HPCFL_SITE, default jobs/site.sh)
+    # activates the venv and sets the data, and nothing else is needed
+    import os
+
+    from helpers import DATA_DIR, ROOT
+
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    site = tmp_path / "site.sh"
+    site.write_text(f"source {venv}/bin/activate\nexport HPCFL_DATA_DIR={DATA_DIR}\n"
+                    f"export HPCFL_CACHE_DIR={tmp_path}/cache\nexport HPCFL_ARGS='--max-steps 10 --quiet'\n"
+                    "echo site loaded\n")
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HPCFL_SITE": str(site)}
+    proc = subprocess.run(["bash", str(ROOT / "jobs" / "dp-cpu.sbatch")], cwd=tmp_path, env=bare,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "site loaded" in proc.stdout and "mpirun -n 2" in proc.stdout and "final test accuracy" in proc.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "model" / "model.npz").is_file() and (run / "metrics.jsonl").read_text()

@@ -117,9 +117,10 @@ def test_every_upload_looks_uniform_and_uncorrelated_with_the_update(comm, mnist
                 counts = np.bincount((y >> np.uint32(8 * lane)) & np.uint32(255), minlength=256)
                 chi2 = ((counts - len(y) / 256) ** 2 / (len(y) / 256)).sum()
                 assert stats.chi2.sf(chi2, 255) > 1e-6, (k, lane, chi2)
-            tail = y[-secure_collector.TAIL:]                        # the weight, steps, loss...: masked too
-            assert not np.array_equal(tail, inputs[k][-secure_collector.TAIL:])
-            assert len(set(tail.tolist())) == secure_collector.TAIL   # 6 words, all distinct: ~1 - 2^-28
+            # every word masked, the tail's too (weight, steps, loss...): a masked word equals its
+            # input with probability 2^-32, so none of the ~470,000 should
+            assert np.count_nonzero(y == inputs[k]) <= 1, (k, np.flatnonzero(y == inputs[k])[:5])
+            assert (y[-secure_collector.TAIL:] != inputs[k][-secure_collector.TAIL:]).all()
             x = inputs[k][:-secure_collector.TAIL].view(np.int32).astype(np.float64)
             r = np.corrcoef(x, y[:-secure_collector.TAIL].astype(np.float64))[0, 1]
             assert abs(r) < 6 / np.sqrt(len(y)), (k, r)             # ~0 within 6 standard errors
