@@ -796,7 +796,7 @@ def _gpu(a, w):
         w("**Not measured.** No GPU has been available to this project yet, so there are no GPU figures "
           "here. On a machine with one: `python benchmarks/gpu_bench.py --out benchmarks/results`, then "
           "`python benchmarks/report.py`; that fills this section and targets 6a and 6b. What is checked "
-          "without a GPU is listed in README (\"On a GPU\").\n")
+          "without a GPU is listed in docs/usage.md (\"On a GPU\").\n")
         return
     w(f"- command: `{g['command']}`; date: {g['date']}; host {g['host']}")
     w(f"- device: {g['gpu']}; CuPy {g['cupy']}; data: {g['data']}")

@@ -115,7 +115,7 @@ def train_parser() -> argparse.ArgumentParser:
                 epilog="commands (%(prog)s COMMAND --help):\n"
                        + "".join(f"  {c:11s} {h}\n" for c, h in COMMAND_HELP.items())
                        + "\nexit codes: 0 done, 1 error, 2 bad usage, 75 stopped by SIGTERM/SIGUSR1 "
-                         "(checkpointed:\nrun again with --resume); the README's reference lists "
+                         "(checkpointed:\nrun again with --resume); docs/reference.md lists "
                          "them all.")
     p.add_argument("--version", action="version", version=f"hpcfl {__version__}",
                    help="print the version and exit")
@@ -469,7 +469,7 @@ OPTIONS_END = "<!-- end of options table -->"
 
 
 def options_table() -> str:
-    """The README's reference table of the train options, from the Config fields."""
+    """docs/reference.md's table of the train options, from the Config fields."""
     rows, group = [], None
     for name, f in FIELDS.items():
         meta = f.metadata

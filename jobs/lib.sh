@@ -1,5 +1,5 @@
-# Shared by the batch scripts in jobs/ (sourced, not run). See README, "On a cluster", and its
-# reference, "Environment variables" and "Exit codes".
+# Shared by the batch scripts in jobs/ (sourced, not run). See docs/clusters.md, and docs/reference.md,
+# "Environment variables" and "Exit codes".
 #
 # Knobs, read from the environment (sbatch passes the submitting shell's environment on):
 #   HPCFL_PYTHON        Python with hpcfl installed (default: python3 on PATH, e.g. an activated venv)

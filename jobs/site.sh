@@ -3,7 +3,7 @@
 # starts the job without the submitting shell's environment: set up everything the job needs here.
 #
 #   module load python/3.11                     # the modules your site provides
-#   module load openmpi                         # only with a site MPI (see README, "On a cluster")
+#   module load openmpi                         # only with a site MPI (see docs/clusters.md)
 #   source "$HOME/hpcfl/.venv/bin/activate"     # the virtual environment with hpcfl installed
 #   export HPCFL_DATA_DIR=/scratch/$USER/mnist  # the data, staged once (python -m hpcfl fetch-data)
 #   export HPCFL_LAUNCHER=srun                  # or mpirun

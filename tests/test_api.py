@@ -1,32 +1,17 @@
-"""The Python API as a user meets it: the README's example runs as written, the errors are
-exceptions, callbacks see every record and can stop training."""
+"""The Python API as a user meets it: the errors are exceptions, callbacks see every record and
+can stop training (the documentation's examples run in test_docs.py)."""
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import DATA_DIR, ROOT, needs_mnist
+from helpers import DATA_DIR, needs_mnist
 
 import hpcfl
 
 pytestmark = needs_mnist
-
-
-def readme_blocks(section: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", body, re.S)
-
-
-def test_the_readme_api_example_runs_as_written(tmp_path):
-    (block,) = readme_blocks("Python API")
-    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "test accuracy 0.9" in proc.stdout and (tmp_path / "model" / "model.npz").is_file()
 
 
 def test_train_returns_a_result_and_callbacks_can_stop_it(tmp_path):

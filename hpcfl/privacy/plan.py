@@ -212,7 +212,7 @@ class DpPlan:
 
     def state(self) -> dict:
         """What a checkpoint keeps: the seed (whoever holds a checkpoint can remove the noise:
-        README), the noise in use and the privacy spent up to it (the ledger, not this, is what
+        docs/privacy.md), the noise in use and the privacy spent up to it (the ledger, not this, is what
         a resumed run composes)."""
         return {"noise_seed": self.noise_seed, "z": self.z, "seeded": self.seeded, **self.accountant.state()}
 

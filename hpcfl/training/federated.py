@@ -352,7 +352,7 @@ class Federation:
         """Stop every rank (they all see the same result) with the option that matters. A client
         whose training diverged is only rejected; when most of a round's clients diverged three
         rounds in a row, training itself is diverging (under DP this reveals that, and nothing
-        more: the README's "not private")."""
+        more: docs/privacy.md's "not private")."""
         cfg, norm = self.cfg, result.norm
         if result.error:
             raise TrainingError(f"round {server_round}: {result.error}", collective=True)
