@@ -311,6 +311,22 @@ def test_fetch_bad_md5_leaves_no_file(tmp_path, server, monkeypatch):
     assert not any(p.name.startswith(".") for p in dest.iterdir())  # no temp left behind
 
 
+def test_fetch_accepts_a_recompressed_mirror_on_its_content_and_nothing_else(tmp_path, server, monkeypatch):
+    # a mirror's .gz (Debian's) recompressed: another MD5, the published content's SHA-256
+    for i, name in enumerate(data.FILES):
+        content = idx_bytes(labels(10 + i))
+        monkeypatch.setitem(data.MNIST_SPEC.sha256, name, hashlib.sha256(content).hexdigest())
+        half = len(content) // 2                    # two gzip members, as some tools write
+        (server / f"{name}.gz").write_bytes(gzip.compress(content[:half], 1) + gzip.compress(content[half:], 9))
+    data.fetch(tmp_path / "dest", urls=[server.as_uri() + "/"], timeout=5)
+    assert data.missing_files(tmp_path / "dest") == []
+    blob = gzip.compress(idx_bytes(labels(99)))     # other content: refused, no file left
+    (server / f"{TEST_LBL}.gz").write_bytes(blob)
+    raises([f"{TEST_LBL}.gz", "MD5", "its content is not the published one"],
+           data.fetch, tmp_path / "other", urls=[server.as_uri() + "/"], timeout=5)
+    assert not (tmp_path / "other" / f"{TEST_LBL}.gz").exists()
+
+
 def test_fetch_no_network(tmp_path, server):
     raises([f"{TRAIN_IMG}.gz", "download failed"],
            data.fetch, tmp_path / "dest", urls=[(tmp_path / "void").as_uri() + "/"], timeout=5)

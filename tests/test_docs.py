@@ -1,7 +1,7 @@
-"""The documentation as a reader meets it: every recipe of the README runs in a fresh folder (at
-smaller sizes: the rules are SMALLER below), both Python examples run, and every hpcfl command in
-README.md and docs/ parses into settings that validate. What cannot run here is listed with the
-reason (SETUP)."""
+"""The documentation as a reader meets it: every command in a bash block of README.md and
+docs/ runs, in a fresh folder, at smaller sizes (the rules: SMALLER and smaller()); both Python
+examples run; every hpcfl command parses into settings that validate; every link finds its file
+and heading. What cannot run here is listed with the reason (SETUP)."""
 from __future__ import annotations
 
 import functools
@@ -19,7 +19,7 @@ from hpcfl import UsageError, cli
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# Lines the tests do not run, and why (a line that matches none of these runs, or is parsed).
+# Lines the tests do not run, and why (every other line runs).
 SETUP = {
     "python3 -m venv": "sets up the environment these tests run in",
     "pip install": "the environment these tests run in has the extras (CI installs them per the README)",
@@ -28,17 +28,19 @@ SETUP = {
     "sudo apt-get": "a system package (CI installs dataset-fashion-mnist from Debian)",
 }
 
-# How a README recipe is made smaller before it runs: (pattern, replacement), in this order. A
-# dp training command without --epochs or --max-steps gets --max-steps 20, an fl one without
-# --rounds gets --rounds 2 (smaller()).
+# How a command is made smaller before it runs: (pattern, replacement), in this order. Then a dp
+# training command without --checkpoint-dir gets --max-steps 20, an fl one without --rounds gets
+# --rounds 1, and every run uses 2 ranks (smaller()).
 SMALLER = [
-    (r"--rounds \d+", "--rounds 2"),                # fl: 2 rounds
-    (r"rounds=\d+", "rounds=2"),                    # ... through the API
-    (r"--epochs \d+", "--epochs 4"),                # the checkpoint recipe: long enough to be killed
-    (r"sleep \d+", "sleep 4"),                      # ... in its first epochs
-    (r"; wait$", "; wait $! || code=$?; test \"${code:-0}\" -eq 75"),   # ... and stop with 75
-    (r"^(HPCFL_ARGS=(?:\"[^\"]*\"|\S+) )?sbatch ", r"\1bash "),   # a batch script's local dry run
-    (r"(?<=\s)jobs/", f"{ROOT}/jobs/"),                                 # (tests/test_slurm.py: sbatch)
+    (r"--rounds \d+", "--rounds 1"),                # fl: 1 round
+    (r"rounds=\d+", "rounds=1"),                    # ... through the API
+    (r"--epochs \d+", "--epochs 1"),                # dp: one epoch at most
+    (r"--epochs 1(?=.*--checkpoint-dir)", "--epochs 6"),    # the checkpoint recipe: long enough
+    (r"sleep \d+", "sleep 1.5"),                    # ... to be killed while it trains
+    (r"; wait$", "; wait $! || code=$?; test \"${code:-0}\" -eq 75"),   # ... and to stop with 75
+    (r"^(HPCFL_ARGS=(?:\"[^\"]*\"|\S+) \\? *)?sbatch (--\S+ )*", r"\1bash "),   # a batch script's dry run
+    (r"(?<=\s)jobs/", f"{ROOT}/jobs/"),                  # (tests/test_slurm.py submits them to SLURM)
+    (r"~/.cache/hpcfl/mnist", str(DATA_DIR)),       # where the quick start put MNIST
 ]
 
 
@@ -47,9 +49,10 @@ def blocks(path: Path, lang: str) -> list[str]:
 
 
 def lines(block: str) -> list[str]:
-    """The block's commands: continuation lines joined, blank lines and comment lines dropped."""
+    """The block's commands: continuation lines joined, comments and blank lines dropped."""
     joined = block.replace("\\\n", " ")
-    return [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    out = [re.sub(r"\s+#\s.*$", "", ln).strip() for ln in joined.splitlines()]
+    return [ln for ln in out if ln and not ln.startswith("#")]
 
 
 def setup_reason(line: str) -> str | None:
@@ -58,53 +61,69 @@ def setup_reason(line: str) -> str | None:
 
 def hpcfl_argv(line: str) -> tuple[int, list[str]] | None:
     """(ranks, argv) of a `[mpirun -n N] python -m hpcfl ARGV` line, else None."""
-    words = shlex.split(line, comments=True)
+    words = shlex.split(line)
     if "hpcfl" not in words or words[words.index("hpcfl") - 1] != "-m":
         return None
     ranks = int(words[words.index("-n") + 1]) if words[0] == "mpirun" else 1
-    at = words.index("hpcfl") + 1
-    argv = words[at:]
-    if "&" in argv:
-        argv = argv[:argv.index("&")]
-    return ranks, argv
+    argv = words[words.index("hpcfl") + 1:]
+    return ranks, argv[:argv.index("&")] if "&" in argv else argv
 
 
-def smaller(line: str) -> str:
+@functools.lru_cache(None)
+def have_gpu() -> bool:
+    from hpcfl import backends
+
+    return backends.available()["cupy"] == "ok"
+
+
+def smaller(line: str, where: Path | None = None) -> str:
+    """The line at the tests' sizes, with the MPI and the Python they run with."""
     for pattern, new in SMALLER:
         line = re.sub(pattern, new, line)
+    if where is not None:                               # a cluster's shared folder: here, tmp
+        line = line.replace("/project/me/", f"{where}/project/me/")
     parsed = hpcfl_argv(line)
-    if parsed and (not parsed[1] or parsed[1][0].startswith("-")):
+    if parsed and (not parsed[1] or parsed[1][0].startswith("-")) and not {"--help", "--version"} & set(parsed[1]):
         argv = parsed[1]
-        extra = ("--rounds 2" if "--rounds" not in argv else "") if "fl" in argv else \
-                ("--max-steps 20" if "--epochs" not in argv and "--max-steps" not in argv else "")
+        extra = ("--rounds 1" if "--rounds" not in argv else "") if "fl" in argv else \
+                ("--max-steps 20" if "--checkpoint-dir" not in argv else "")
         if extra:
-            line = line.replace(" &", f" {extra} &") if line.endswith("&") else f"{line} {extra}"
-    # the MPI and the Python these tests run with (Open MPI wants its flags as root)
-    line = re.sub(r"^mpirun -n (\d+) ", lambda m: " ".join(mpirun_cmd(int(m.group(1)))) + " ", line)
+            line = f"{line[:-2]} {extra} &" if line.endswith(" &") else f"{line} {extra}"
+    line = re.sub(r"^mpirun -n \d+ ", " ".join(mpirun_cmd(2)) + " ", line)
+    if "--backend cupy" in line and not have_gpu():
+        line += " || test $? -eq 2"                      # without a GPU: refused, exit 2, one message
     return re.sub(r"(^|\s)python(?=\s)", rf"\g<1>{sys.executable}", line)
 
 
-def readme_recipes() -> list[tuple[str, str]]:
-    """(name, block) of every bash block of the README from the quick start on."""
+def documented_blocks() -> list[tuple[str, str]]:
+    """(id, block) of every bash block of README.md and docs/ with something to run."""
     out = []
-    text = (ROOT / "README.md").read_text()
-    for heading, body in re.findall(r"^##+ (.+?)\n(.*?)(?=^##|\Z)", text, re.S | re.M):
-        for block in re.findall(r"```bash\n(.*?)```", body, re.S):
-            if any(not setup_reason(line) for line in lines(block)):
-                out.append((heading, block))
+    for path in DOCS:
+        text = path.read_text()
+        for heading, body in re.findall(r"^##+ (.+?)\n(.*?)(?=^##|\Z)", text, re.S | re.M):
+            for i, block in enumerate(re.findall(r"```bash\n(.*?)```", body, re.S)):
+                if any(not setup_reason(line) for line in lines(block)):
+                    out.append((f"{path.name}: {heading}" + (f" ({i + 1})" if i else ""), block))
     return out
 
 
+def outputs(line: str) -> list[str]:
+    parsed = hpcfl_argv(line)
+    if parsed is None:
+        return []
+    argv = parsed[1]
+    return [argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("--metrics", "--out", "-o", "--onnx")]
+
+
 @needs_mnist
-@pytest.mark.parametrize("name,block", readme_recipes(), ids=[n for n, _ in readme_recipes()])
-def test_every_readme_recipe_runs(name, block, tmp_path):
-    script = ["set -eo pipefail"]
-    for line in lines(block):
-        if setup_reason(line):
-            continue
-        script.append(smaller(line))
+@pytest.mark.parametrize("block", [b for _, b in documented_blocks()], ids=[n for n, _ in documented_blocks()])
+def test_every_documented_command_runs(block, tmp_path):
+    if "/usr/share/datasets/fashion-mnist" in block and not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed here")
+    script = ["set -eo pipefail"] + [smaller(line, tmp_path) for line in lines(block) if not setup_reason(line)]
     env = {**os.environ, "HPCFL_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1",
            "HPCFL_ARGS": "--max-steps 20",                  # the batch scripts' own settings, smaller
+           "HPCFL_MNIST_URLS": DATA_DIR.as_uri() + "/",       # fetch-data "downloads" from here
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.setdefault("HPCFL_CACHE_DIR", str(tmp_path / "cache"))
     proc = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, env=env,
@@ -112,9 +131,9 @@ def test_every_readme_recipe_runs(name, block, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, "\n".join(script) + "\n" + out
     assert "Traceback" not in out, out
-    for line in script:                                   # what each recipe says it leaves behind
-        for made in re.findall(r"(?:--metrics|--out|-o|--onnx) (\S+)", line):
-            assert (tmp_path / made).exists() or (ROOT / made).exists(), (made, out)
+    for line in script:                                   # what each command says it writes
+        for made in outputs(line):
+            assert (tmp_path / made).exists(), (line, made, out)
 
 
 @needs_mnist
@@ -181,13 +200,15 @@ def test_every_hpcfl_command_in_the_docs_parses_into_valid_settings():
     assert checked > 40
 
 
-def test_the_rules_that_shrink_the_recipes_all_apply():
-    # a rule that no longer matches anything hides a recipe that now runs at full size (or not at all)
-    text = "\n".join(block for _, block in readme_recipes()) + "".join(blocks(ROOT / "README.md", "python"))
-    for pattern, _ in SMALLER:
-        assert re.search(pattern, text, re.M), pattern
+def test_the_rules_that_shrink_the_commands_all_apply():
+    # a rule that no longer matches anything hides a command that now runs at full size
+    text = "\n".join(line for _, block in documented_blocks() for line in lines(block))
+    text += "".join(blocks(ROOT / "README.md", "python"))
+    for pattern, new in SMALLER:
+        assert re.search(pattern, re.sub(r"--epochs \d+", "--epochs 1", text) if new == "--epochs 6" else text,
+                         re.M), pattern
     assert smaller("mpirun -n 2 python -m hpcfl").endswith("-m hpcfl --max-steps 20")
-    assert smaller("mpirun -n 2 python -m hpcfl --mode fl").endswith("--mode fl --rounds 2")
+    assert smaller("mpirun -n 2 python -m hpcfl --mode fl").endswith("--mode fl --rounds 1")
     assert smaller("python -m hpcfl evaluate --model m").endswith("-m hpcfl evaluate --model m")
 
 

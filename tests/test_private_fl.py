@@ -242,6 +242,24 @@ def test_finding_3_dp_sgd_resumed_for_more_epochs_stays_within_the_budget(tmp_pa
     assert recs[-1]["epoch"] == 3 and all(r["dp_epsilon"] <= 1.0 for r in recs) and recs[-1]["dp_epsilon"] > 0.99
 
 
+def test_secure_dp_resumed_past_the_clients_budgets_stops_at_their_ledgers(tmp_path):
+    # every client in every round (q 1), budget for 5 rounds; resumed for 10, the clients' own
+    # ledgers (not the server) keep them out: round 6 is not released and training stops there,
+    # exit 0, with the model of round 5 and no client past epsilon 4
+    base = ["--mode", "fl", "--secure-agg", "--dp-epsilon", 4, "--num-clients", 20, "--client-fraction", 1,
+            "--hidden", 16, "--checkpoint-dir", tmp_path / "ck", "--metrics", tmp_path / "m.jsonl", "--quiet"]
+    proc = run_hpcfl(2, *base, "--rounds", 5)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_hpcfl(2, *base, "--rounds", 10, "--resume", "--out", tmp_path / "model")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training stops with the model of round 5: the clients' own privacy budgets" in proc.stderr
+    recs = records(tmp_path / "m.jsonl")
+    assert [r["round"] for r in recs] == [1, 2, 3, 4, 5, 6] and recs[-1]["budget_stop"]
+    assert all(r["skipped"] is None for r in recs[:5]) and recs[5]["test_accuracy"] is None
+    assert max(r["dp_epsilon"] for r in recs) <= 4.0 and recs[4]["dp_epsilon"] > 3.99
+    assert (tmp_path / "model" / "model.npz").is_file()
+
+
 DPSGD_FRESH = ["--dp-sgd", "--dp-noise", 1.0, "--epochs", 2, "--batch-size", 4096, "--lr", 2.0, "--quiet",
                "--checkpoint-every", 1, "--keep-checkpoints", 2]
 

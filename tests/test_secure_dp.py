@@ -166,6 +166,41 @@ def test_finding_2_no_client_passes_its_budget_whatever_the_survivor_counts(num_
     assert released >= 0.9 * rounds                    # sized for the 5% quantile: most rounds run
 
 
+def test_a_few_clients_out_of_budget_skip_a_round_and_only_a_spent_federation_stops():
+    # the README's secure DP run (6000 clients, q 0.05, epsilon 8, 100 rounds), rounds drawn as a
+    # run draws them, then 100 more on the same books (a resume past the plan). Clients sampled
+    # more often than planned run out late in the run and push a round below min_survivors now
+    # and then: a skipped round, not the end (the first such round came at 72-81 of 100, where
+    # an earlier rule stopped). Training ends when a round of the expected size could not be
+    # paid for at the share of clients still able to
+    from hpcfl.privacy.ledger import ClientBooks, Ledger
+
+    plan = plan_for(6000, 0.05, 0.0, 100, 8.0)
+    assert not plan.out_of_budget(290, 0) and not plan.out_of_budget(290, 3)
+    assert plan.out_of_budget(300, 300) and plan.out_of_budget(300, 60)
+    books = ClientBooks(Ledger(None), {}, plan.mu2_budget)
+    rng = np.random.default_rng(0)
+    released, skipped_with_refusals, stop = 0, 0, None
+    for r in range(200):
+        sampled = np.flatnonzero(rng.random(6000) < 0.05)
+        afford = [int(k) for k in sampled if books.can_afford(int(k), plan.round_mu2)]
+        refused = len(sampled) - len(afford)
+        if len(afford) < plan.min_survivors(len(sampled)):
+            skipped_with_refusals += refused > 0
+            if plan.out_of_budget(len(sampled), refused):
+                stop = r
+                break
+            continue
+        books.spend(r, afford, plan.round_mu2, "0")
+        released += 1
+        if r == 99:
+            assert released >= 90 and skipped_with_refusals >= 1
+    assert stop is not None and 100 < stop < 200
+    assert max(books.spent.values()) <= plan.mu2_budget
+    spent = sum(1 for k in range(6000) if not books.can_afford(k, plan.round_mu2))
+    assert spent >= 0.05 * 6000            # sized for the 95% quantile: by then 5% are out
+
+
 def test_the_colluders_secure_aggregation_admits_are_counted_out_of_the_noise():
     # one adversary, one set of numbers: --dp-colluders at least, and ceil(G m) of m sampled
     plan = dpplan.DpPlan(clip=0.5, z=1.0, q=0.1, expected=10, noise_seed=1, delta=1e-5, secure=True,

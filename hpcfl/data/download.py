@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zlib
 from pathlib import Path
 
 from ..errors import DataError
@@ -75,17 +76,45 @@ def https_redirects():
     return HttpsRedirects()
 
 
+class _Digests:
+    """The MD5 of a download's bytes and the SHA-256 of their gunzipped content, as they stream:
+    a mirror's recompressed .gz (Debian's) has another MD5 but the published content."""
+
+    def __init__(self) -> None:
+        self.md5, self.content = hashlib.md5(), hashlib.sha256()
+        self._z, self.gzip_ok = zlib.decompressobj(31), True
+
+    def update(self, chunk: bytes) -> None:
+        self.md5.update(chunk)
+        data = chunk
+        while data and self.gzip_ok:
+            if self._z.eof:                              # the next member of a multi-member .gz
+                self._z = zlib.decompressobj(31)
+            try:
+                self.content.update(self._z.decompress(data))
+            except zlib.error:
+                self.gzip_ok = False
+            data = self._z.unused_data
+
+    def matches(self, md5: str, content_sha256: str | None) -> bool:
+        if self.md5.hexdigest() == md5:
+            return True
+        return content_sha256 is not None and self.gzip_ok and self._z.eof \
+            and self.content.hexdigest() == content_sha256
+
+
 def _download(url: str, final: Path, md5: str, timeout: float, deadline: float,
-              limit: int = DOWNLOAD_LIMIT) -> None:
-    """Stream `url` into `final` atomically, refusing (and removing) it on an MD5 mismatch, past
-    `limit` bytes, past the monotonic `deadline`, or on a redirect away from HTTPS."""
+              limit: int = DOWNLOAD_LIMIT, content_sha256: str | None = None) -> None:
+    """Stream `url` into `final` atomically, refusing (and removing) it unless its MD5 is `md5`
+    or its gunzipped content's SHA-256 is `content_sha256`; past `limit` bytes, past the
+    monotonic `deadline`, or on a redirect away from HTTPS."""
     import urllib.request
 
     _https_only(url)
     opener = urllib.request.build_opener(https_redirects())
 
     def write(out):
-        h, size = hashlib.md5(), 0
+        digests, size = _Digests(), 0
         # Some hosts answer 403 to urllib's default User-Agent.
         request = urllib.request.Request(url, headers={"User-Agent": "hpcfl"})
         with opener.open(request, timeout=timeout) as resp:
@@ -95,10 +124,11 @@ def _download(url: str, final: Path, md5: str, timeout: float, deadline: float,
                     raise ValueError(f"larger than {limit >> 20} MiB: not the published file")
                 if time.monotonic() > deadline:
                     raise ValueError(f"not done within {DOWNLOAD_DEADLINE:.0f} s")
-                h.update(chunk)
+                digests.update(chunk)
                 out.write(chunk)
-        if h.hexdigest() != md5:
-            raise ValueError(f"MD5 {h.hexdigest()} != expected {md5}")
+        if not digests.matches(md5, content_sha256):
+            also = " and its content is not the published one" if content_sha256 else ""
+            raise ValueError(f"MD5 {digests.md5.hexdigest()} != expected {md5}{also}")
 
     atomic_write(final, write)
 
@@ -147,8 +177,8 @@ def _fetch_files(data_dir: Path, spec: Spec, urls, timeout) -> None:
         for base in _mirrors(spec, urls):
             url = (base if base.endswith("/") else base + "/") + fname
             try:
-                md5 = spec.md5_gz[fname]
-                _download(url, final, md5, timeout, deadline)
+                _download(url, final, spec.md5_gz[fname], timeout, deadline,
+                          content_sha256=spec.sha256.get(name))
                 break
             except (OSError, http.client.HTTPException, ValueError) as e:
                 errors.append(f"{url}: {e}")

@@ -118,8 +118,8 @@ class SecureCollector:
         m = len(self.sampled)
         self.params: secagg_graph.RoundParams | None = None
         self.skip: str | None = None
-        self.refused = False                                # one of this leader's clients kept out for its budget
-        self.any_refused = False                            # ... of any leader's (rank 0, after the round)
+        self.refused = 0                                    # this leader's clients kept out for their budget
+        self.all_refused = 0                                # ... every leader's (rank 0, after the round)
         if self.plan is not None and self.books is None and self.ctx.leader:
             self.books = self._open_books()
         if m < 2:
@@ -307,7 +307,7 @@ class SecureCollector:
                 result.error = f"secure aggregation failed: {why}; no model was built from it"
                 return None, result
         if "skip" in outcome:
-            if self.any_refused and not self.attack:     # skipped for want of clients with budget left
+            if self._out_of_budget():
                 result.budget_stop = ("the clients' own privacy budgets (--dp-epsilon) are spent: too few "
                                       "of them can join a round")
             result.skipped = PRIVATE_SKIP if self.plan is not None and not self.attack else outcome["skip"]
@@ -316,16 +316,21 @@ class SecureCollector:
 
     def _spent(self) -> float | None:
         """DP: the largest spend in any client's own ledger (every leader's books), on rank 0;
-        also whether any sampled client stayed out for its budget this round."""
+        also how many sampled clients stayed out for their budgets this round."""
         if self.plan is None:
             return None
         mu2, refused = 0.0, 0
         if self.ctx.leader:
             assert self.books is not None
             mu2 = self.ctx.leaders.allreduce(self.books.max_spent(), "max")
-            refused = self.ctx.leaders.allreduce(int(self.refused), "max")
-        self.any_refused = bool(refused)
+            refused = self.ctx.leaders.allreduce(self.refused, "sum")
+        self.all_refused = int(refused)
         return mu2
+
+    def _out_of_budget(self) -> bool:
+        if self.plan is None or self.attack or not self.all_refused:
+            return False
+        return self.plan.out_of_budget(len(self.sampled), self.all_refused)
 
     def _run_protocol(self) -> dict[str, Any] | None:
         """The protocol on the leaders; on rank 0 its outcome: the unmasked sum, or why not."""
@@ -438,7 +443,7 @@ class _ProtocolRun:
         if c.books is not None and c.plan is not None:
             cost = c.plan.round_mu2
             afford = [k for k in self.alive if c.books.can_afford(k, cost)]
-            c.refused = len(afford) < len(self.alive)
+            c.refused = len(self.alive) - len(afford)
             self.alive = afford
         return routed
 

@@ -92,6 +92,16 @@ class DpPlan:
         """The noise multiplier a secure round of `survivors` carries for each client."""
         return self.share_std * math.sqrt(self.honest_shares(survivors, sampled)) / self.clip
 
+    def out_of_budget(self, sampled: int, refused: int) -> bool:
+        """Whether a secure round skipped while `refused` of its `sampled` clients stayed out for
+        their budgets ends training: at that share of clients still able to pay, a round of the
+        expected size would fall short of min_survivors. (A few refusals in a short round only
+        skip it: clients sampled more often than planned run out first, late in a run.)"""
+        if not refused:
+            return False
+        expected = max(2, round(self.expected))
+        return (sampled - refused) / sampled * expected < self.min_survivors(expected)
+
     @property
     def round_mu2(self) -> float:
         """What one round a client joins costs it in Gaussian DP (mu^2): 1 / z^2 at the fewest
