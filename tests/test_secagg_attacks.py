@@ -213,6 +213,77 @@ def test_a_view_with_a_survivor_missing_more_neighbours_than_max_absent_is_refus
         clients[far].consistency(req[far])
 
 
+def two_views_attack(params, colluders, target=0):
+    """Two disjoint views that share the colluders: the target and honest clients H1 sign V1
+    (the target a survivor: H1 send its self-mask shares), honest clients H2 sign V2 (the target
+    dropped: H2 send its mask-key shares). The target's input when both views collect
+    min_survivors signatures; SecAggViolation from the first client that refuses."""
+    m, n = len(params.clients), params.n
+    ids, directory = secagg.identities(params.clients)
+    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
+    server = secagg.Server(params, directory)
+    ads = server.collect_keys({c: x.advertise_keys() for c, x in clients.items()})
+    routed = server.route_shares({c: x.share_keys(ads) for c, x in clients.items()})
+    xs = inputs(m, n)
+    ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in params.clients}
+    honest = [c for c in params.clients if c != target and c not in colluders]
+    h1, h2 = honest[:len(honest) // 2], honest[len(honest) // 2:]
+    everyone = set(params.clients)
+    v1, v2 = {target, *h1, *colluders}, {*h2, *colluders}
+    shares = {}
+    for view, signers in ((v1, [target, *h1]), (v2, h2)):
+        request = secagg.encode_unmask_request(view, everyone - view)
+        message = secagg._consistency_message(params.server_round, clients[target]._transcript, request)
+        signatures = {c: clients[c].consistency(request) for c in signers}
+        signatures.update({c: ids[c].sign(message) for c in colluders})
+        for c in signers:
+            entry = secagg.decode_map(clients[c].unmask(secagg.encode_map(signatures)))[target]
+            shares.setdefault(entry[0], {})[c + 1] = secagg._share_from_bytes(entry[1:])
+    for c in colluders:                                   # the colluders decrypt theirs
+        b, s_ = clients[c]._decrypt(target)
+        shares[secagg.KIND_B][c + 1], shares[secagg.KIND_S][c + 1] = b, s_
+    b = server.secret(shares[secagg.KIND_B], target, "b")
+    s_key = secagg.X25519PrivateKey.from_private_bytes(server.secret(shares[secagg.KIND_S], target, "s"))
+    y = ys[target].copy()
+    prg = secagg.Prg(n)
+    prg.add(y, b, -1)
+    for k in params.clients:
+        if k != target:
+            prg.add(y, secagg.pair_key(s_key, server._keys[k][32:], params.server_round, target, k),
+                    -secagg._sign(target, k))
+    return y, xs[target]
+
+
+def test_dp_colluders_count_in_the_consistency_round_so_two_views_cannot_both_pass():
+    # --dp-colluders 4 with 20 clients a round: the DP accounting assumes 4 colluders, and so must
+    # secure aggregation. Counting only ceil(0.05 x 20) = 1 (as before the review), two views
+    # sharing the 4 colluders each collect min_survivors = 11 signatures, and the server rebuilds
+    # the target's self mask from one and its mask key from the other: its input, bit for bit.
+    # With the run's count (secure.round_plan) min_survivors is 13 and the target refuses V1
+    from hpcfl.config import Config
+    from hpcfl.fl import secure
+
+    colluders = [16, 17, 18, 19]
+    weak = RoundParams.make(7, range(20), 8, corrupt=1, at_least=1 + 1 + 4)
+    got, truth = two_views_attack(weak, colluders)
+    np.testing.assert_array_equal(got, truth)                     # the attack is real
+    cfg = Config(mode="fl", num_clients=20, client_fraction=1.0, secure_agg=True, dp_epsilon=8, dp_colluders=4)
+    k, t, corrupt, absent = secure.round_plan(cfg, 20)
+    assert corrupt == 4
+    params = RoundParams.make(7, range(20), 8, k=k, threshold=t, corrupt=corrupt, max_absent=absent, at_least=6)
+    assert params.min_survivors == 13
+    with pytest.raises(secagg.SecAggViolation, match="fewer than the 13 whose sum may be revealed"):
+        two_views_attack(params, colluders)
+
+
+def test_a_round_whose_sum_could_be_one_honest_update_is_refused():
+    # two clients and one admitted colluder: the "sum" is the honest client's update
+    with pytest.raises(ValueError, match="a round needs 3 or more"):
+        RoundParams.make(1, range(2), 8, corrupt=1)
+    assert RoundParams.make(1, range(3), 8, corrupt=1).min_survivors == 3
+    assert RoundParams.make(1, range(2), 8, corrupt=0).min_survivors == 2
+
+
 def test_min_neighbors_holds_against_colluders_bridging_a_named_gap():
     # the bound's K: two disjoint windows of h = K/2 with h - max_absent colluders each are rarer
     # than 2^-40 (union bound), and max_absent keeps an honest round alive except with 2^-20

@@ -201,6 +201,30 @@ def test_a_few_clients_out_of_budget_skip_a_round_and_only_a_spent_federation_st
     assert spent >= 0.05 * 6000            # sized for the 95% quantile: by then 5% are out
 
 
+def test_a_seeded_redo_of_a_round_is_the_same_release_and_an_unseeded_one_a_new_one(tmp_path):
+    # a client whose budget took exactly 3 rounds spent the last in round 3; the run crashed
+    # before its checkpoint and the resume redoes round 3. Seeded, the redo is bitwise the same
+    # release: the client joins it again (refusing would change the survivors, and two sums that
+    # differ by one client's input would share one draw of noise) and its spend stays 3 rounds.
+    # Unseeded, the redo draws fresh noise: a new release, which the budget no longer covers
+    from hpcfl.privacy.ledger import ClientBooks
+
+    for noise, joins_redo in (("seeded", True), ("0", False)):
+        folder = tmp_path / noise
+        folder.mkdir()
+        books = ClientBooks.open(str(folder), 0, [7], budget=3.0)
+        for r in (1, 2, 3):
+            assert books.can_afford(7, 1.0, r, noise)
+            books.spend(r, [7], 1.0, noise)
+        again = ClientBooks.open(str(folder), 0, [7], budget=3.0)        # the resumed run's books
+        redo = noise if noise == "seeded" else "1"                       # an unseeded attempt's own noise
+        assert again.can_afford(7, 1.0, 3, redo) is joins_redo
+        assert not again.can_afford(7, 1.0, 4, redo)
+        if joins_redo:
+            again.spend(3, [7], 1.0, redo)
+            assert again.spent[7] == 3.0 == ClientBooks.open(str(folder), 0, [7], budget=3.0).spent[7]
+
+
 def test_the_colluders_secure_aggregation_admits_are_counted_out_of_the_noise():
     # one adversary, one set of numbers: --dp-colluders at least, and ceil(G m) of m sampled
     plan = dpplan.DpPlan(clip=0.5, z=1.0, q=0.1, expected=10, noise_seed=1, delta=1e-5, secure=True,

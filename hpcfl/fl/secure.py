@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..privacy import fixedpoint, mechanisms, secagg, secagg_graph
+from ..privacy.sampling import corrupt_count
 from .context import ClientUpdate, FedContext, RoundResult
 
 if TYPE_CHECKING:
@@ -442,7 +443,7 @@ class _ProtocolRun:
         self.alive = [k for k in self.clients if k not in c.dropped and k in routed]
         if c.books is not None and c.plan is not None:
             cost = c.plan.round_mu2
-            afford = [k for k in self.alive if c.books.can_afford(k, cost)]
+            afford = [k for k in self.alive if c.books.can_afford(k, cost, c.server_round, c.plan.noise_name)]
             c.refused = len(self.alive) - len(afford)
             self.alive = afford
         return routed
@@ -569,7 +570,7 @@ def round_plan(cfg: Config, m: int) -> tuple[int | None, int, int, int | None]:
     on sparse graphs by secagg_graph.sparse_threshold), or --secagg-threshold above it; corrupt,
     the colluders the consistency round withstands; max_absent, the absent neighbours a survivor
     may have (sparse graphs with colluders; secagg_graph.max_absent)."""
-    dropout, corrupt = secagg_bounds(cfg)
+    dropout, corrupt = secagg_bounds(cfg, m)
     k = neighbours(cfg, m)
     holders = secagg_graph.holders_per_client(k, m)
     t = derived_threshold(cfg, m, k)
@@ -578,12 +579,12 @@ def round_plan(cfg: Config, m: int) -> tuple[int | None, int, int, int | None]:
     absent = None
     if k is not None and corrupt > 0:
         absent = secagg_graph.max_absent(holders - 1, m, dropout)
-    return k, t, math.ceil(corrupt * m - 1e-12), absent
+    return k, t, corrupt_count(m, cfg.dp_colluders, cfg.secagg_corrupt_fraction), absent
 
 
 def neighbours(cfg: Config, m: int) -> int | None:
     """K of a round of m clients (None: the complete graph)."""
-    dropout, corrupt = secagg_bounds(cfg)
+    dropout, corrupt = secagg_bounds(cfg, m)
     bound = secagg_graph.min_neighbors(m, dropout, corrupt)
     k = cfg.secagg_neighbors
     if bound is None or k is None and m <= 2 * bound:   # small rounds: complete is as cheap
@@ -596,17 +597,19 @@ def neighbours(cfg: Config, m: int) -> int | None:
 def derived_threshold(cfg: Config, m: int, k: int | None) -> int:
     """The threshold the round's graph needs: the smallest majority of a client's holders, raised
     on a sparse graph until the corrupt among them reach it with probability <= 2^-40 / m."""
-    _, corrupt = secagg_bounds(cfg)
+    _, corrupt = secagg_bounds(cfg, m)
     holders = secagg_graph.holders_per_client(k, m)
     if k is None:
         return secagg_graph.default_threshold(holders)
     return secagg_graph.sparse_threshold(holders, m, corrupt)
 
 
-def secagg_bounds(cfg: Config) -> tuple[float, float]:
-    """(the dropout fraction the graph must survive, the corrupt fraction it must withstand)."""
+def secagg_bounds(cfg: Config, m: int) -> tuple[float, float]:
+    """(the dropout fraction the graph must survive, the corrupt fraction it must withstand) in
+    a round of m clients. The colluders are those the DP accounting assumes too (one adversary,
+    one set of numbers): max(--dp-colluders C, ceil(G m)) of m, so a fraction max(G, C / m)."""
     dropout = cfg.secagg_max_dropout if cfg.secagg_max_dropout is not None else max(0.1, cfg.dropout_rate)
-    return dropout, cfg.secagg_corrupt_fraction
+    return dropout, max(cfg.secagg_corrupt_fraction, cfg.dp_colluders / max(m, 1))
 
 
 def check_settings(cfg: Config, per_round: float) -> None:
@@ -616,7 +619,12 @@ def check_settings(cfg: Config, per_round: float) -> None:
         raise UsageError(f"--secure-agg needs at least 2 clients per round (this run samples "
                          f"{per_round:g}): with one, the sum the server learns is that client's update")
     m = round(per_round)
-    dropout, corrupt = secagg_bounds(cfg)
+    dropout, corrupt = secagg_bounds(cfg, m)
+    colluders = corrupt_count(m, cfg.dp_colluders, cfg.secagg_corrupt_fraction)
+    if colluders + 2 > m:
+        raise UsageError(f"--secure-agg with {m} clients per round and {colluders} admitted colluder(s) "
+                         f"(--secagg-corrupt-fraction, --dp-colluders): the sum the server learns could be "
+                         f"one honest client's update; sample {colluders + 2} or more clients per round")
     if cfg.dropout_rate > dropout:
         raise UsageError(f"--dropout-rate {cfg.dropout_rate:g} is above --secagg-max-dropout {dropout:g}, "
                          "the dropout the neighbour graph is sized for")
@@ -626,9 +634,9 @@ def check_settings(cfg: Config, per_round: float) -> None:
         need = f"K >= {bound}" if bound is not None else f"the complete graph (K >= {m - 1})"
         raise UsageError(f"--secagg-neighbors {k} is below Bell et al.'s bound for {m} clients per round: "
                          f"the survivors' graph must stay connected, except with probability 2^-{secagg_graph.SIGMA}, "
-                         f"when up to {dropout:g} of them drop out (--secagg-max-dropout) and {corrupt:g} "
-                         f"collude (--secagg-corrupt-fraction), and colluders must not bridge clients a "
-                         f"malicious server names absent; that needs {need}, or leave the option out")
+                         f"when up to {dropout:g} of them drop out (--secagg-max-dropout) and {corrupt:.3g} "
+                         f"collude (--secagg-corrupt-fraction, --dp-colluders), and colluders must not bridge "
+                         f"clients a malicious server names absent; that needs {need}, or leave the option out")
     k = neighbours(cfg, m)
     holders = secagg_graph.holders_per_client(k, m)
     t = cfg.secagg_threshold

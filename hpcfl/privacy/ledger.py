@@ -102,16 +102,22 @@ def rdp_events(entries: Iterable[dict]) -> list[tuple[float, float, int]]:
     return [(q, z, c) for (q, z), c in sorted(totals.items())]
 
 
-def client_spend(entries: Iterable[dict]) -> dict[int, float]:
-    """{client: its mu^2 so far} from "clients" releases (a round redone with the same seeded
-    noise counts once)."""
+def _client_releases(entries: Iterable[dict]) -> dict[tuple, float]:
+    """{(client, round, noise, mu2): mu2} of the "clients" releases: one key per release, so a
+    round redone with the same seeded noise (bitwise the same release) is there once."""
     seen: dict[tuple, float] = {}
     for e in entries:
         if e.get("release") == "clients":
             for c in e["clients"]:
-                seen[(int(c), e["round"], str(e["noise"]), float(e["mu2"]))] = float(e["mu2"])
+                seen[(int(c), int(e["round"]), str(e["noise"]), float(e["mu2"]))] = float(e["mu2"])
+    return seen
+
+
+def client_spend(entries: Iterable[dict]) -> dict[int, float]:
+    """{client: its mu^2 so far} from "clients" releases (a round redone with the same seeded
+    noise counts once)."""
     out: dict[int, float] = {}
-    for (c, *_), mu2 in seen.items():
+    for (c, *_), mu2 in _client_releases(entries).items():
         out[c] = out.get(c, 0.0) + mu2
     return out
 
@@ -121,22 +127,30 @@ class ClientBooks:
     aggregation: each client's spend (mu^2 of Gaussian DP, over the rounds it joined), kept by
     the client's side, never the server's. A client joins a round only if its spend plus the
     round's worst cost stays within its budget (a privacy filter), and the spend is written
-    before its masked input leaves."""
+    before its masked input leaves. A seeded run's redone round (after a resume) is the same
+    release again: it costs nothing more, and the client joins it as it did the first time, so
+    the redone round is bitwise the first."""
 
-    def __init__(self, book: Ledger, spent: dict[int, float], budget: float | None):
+    def __init__(self, book: Ledger, spent: dict[int, float], budget: float | None,
+                 released: Iterable[tuple] = ()):
         self.book, self.spent, self.budget = book, dict(spent), budget
+        self.released = {key for key in released if key[2] == "seeded"}   # (client, round, noise, mu2)
 
     @classmethod
     def open(cls, directory: str | None, writer: int, clients: Iterable[int], budget: float | None) -> ClientBooks:
         """Writer `writer`'s books for `clients`, with what every ledger in `directory` holds of them."""
         spent: dict[int, float] = {}
+        released: list[tuple] = []
         if directory:
             entries = [e for p in sorted(Path(directory).glob("dp-ledger-clients-*.jsonl")) for e in read(p)]
             mine = set(clients)
             spent = {c: v for c, v in client_spend(entries).items() if c in mine}
-        return cls(Ledger(Path(directory) / clients_file(writer) if directory else None), spent, budget)
+            released = [key for key in _client_releases(entries) if key[0] in mine]
+        return cls(Ledger(Path(directory) / clients_file(writer) if directory else None), spent, budget, released)
 
-    def can_afford(self, client: int, mu2: float) -> bool:
+    def can_afford(self, client: int, mu2: float, server_round: int | None = None, noise: str = "") -> bool:
+        if (client, server_round, noise, mu2) in self.released:
+            return True                                  # already paid for: the same seeded release
         return self.budget is None or self.spent.get(client, 0.0) + mu2 <= self.budget
 
     def spend(self, server_round: int, clients: list[int], mu2: float, noise: str) -> None:
@@ -145,7 +159,12 @@ class ClientBooks:
         self.book.append({"release": "clients", "round": int(server_round), "clients": [int(c) for c in clients],
                           "mu2": float(mu2), "noise": noise})
         for c in clients:
+            key = (int(c), int(server_round), noise, float(mu2))
+            if key in self.released:
+                continue
             self.spent[c] = self.spent.get(c, 0.0) + mu2
+            if noise == "seeded":
+                self.released.add(key)
 
     def max_spent(self) -> float:
         return max(self.spent.values(), default=0.0)

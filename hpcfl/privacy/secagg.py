@@ -57,9 +57,9 @@ Wire formats (all integers little-endian):
                     the unmask request
   unmask response   id map {owner: kind (1 byte: 1 = b-share, 2 = s-share) || share (66 bytes)}
 
-Not covered: a server that drops honest clients to steer which graph the hash gives (each try
-costs it real survivors, and every check above still holds for the graph it lands on; on a
-sparse graph with colluders the 2^-40 bound is per graph tried); clients that deviate (a
+Not covered: a server that steers which graph the hash gives, by leaving clients out of the key
+list or by having its colluders advertise fresh keys (free: every check above still holds for the
+graph it lands on, but on a sparse graph with colluders the 2^-40 bound is per graph tried); clients that deviate (a
 malicious client can send any input: robust aggregation cannot see it, see docs/privacy.md);
 traffic analysis (who talks when); a survivor that goes silent between masking and the
 consistency round makes the round fail (its self mask needs its signature).

@@ -188,8 +188,12 @@ class RoundParams:
         if threshold is None:
             threshold = default_threshold(holders_per_client(k, m))
         need = max(int(threshold), min((m + int(corrupt)) // 2 + 1, m))
+        if int(corrupt) + 2 > m:       # a sum of the colluders and one honest input is that input
+            raise ValueError(f"{m} clients with {corrupt} admitted colluder(s) leave a sum of one honest "
+                             f"client's update: a round needs {int(corrupt) + 2} or more")
         if at_least > m:
             raise ValueError(f"{m} clients cannot bring the {at_least} survivors a round needs")
+        need = max(need, int(corrupt) + 2)
         return cls(int(server_round), clients, k, int(threshold), int(n), max(need, int(at_least)), max_absent)
 
     def graph(self, members: Iterable[int], transcript: bytes) -> dict[int, tuple[int, ...]]:
