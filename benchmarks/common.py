@@ -195,6 +195,18 @@ def write_section(path: Path, heading: str, text: str) -> None:
     path.write_text(new.rstrip("\n") + "\n")
 
 
+def write_marked(path: Path, begin: str, end: str, text: str) -> None:
+    """Put `text` (which starts with the `begin` marker line and ends with the `end` one) in place
+    of the file's part between those markers, or append it; the rest of the file stays."""
+    doc = path.read_text() if path.exists() else "# Privacy: measured\n"
+    if begin in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + text + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(doc)
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """The `hpcfl: error` lines a failed run printed (one per job, by rank 0 or the failing rank)."""
     return [line for line in (proc.stderr + proc.stdout).splitlines() if "hpcfl: error" in line]

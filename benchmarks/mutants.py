@@ -187,14 +187,9 @@ def section(rows: list[dict], command: str) -> str:
 
 
 def write_section(text: str) -> None:
-    path = BENCH / "PRIVACY.md"
-    doc = path.read_text()
-    if MARK_BEGIN in doc:
-        head, rest = doc.split(MARK_BEGIN, 1)
-        doc = head + text + rest.split(MARK_END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc)
+    from common import write_marked
+
+    write_marked(BENCH / "PRIVACY.md", MARK_BEGIN, MARK_END, text)
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import machine_info, mpirun, uptime, write_csv
+from common import machine_info, mpirun, uptime, write_csv, write_marked
 
 PAPER = ["--mode", "fl", "--hidden", "200,200", "--local-epochs", 1, "--local-batch-size", 10,
          "--local-lr", 0.1, "--eval-every", 1000]
@@ -120,14 +120,7 @@ def main(argv=None) -> int:
     write_csv(out / "secagg_cost.csv", rows)
     info = {**machine_info(), "load_before": load_before}
     md = render(rows, args, info)
-    path = Path(args.md)
-    text = path.read_text() if path.exists() else "# Privacy: measured\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + md + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + md
-    path.write_text(text)
+    write_marked(Path(args.md), MARK_BEGIN, MARK_END, md)
     print(md)
     return 0
 

@@ -41,6 +41,15 @@ def inputs(m, n=96, seed=0):
     return {c: rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32) for c in range(m)}
 
 
+def keys_exchanged(params):
+    """Identity keys, honest clients, the honest server, and the key list after AdvertiseKeys."""
+    ids, directory = secagg.identities(params.clients)
+    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
+    server = secagg.Server(params, directory)
+    ads = server.collect_keys({c: x.advertise_keys() for c, x in clients.items()})
+    return ids, clients, server, ads
+
+
 def first_colluder(params, target):
     return [c for c in params.clients if c != target][:1]
 
@@ -167,10 +176,7 @@ def test_finding_1_a_lowered_threshold_is_refused_by_name():
 def test_a_client_signs_no_view_that_names_a_neighbour_it_did_not_mask_with():
     # by hand: client 0 was routed client 1's shares only; a view naming 2 and 3 survivors fails
     params = RoundParams.make(0, range(4), 8, threshold=2)
-    ids, directory = secagg.identities(params.clients)
-    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
-    server = secagg.Server(params, directory)
-    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    ids, clients, server, ads = keys_exchanged(params)
     routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     only_1 = secagg.encode_map({1: secagg.decode_map(routed[0])[1]})
     clients[0].masked_input(np.zeros(8, np.uint32), only_1)
@@ -181,10 +187,7 @@ def test_a_client_signs_no_view_that_names_a_neighbour_it_did_not_mask_with():
 def test_self_mask_shares_only_for_survivors_that_signed_the_view():
     # a survivor that refused the view keeps its self mask even if every other client accepts it
     params = RoundParams.make(0, range(5), 8)
-    ids, directory = secagg.identities(params.clients)
-    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
-    server = secagg.Server(params, directory)
-    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    ids, clients, server, ads = keys_exchanged(params)
     routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     ys = {c: clients[c].masked_input(np.zeros(8, np.uint32), routed[c]) for c in clients}
     req = server.unmask_request(ys)
@@ -199,10 +202,7 @@ def test_a_view_with_a_survivor_missing_more_neighbours_than_max_absent_is_refus
     # a sparse graph with the per-survivor bound: naming a whole window of K/2 absent next to a
     # survivor (the gap colluders would bridge) is refused by every client, not only that survivor
     params = RoundParams.make(1, range(20), 8, k=6, max_absent=2)
-    ids, directory = secagg.identities(params.clients)
-    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
-    server = secagg.Server(params, directory)
-    ads = server.collect_keys({c: cl.advertise_keys() for c, cl in clients.items()})
+    ids, clients, server, ads = keys_exchanged(params)
     ring = secagg_graph.shuffled_ring(server.graph, server.transcript)
     gone = set(ring[1:4])                                          # 3 consecutive: > 2 for ring[0]
     routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients if c not in gone})
@@ -219,10 +219,7 @@ def two_views_attack(params, colluders, target=0):
     dropped: H2 send its mask-key shares). The target's input when both views collect
     min_survivors signatures; SecAggViolation from the first client that refuses."""
     m, n = len(params.clients), params.n
-    ids, directory = secagg.identities(params.clients)
-    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
-    server = secagg.Server(params, directory)
-    ads = server.collect_keys({c: x.advertise_keys() for c, x in clients.items()})
+    ids, clients, server, ads = keys_exchanged(params)
     routed = server.route_shares({c: x.share_keys(ads) for c, x in clients.items()})
     xs = inputs(m, n)
     ys = {c: clients[c].masked_input(xs[c], routed[c]) for c in params.clients}
@@ -386,10 +383,7 @@ def test_sparse_threshold_keeps_colluders_below_t():
 def test_the_honest_server_never_unmasks_a_disconnected_survivor_graph():
     # m = 12, K = 4, four dropouts that cut the ring into two arcs
     params = RoundParams.make(2, range(12), 32, k=4, threshold=2)
-    ids, directory = secagg.identities(params.clients)
-    clients = {c: secagg.Client(c, params, ids[c], directory) for c in params.clients}
-    server = secagg.Server(params, directory)
-    ads = server.collect_keys({c: x.advertise_keys() for c, x in clients.items()})
+    ids, clients, server, ads = keys_exchanged(params)
     routed = server.route_shares({c: clients[c].share_keys(ads) for c in clients})
     ring = secagg_graph.shuffled_ring(server.graph, server.transcript)
     gone = {ring[1], ring[2], ring[6], ring[7]}
