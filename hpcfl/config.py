@@ -548,6 +548,8 @@ def api_spelling(message: str) -> str:
         name = m.group(1).replace("-", "_")
         if name.startswith("no_") and name[3:] in FIELDS:
             return f"{name[3:]}=False"
+        if name in FIELDS and "bool" in str(FIELDS[name].type):   # a switch: the flag means True
+            return f"{name}=True"
         return name if name in FIELDS else m.group(0)
 
     message = re.sub(r"argument --([a-z][a-z0-9-]*): ", lambda m: keyword(m) + ": ", message)

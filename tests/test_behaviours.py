@@ -203,16 +203,18 @@ def test_stop_training_and_handle_signals_in_fl(tmp_path):
         if record["round"] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(hpcfl.Preempted, match="--resume"):
-        hpcfl.train(hpcfl.Config(**{**FL, "rounds": 5, "checkpoint_dir": str(tmp_path / "ck")}),
-                    callbacks=[term_at_one], handle_signals=True)
-    assert sorted(p.name for p in (tmp_path / "ck").glob("ckpt-*.npz"))
     from hpcfl.runtime import preempt
 
-    # the process is on its way out: hpcfl's handler stays, so that a second signal cannot kill
-    # it before it exits with its code (preempt.handling); put the test process back as it was
-    assert signal.getsignal(signal.SIGTERM) is preempt._handler
-    preempt.uninstall()
+    try:
+        with pytest.raises(hpcfl.Preempted, match="run again with resume=True to continue"):
+            hpcfl.train(hpcfl.Config(**{**FL, "rounds": 5, "checkpoint_dir": str(tmp_path / "ck")}),
+                        callbacks=[term_at_one], handle_signals=True)
+        assert sorted(p.name for p in (tmp_path / "ck").glob("ckpt-*.npz"))
+        # the process is on its way out: hpcfl's handler stays, so that a second signal cannot
+        # kill it before it exits with its code (preempt.handling)
+        assert signal.getsignal(signal.SIGTERM) is preempt._handler
+    finally:
+        preempt.uninstall()              # the test process as it was, whatever failed above
 
 
 def test_log_file_and_the_cosine_schedule_through_the_command_line(tmp_path):

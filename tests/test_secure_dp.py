@@ -209,15 +209,15 @@ def test_a_seeded_redo_of_a_round_is_the_same_release_and_an_unseeded_one_a_new_
     # Unseeded, the redo draws fresh noise: a new release, which the budget no longer covers
     from hpcfl.privacy.ledger import ClientBooks
 
-    for noise, joins_redo in (("seeded", True), ("0", False)):
-        folder = tmp_path / noise
+    for kind, joins_redo in (("seeded", True), ("0", False)):
+        folder = tmp_path / kind
         folder.mkdir()
         books = ClientBooks.open(str(folder), 0, [7], budget=3.0)
         for r in (1, 2, 3):
-            assert books.can_afford(7, 1.0, r, noise)
-            books.spend(r, [7], 1.0, noise)
+            assert books.can_afford(7, 1.0, r, kind)
+            books.spend(r, [7], 1.0, kind)
         again = ClientBooks.open(str(folder), 0, [7], budget=3.0)        # the resumed run's books
-        redo = noise if noise == "seeded" else "1"                       # an unseeded attempt's own noise
+        redo = kind if kind == "seeded" else "1"                       # an unseeded attempt's own noise
         assert again.can_afford(7, 1.0, 3, redo) is joins_redo
         assert not again.can_afford(7, 1.0, 4, redo)
         if joins_redo:
