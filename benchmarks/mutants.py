@@ -2,6 +2,7 @@
 
     python benchmarks/mutants.py                 # every mutant; writes benchmarks/results/mutants.csv
     python benchmarks/mutants.py --only dpsgd-realised-divisor
+    python benchmarks/mutants.py --check         # CI: writes nothing, exits 1 if one survives
 
 Each mutant is the smallest code change that breaks one claim the project makes (a privacy or
 federated-learning property the README states), applied to a scratch copy of the tree; the
@@ -197,6 +198,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="mutant names")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--check", action="store_true", help="write nothing, only exit 1 if a mutant survives (CI)")
     args = ap.parse_args()
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     stale = [why for m in chosen if (why := check_applicable(m))]
@@ -209,7 +211,7 @@ def main() -> int:
         rows.append(row)
         print(f"{'killed  ' if row['killed'] else 'SURVIVED'} {m.name} ({row['seconds']} s): {row['last_line']}",
               flush=True)
-    if not args.only:
+    if not args.only and not args.check:
         sys.path.insert(0, str(BENCH))
         from common import write_csv
 
