@@ -418,7 +418,9 @@ def render(a: dict) -> str:
       f"that `{info.get('command', 'python benchmarks/run_all.py')}` measured"
       f"{' (and earlier runs for the other sections, listed below)' if len(runs) > 1 else ' in one run'}. "
       f"Do not edit by hand: "
-      f"re-run the suite, or re-run report.py after editing its prose.\n")
+      f"re-run the suite, or re-run report.py after editing its prose. The last section, \"Measured "
+      f"on this machine\", is the exception: it is kept by hand (report.py carries it over when it "
+      f"regenerates this file).\n")
     if info.get("quick"):
         w("> **This is a `--quick` smoke run: one round of short runs. The numbers show that the suite "
           "works, not what the code achieves.**\n")
